@@ -1,0 +1,182 @@
+"""What both drivers measure around a close, for the report and the warnings.
+
+The socket has been verified as TCP by the driver before a watch is made, so the
+watch uses the kernel view's unchecked ``read_*`` primitives. A :class:`Watch` is
+made when a close starts and asked at fixed points: before an
+abort (what will be discarded), before the fd is closed (TCP_INFO, unread bytes),
+after (the 4-tuple's kernel state, looked up by cookie so that a listener or a
+reused 4-tuple is never mistaken for our connection). With ``report=False`` it
+measures only what a warning or the plan needs.
+
+Warnings found here are collected, not issued: the public entry point issues them
+once the close is over, so that they point at the caller's line and a warnings
+filter set to "error" cannot interrupt a close half way.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from typing import Protocol
+
+from . import _checks, _kernel
+from ._kernel._sockopt import (
+    read_cookie,
+    read_outgoing,
+    read_tcp_info,
+    read_tcp_state,
+    read_unread,
+)
+from ._kernel._types import Address, KernelState, TcpState
+from ._policy import CloseMode
+from ._report import Observed, format_address
+from ._warnings import warn
+
+__all__ = ("SocketLike", "Watch", "emit_findings")
+
+_LINGER = struct.Struct("ii")  # struct linger {int l_onoff; int l_linger;}
+
+
+class SocketLike(Protocol):
+    """The part of a socket the watch needs (``socket.socket``, ``TransportSocket``,
+    uvloop's pseudo-socket)."""
+
+    def fileno(self) -> int: ...
+    def getsockname(self) -> object: ...
+    def getpeername(self) -> object: ...
+    def getsockopt(self, level: int, option: int, buflen: int, /) -> bytes: ...
+
+
+class Watch:
+    """Measurements around one close. See the module docstring."""
+
+    __slots__ = (
+        "_cookie",
+        "_report",
+        "_sock",
+        "discarded_bytes",
+        "error",
+        "findings",
+        "label",
+        "local",
+        "peer",
+        "peer_fin_first",
+        "tcp_info",
+        "unread_bytes",
+    )
+
+    def __init__(self, sock: SocketLike, *, report: bool) -> None:
+        self._sock = sock
+        self._report = report
+        self.local: Address | None = None
+        self.peer: Address | None = None
+        self._cookie: int | None = None
+        self.tcp_info: _kernel.TcpInfo | None = None
+        self.unread_bytes: int | None = None
+        self.discarded_bytes = 0
+        self.error: str | None = None
+        self.findings: list[_checks.Finding] = []
+        self.label = ""
+        #: The peer's FIN had arrived before the close began (the socket was in
+        #: CLOSE_WAIT): we are the passive closer. Only measured with reports on.
+        self.peer_fin_first = False
+        if report:
+            self.local = _address(sock, peer=False)
+            self.peer = _address(sock, peer=True)
+            self._cookie = read_cookie(sock)
+            self.peer_fin_first = read_tcp_state(sock) is TcpState.CLOSE_WAIT
+            if self.local and self.peer:
+                self.label = f"{format_address(self.local)}->{format_address(self.peer)}"
+
+    def check_linger(self, *, nonblocking: bool, event_loop: bool = False) -> bool:
+        """Record TC201 when ``SO_LINGER`` is on with a non-zero time on a socket that
+        must not block (``close()`` would then wait up to that time). Returns True when
+        it is (the caller may turn it off)."""
+        try:
+            raw = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER.size)
+        except OSError:
+            return False
+        on, seconds = _LINGER.unpack(raw)
+        finding = _checks.blocking_linger(
+            linger_on=bool(on), linger_time=seconds, nonblocking=nonblocking, event_loop=event_loop
+        )
+        if finding is None:
+            return False
+        self.findings.append(finding)
+        return True
+
+    def outgoing(self) -> int | None:
+        """Bytes of ours not yet acknowledged (SIOCOUTQ), or None if unknown."""
+        try:
+            return read_outgoing(self._sock.fileno())
+        except (OSError, ValueError):
+            return None
+
+    def before_abort(self, *, allow_data_loss: bool, buffered: int = 0) -> None:
+        """Measure what an abort will discard: the kernel's send queue plus
+        ``buffered`` bytes still in a transport's buffer."""
+        outgoing = self.outgoing() or 0
+        self.discarded_bytes = outgoing + buffered
+        if not allow_data_loss:
+            finding = _checks.abort_discards(self.discarded_bytes)
+            if finding is not None:
+                self.findings.append(finding)
+
+    def before_close(self, mode: CloseMode) -> None:
+        """Measure just before the fd goes: unread bytes (always: a plain close with
+        unread bytes sends RST) and TCP_INFO (reports only)."""
+        try:
+            self.unread_bytes = read_unread(self._sock.fileno())
+        except (OSError, ValueError):
+            self.unread_bytes = None
+        if mode is CloseMode.DEFAULT and self.unread_bytes:
+            finding = _checks.close_with_unread(self.unread_bytes)
+            if finding is not None:
+                self.findings.append(finding)
+        if self._report:
+            try:
+                self.tcp_info = read_tcp_info(self._sock)
+            except (OSError, ValueError):
+                self.tcp_info = None
+
+    def after_close(self) -> KernelState | None:
+        """The 4-tuple's kernel state now (None with reports off or no addresses)."""
+        if not self._report or self.local is None or self.peer is None:
+            return None
+        return _kernel.lookup(self.local, self.peer, cookie=self._cookie)
+
+    def observed(self, *, trigger: str, kernel_state: KernelState | None) -> Observed:
+        return Observed(
+            local=self.local,
+            peer=self.peer,
+            tcp_info=self.tcp_info,
+            unread_bytes=self.unread_bytes,
+            discarded_bytes=self.discarded_bytes,
+            kernel_state=kernel_state,
+            warnings=tuple(f.code for f in self.findings),
+            error=self.error,
+            trigger=trigger,
+        )
+
+
+def emit_findings(findings: list[_checks.Finding], *, stacklevel: int) -> None:
+    """Issue the collected warnings; ``stacklevel`` as for :func:`warnings.warn`
+    counted from the caller of this function."""
+    for finding in findings:
+        warn(finding, stacklevel=stacklevel + 1)
+
+
+def errno_name(exc: OSError) -> str:
+    """``"ECONNRESET"`` for an OSError, or its text when it has no errno."""
+    return errno.errorcode.get(exc.errno or 0, str(exc))
+
+
+def _address(sock: SocketLike, *, peer: bool) -> Address | None:
+    try:
+        raw = sock.getpeername() if peer else sock.getsockname()
+    except OSError:
+        return None
+    if isinstance(raw, tuple) and len(raw) >= 2:
+        return str(raw[0]), int(raw[1])
+    return None

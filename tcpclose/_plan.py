@@ -1,0 +1,521 @@
+"""The close plan: how a policy unfolds into steps, and how each result leads on.
+
+This module is the one place where close logic lives. It is sans-I/O: it never
+touches a socket or reads a clock. A driver (``_sync.py`` for blocking code,
+``_aio.py`` for asyncio) asks :meth:`ClosePlan.next_action` what to do, does it, and
+feeds back what happened with :meth:`ClosePlan.feed`, passing the current monotonic
+time. The plan is finished when the action is :class:`Finished`.
+
+What must live here: the phases, the transition table between them, the bounds
+(deadlines and byte budget) and the outcome. What must not: sockets, clocks,
+logging of payloads, platform checks.
+
+The transitions are data (:data:`TRANSITIONS`), so the docs' state diagram is drawn
+from the same table the drivers run.
+
+A ``graceful`` close of a cooperating peer, as the driver sees it::
+
+    >>> from tcpclose._policy import ClosePolicy
+    >>> plan = ClosePlan(ClosePolicy.parse("graceful"), now=0.0)
+    >>> plan.next_action()
+    Flush(deadline=30.0)
+    >>> plan.feed(Event.FLUSHED, now=0.0)
+    >>> plan.next_action()
+    ShutdownWrite()
+    >>> plan.feed(Event.DONE, now=0.0)
+    >>> plan.next_action()
+    Receive(deadline=30.0, idle_timeout=5.0, max_bytes=1048576)
+    >>> plan.feed(Event.DATA, now=0.1, nbytes=100)
+    >>> plan.feed(Event.PEER_EOF, now=0.2)
+    >>> plan.next_action()
+    Close()
+    >>> plan.feed(Event.DONE, now=0.2)
+    >>> plan.next_action().result.outcome
+    <Outcome.PEER_EOF: 'peer-eof'>
+
+Bounds:
+
+* ``graceful``: the whole close (flush, then drain after our FIN) ends by
+  ``linger_time`` after it starts; the drain also ends after ``idle_timeout`` of
+  silence, or once ``max_drain_bytes`` have been read and discarded.
+* ``peer-first``: flush and the wait for the peer's FIN end by ``timeout``; silence is
+  not a reason to stop waiting (a peer may be reading a long response), but the byte
+  budget is. Then the fallback: ``graceful`` runs a whole graceful close (flush, FIN,
+  drain) with a fresh ``linger_time`` (so the worst case is ``timeout + linger_time``),
+  ``abort`` resets,
+  ``auto`` asks the driver how much of ours is unacknowledged and aborts only at 0.
+* The byte budget is shared by the whole close: a flooding peer can make us read at
+  most ``max_drain_bytes``, whatever the fallback.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from ._policy import CloseMode, ClosePolicy, Fallback
+
+__all__ = (
+    "TRANSITIONS",
+    "Action",
+    "Close",
+    "ClosePlan",
+    "Event",
+    "Finished",
+    "Flush",
+    "MeasureUnacked",
+    "Outcome",
+    "Phase",
+    "PlanResult",
+    "PlanStateError",
+    "Receive",
+    "SetLingerZero",
+    "ShutdownWrite",
+)
+
+logger = logging.getLogger("tcpclose")
+
+
+class Phase(enum.StrEnum):
+    """Where a close is."""
+
+    FLUSH = "flush"  # our pending writes go out (asyncio buffers; a no-op for sockets)
+    FLUSH_NO_FIN = "flush-no-fin"  # peer-first: the same, bounded by timeout, no FIN after
+    SHUTDOWN = "shutdown"  # send our FIN: shutdown(SHUT_WR) / write_eof()
+    DRAIN = "drain"  # read and discard until the peer's FIN, bounded
+    AWAIT_PEER = "await-peer"  # peer-first: no FIN from us; wait for the peer's
+    FALLBACK = "fallback"  # peer-first timed out: pick the fallback
+    CHECK_UNACKED = "check-unacked"  # fallback=auto: ask the kernel (SIOCOUTQ)
+    ABORT = "abort"  # SO_LINGER {1, 0}
+    CLOSE = "close"  # close the fd
+    DONE = "done"
+
+
+class Event(enum.StrEnum):
+    """What a driver reports back, plus the refinements the plan derives itself.
+
+    Drivers feed ``FLUSHED``, ``DONE``, ``DATA``, ``PEER_EOF``, ``TIMEOUT``,
+    ``RESET``, ``ERROR``, ``UNACKED_NONE`` and ``UNACKED_SOME``. The plan turns
+    ``TIMEOUT`` into ``IDLE_TIMEOUT``, ``LINGER_TIME`` or ``PEER_TIMEOUT`` by looking
+    at its deadlines, and ``DATA`` past a bound into ``BYTE_CAP``, ``LINGER_TIME`` or
+    ``PEER_TIMEOUT``; those refined events are what :data:`TRANSITIONS` is keyed on.
+    """
+
+    START = "start"
+    FLUSHED = "flushed"
+    DONE = "done"
+    DATA = "data"
+    PEER_EOF = "peer-eof"
+    TIMEOUT = "timeout"
+    RESET = "reset"
+    ERROR = "error"
+    UNACKED_NONE = "unacked-none"
+    UNACKED_SOME = "unacked-some"
+    # derived by the plan
+    IDLE_TIMEOUT = "idle-timeout"
+    LINGER_TIME = "linger-time"
+    PEER_TIMEOUT = "peer-timeout"
+    BYTE_CAP = "byte-cap"
+    USE_GRACEFUL = "use-graceful"
+    USE_ABORT = "use-abort"
+    USE_AUTO = "use-auto"
+
+
+class Outcome(enum.StrEnum):
+    """How a close ended (``CloseReport.outcome``)."""
+
+    PEER_EOF = "peer-eof"  # the peer's FIN arrived within the bounds
+    IDLE_TIMEOUT = "idle-timeout"  # the peer went quiet for idle_timeout
+    LINGER_TIME = "linger-time"  # the total time bound passed
+    BYTE_CAP = "byte-cap"  # max_drain_bytes were read and discarded
+    RESET = "reset"  # the peer reset the connection
+    ABORTED = "aborted"  # we reset it (abort, or the fallback chose abort)
+    CLOSED = "closed"  # plain close (mode default), nothing waited for
+    ERROR = "error"  # an unexpected socket error ended the close early
+
+
+# -- the transition table --------------------------------------------------------------------
+#
+# Keyed by (phase, refined event). START is fed by the plan itself with the mode's
+# entry phase; USE_* by the FALLBACK phase. Anything not in the table is a driver bug.
+
+_ENDS_DRAIN: Final = (
+    Event.IDLE_TIMEOUT,
+    Event.LINGER_TIME,
+    Event.BYTE_CAP,
+    Event.RESET,
+    Event.ERROR,
+)
+
+TRANSITIONS: Final[Mapping[tuple[Phase, Event], Phase]] = {
+    # flush
+    (Phase.FLUSH, Event.FLUSHED): Phase.SHUTDOWN,
+    (Phase.FLUSH, Event.LINGER_TIME): Phase.CLOSE,
+    (Phase.FLUSH, Event.RESET): Phase.CLOSE,
+    (Phase.FLUSH, Event.ERROR): Phase.CLOSE,
+    (Phase.FLUSH_NO_FIN, Event.FLUSHED): Phase.AWAIT_PEER,
+    (Phase.FLUSH_NO_FIN, Event.PEER_TIMEOUT): Phase.FALLBACK,
+    (Phase.FLUSH_NO_FIN, Event.RESET): Phase.CLOSE,
+    (Phase.FLUSH_NO_FIN, Event.ERROR): Phase.CLOSE,
+    # our FIN
+    (Phase.SHUTDOWN, Event.DONE): Phase.DRAIN,
+    (Phase.SHUTDOWN, Event.RESET): Phase.CLOSE,
+    (Phase.SHUTDOWN, Event.ERROR): Phase.CLOSE,
+    # drain after our FIN
+    (Phase.DRAIN, Event.DATA): Phase.DRAIN,
+    (Phase.DRAIN, Event.PEER_EOF): Phase.CLOSE,
+    **{(Phase.DRAIN, event): Phase.CLOSE for event in _ENDS_DRAIN},
+    # peer-first: wait for the peer's FIN
+    (Phase.AWAIT_PEER, Event.DATA): Phase.AWAIT_PEER,
+    (Phase.AWAIT_PEER, Event.PEER_EOF): Phase.CLOSE,
+    (Phase.AWAIT_PEER, Event.PEER_TIMEOUT): Phase.FALLBACK,
+    (Phase.AWAIT_PEER, Event.BYTE_CAP): Phase.FALLBACK,
+    (Phase.AWAIT_PEER, Event.RESET): Phase.CLOSE,
+    (Phase.AWAIT_PEER, Event.ERROR): Phase.CLOSE,
+    # the fallback
+    # A graceful fallback is a whole graceful close: our writes first, then the FIN
+    # (else the drain's idle timeout would run while our own data still goes out).
+    (Phase.FALLBACK, Event.USE_GRACEFUL): Phase.FLUSH,
+    (Phase.FALLBACK, Event.USE_ABORT): Phase.ABORT,
+    (Phase.FALLBACK, Event.USE_AUTO): Phase.CHECK_UNACKED,
+    (Phase.CHECK_UNACKED, Event.UNACKED_NONE): Phase.ABORT,
+    (Phase.CHECK_UNACKED, Event.UNACKED_SOME): Phase.FLUSH,
+    (Phase.CHECK_UNACKED, Event.ERROR): Phase.FLUSH,  # cannot tell: keep the data
+    # abort, close
+    (Phase.ABORT, Event.DONE): Phase.CLOSE,
+    (Phase.ABORT, Event.ERROR): Phase.CLOSE,
+    (Phase.CLOSE, Event.DONE): Phase.DONE,
+    (Phase.CLOSE, Event.ERROR): Phase.DONE,
+}
+
+#: Where each mode starts.
+ENTRY: Final[Mapping[CloseMode, Phase]] = {
+    CloseMode.GRACEFUL: Phase.FLUSH,
+    CloseMode.PEER_FIRST: Phase.FLUSH_NO_FIN,
+    CloseMode.ABORT: Phase.ABORT,
+    CloseMode.DEFAULT: Phase.CLOSE,
+}
+
+_OUTCOME_OF: Final[Mapping[Event, Outcome]] = {
+    Event.PEER_EOF: Outcome.PEER_EOF,
+    Event.IDLE_TIMEOUT: Outcome.IDLE_TIMEOUT,
+    Event.LINGER_TIME: Outcome.LINGER_TIME,
+    Event.BYTE_CAP: Outcome.BYTE_CAP,
+    Event.RESET: Outcome.RESET,
+    Event.ERROR: Outcome.ERROR,
+}
+_FALLBACK_EVENT: Final[Mapping[Fallback, Event]] = {
+    Fallback.GRACEFUL: Event.USE_GRACEFUL,
+    Fallback.ABORT: Event.USE_ABORT,
+    Fallback.AUTO: Event.USE_AUTO,
+}
+
+
+# -- actions ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """Wait until our buffered writes have gone to the kernel, until ``deadline``.
+
+    Feed ``FLUSHED``, or ``TIMEOUT`` at the deadline, ``RESET``/``ERROR``. Plain
+    sockets have no user-space buffer: feed ``FLUSHED`` at once.
+    """
+
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownWrite:
+    """Send our FIN (``shutdown(SHUT_WR)``, ``write_eof()``, or TLS close_notify + FIN).
+    Feed ``DONE``, ``RESET`` or ``ERROR``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Receive:
+    """Read and discard what the peer sends.
+
+    Wait at most until ``deadline`` and, when ``idle_timeout`` is not None, at most
+    that long since the last data; read at most ``max_bytes`` in all before feeding
+    back. Feed ``DATA`` with the byte count (more ``Receive`` actions follow),
+    ``PEER_EOF``, ``TIMEOUT``, ``RESET`` or ``ERROR``.
+    """
+
+    deadline: float
+    idle_timeout: float | None
+    max_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class MeasureUnacked:
+    """Ask the kernel how many of our bytes are unacknowledged (SIOCOUTQ) and feed
+    ``UNACKED_NONE`` or ``UNACKED_SOME`` (``ERROR`` when it cannot tell)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SetLingerZero:
+    """Set ``SO_LINGER {1, 0}`` so that the close sends RST. Measure what is still
+    queued first (it will be discarded). Feed ``DONE`` or ``ERROR``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the fd (or the transport). Feed ``DONE`` or ``ERROR``."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlanResult:
+    """What the plan decided, for the report.
+
+    Attributes:
+        mode_requested: the policy's mode.
+        mode_applied: what was actually done: ``graceful``, ``peer-first`` (the peer
+            closed first), ``abort`` or ``default``; differs from the request when a
+            fallback ran.
+        outcome: how it ended.
+        fallback: the fallback taken (``graceful`` or ``abort``), or None.
+        drained_bytes: bytes read and discarded.
+        peer_eof: the peer's FIN was received.
+        peer_closed_first: the peer's FIN came before ours (we were the passive closer).
+        fin_sent: we sent a FIN before closing.
+        linger_zero: SO_LINGER {1, 0} was set, so the close sent RST.
+        started: the driver's monotonic time at the start.
+        finished: the driver's monotonic time at the last event.
+        trace: ``(phase, event)`` pairs in order, for logs and tests.
+    """
+
+    mode_requested: CloseMode
+    mode_applied: CloseMode
+    outcome: Outcome
+    fallback: Fallback | None
+    drained_bytes: int
+    peer_eof: bool
+    peer_closed_first: bool
+    fin_sent: bool
+    linger_zero: bool
+    started: float
+    finished: float
+    trace: tuple[tuple[Phase, Event], ...]
+
+    @property
+    def duration(self) -> float:
+        """Seconds from the plan's start to its end."""
+        return self.finished - self.started
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The close is over; ``result`` says how."""
+
+    result: PlanResult
+
+
+Action = Flush | ShutdownWrite | Receive | MeasureUnacked | SetLingerZero | Close | Finished
+
+#: The actions that carry no data are shared instances (they are frozen).
+_FIXED_ACTIONS: Final[Mapping[Phase, Action]] = {
+    Phase.SHUTDOWN: ShutdownWrite(),
+    Phase.CHECK_UNACKED: MeasureUnacked(),
+    Phase.ABORT: SetLingerZero(),
+    Phase.CLOSE: Close(),
+}
+
+
+class PlanStateError(RuntimeError):
+    """A driver fed an event the current phase does not accept: a bug in the driver."""
+
+
+# -- the plan ----------------------------------------------------------------------------------
+
+
+class ClosePlan:
+    """Runs one close policy for one connection. See the module docstring.
+
+    Args:
+        policy: the policy to apply.
+        now: the driver's monotonic clock at the start of the close.
+        peer_eof: True when the driver already knows the peer's FIN arrived (for
+            example the transport got ``eof_received`` before the close began).
+        label: text identifying the connection in debug logs (e.g. the 4-tuple).
+    """
+
+    __slots__ = (
+        "_budget",
+        "_deadline",
+        "_drained",
+        "_fallback",
+        "_fin_sent",
+        "_finished",
+        "_label",
+        "_linger_zero",
+        "_mode_applied",
+        "_outcome",
+        "_peer_closed_first",
+        "_peer_eof",
+        "_phase",
+        "_policy",
+        "_started",
+        "_trace",
+    )
+
+    def __init__(
+        self, policy: ClosePolicy, now: float, *, peer_eof: bool = False, label: str = ""
+    ) -> None:
+        self._policy = policy
+        self._started = now
+        self._finished = now
+        self._label = label
+        self._budget = policy.max_drain_bytes
+        self._drained = 0
+        self._peer_eof = peer_eof
+        self._peer_closed_first = peer_eof
+        self._fin_sent = False
+        self._linger_zero = False
+        self._fallback: Fallback | None = None
+        self._mode_applied = policy.mode
+        self._outcome: Outcome | None = None
+        self._trace: list[tuple[Phase, Event]] = []
+        mode = policy.mode
+        self._phase = ENTRY[mode]
+        if mode is CloseMode.GRACEFUL:
+            self._deadline = now + policy.linger_time
+        elif mode is CloseMode.PEER_FIRST:
+            self._deadline = now + policy.timeout
+        else:
+            self._deadline = now
+        self._trace.append((self._phase, Event.START))
+        if mode is CloseMode.ABORT:
+            self._outcome = Outcome.ABORTED
+        elif mode is CloseMode.DEFAULT:
+            self._outcome = Outcome.CLOSED
+        if logger.isEnabledFor(logging.DEBUG):
+            self._log("start %s", policy)
+
+    @property
+    def phase(self) -> Phase:
+        """The current phase."""
+        return self._phase
+
+    @property
+    def policy(self) -> ClosePolicy:
+        return self._policy
+
+    @property
+    def drained_bytes(self) -> int:
+        return self._drained
+
+    def next_action(self) -> Action:
+        """What the driver should do now. Stays the same until :meth:`feed` moves on."""
+        phase = self._phase
+        fixed = _FIXED_ACTIONS.get(phase)
+        if fixed is not None:
+            return fixed
+        if phase is Phase.DRAIN:
+            return Receive(self._deadline, self._policy.idle_timeout, self._budget)
+        if phase is Phase.AWAIT_PEER:
+            return Receive(self._deadline, None, self._budget)
+        if phase is Phase.FLUSH or phase is Phase.FLUSH_NO_FIN:
+            return Flush(self._deadline)
+        if phase is Phase.DONE:
+            return Finished(self._result())
+        raise PlanStateError(f"no action for phase {phase}")  # pragma: no cover
+
+    def feed(self, event: Event, now: float, *, nbytes: int = 0) -> None:
+        """Tell the plan what happened at monotonic time ``now``.
+
+        ``nbytes`` goes with ``DATA``: how many bytes were read and discarded.
+
+        Raises:
+            PlanStateError: the event does not fit the current phase (a driver bug).
+        """
+        phase = self._phase
+        refined = self._refine(event, now, nbytes)
+        target = TRANSITIONS.get((phase, refined))
+        if target is None:
+            raise PlanStateError(f"event {refined} is not expected in phase {phase}")
+        self._trace.append((phase, refined))
+        self._finished = now
+        if target is not phase and logger.isEnabledFor(logging.DEBUG):
+            self._log("%s --%s--> %s", phase, refined, target)
+        self._leave(phase, refined, target, now)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _refine(self, event: Event, now: float, nbytes: int) -> Event:
+        phase = self._phase
+        waiting_for_peer = phase is Phase.FLUSH_NO_FIN or phase is Phase.AWAIT_PEER
+        if event is Event.DATA:
+            if nbytes < 0:
+                raise PlanStateError(f"DATA with a negative byte count {nbytes}")
+            self._drained += nbytes
+            self._budget = max(0, self._budget - nbytes)
+            if self._budget == 0:
+                return Event.BYTE_CAP
+            if now >= self._deadline:
+                return Event.PEER_TIMEOUT if waiting_for_peer else Event.LINGER_TIME
+            return Event.DATA
+        if event is Event.TIMEOUT:
+            if waiting_for_peer:
+                return Event.PEER_TIMEOUT
+            if phase is Phase.DRAIN and now < self._deadline:
+                return Event.IDLE_TIMEOUT
+            return Event.LINGER_TIME
+        if event is Event.FLUSHED and now >= self._deadline:
+            # flushed, but too late to wait for anything more
+            if phase is Phase.FLUSH_NO_FIN:
+                return Event.PEER_TIMEOUT
+            if phase is Phase.FLUSH:
+                return Event.LINGER_TIME
+        return event
+
+    def _leave(self, phase: Phase, event: Event, target: Phase, now: float) -> None:
+        policy = self._policy
+        if event is Event.PEER_EOF:
+            self._peer_eof = True
+            # Known at the start (peer_eof=True), or the FIN came before ours.
+            self._peer_closed_first = self._peer_closed_first or not self._fin_sent
+        elif phase is Phase.SHUTDOWN and event is Event.DONE:
+            self._fin_sent = True
+        elif phase is Phase.ABORT and event is Event.DONE:
+            self._linger_zero = True
+        if target is Phase.CLOSE:
+            if phase is Phase.ABORT:
+                self._outcome = Outcome.ABORTED if event is Event.DONE else Outcome.ERROR
+            else:
+                self._outcome = _OUTCOME_OF[event]
+        if phase is Phase.FALLBACK or phase is Phase.CHECK_UNACKED:
+            if target is Phase.FLUSH:
+                self._fallback = Fallback.GRACEFUL
+                self._mode_applied = CloseMode.GRACEFUL
+                self._deadline = now + policy.linger_time
+            elif target is Phase.ABORT:
+                self._fallback = Fallback.ABORT
+                self._mode_applied = CloseMode.ABORT
+        self._phase = target
+        # Decisions that need no I/O are taken at once.
+        if target is Phase.FALLBACK:
+            self.feed(_FALLBACK_EVENT[policy.fallback], now)
+        elif target is Phase.DRAIN and self._budget == 0:
+            self.feed(Event.BYTE_CAP, now)
+
+    def _result(self) -> PlanResult:
+        return PlanResult(
+            mode_requested=self._policy.mode,
+            mode_applied=self._mode_applied,
+            outcome=self._outcome or Outcome.ERROR,
+            fallback=self._fallback,
+            drained_bytes=self._drained,
+            peer_eof=self._peer_eof,
+            peer_closed_first=self._peer_closed_first,
+            fin_sent=self._fin_sent,
+            linger_zero=self._linger_zero,
+            started=self._started,
+            finished=self._finished,
+            trace=tuple(self._trace),
+        )
+
+    def _log(self, message: str, *args: object) -> None:
+        logger.debug("close %s: " + message, self._label or "-", *args)
