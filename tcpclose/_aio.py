@@ -1,0 +1,1481 @@
+"""The asyncio driver: runs the close plan on asyncio transports.
+
+The close logic lives in ``_plan.py``; this module only carries out its steps on a
+transport, with every wait going through the event loop:
+
+* ``Flush``: wait until the transport's write buffer is empty (polled with a short
+  back-off and woken early by ``resume_writing``), bounded by the plan's deadline.
+* ``ShutdownWrite``: ``transport.write_eof()``. Over TLS: the TLS transport's
+  ``close()`` sends close_notify; on CPython the TCP transport underneath then gets
+  ``write_eof()`` so that the FIN follows the close_notify at once (uvloop keeps that
+  transport private: its FIN goes when its TLS layer closes).
+* ``Receive``: what the peer sends arrives through the protocol callbacks of
+  :class:`PolicyProtocol`, which stands between the transport and the application's
+  protocol; while the policy drains, data is counted and discarded, never delivered.
+* ``SetLingerZero``: ``SO_LINGER {1, 0}`` on the transport's socket, then
+  ``transport.abort()`` (asyncio's and uvloop's ``abort()`` alone send a FIN).
+* ``Close``: ``transport.close()`` (or ``abort()`` when something must be dropped),
+  then wait for ``connection_lost``; the kernel state is looked up once the fd is gone.
+
+The driver is callback-driven: no task runs per close. :func:`aclose` and the
+servers wait on a future the driver resolves; cancelling the waiter does not stop
+the close, which always ends within the policy's bounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import errno
+import logging
+import socket
+import struct
+from asyncio import constants as _asyncio_constants
+from asyncio import transports as _asyncio_transports
+from collections.abc import Callable, Iterable
+from typing import Any, Final, Protocol, TypeAlias, cast
+
+from . import _checks, _kernel, _observe
+from ._errors import NotTcpSocketError
+from ._kernel._types import KernelState, TcpState
+from ._plan import (
+    Close,
+    ClosePlan,
+    Event,
+    Finished,
+    Flush,
+    MeasureUnacked,
+    PlanResult,
+    Receive,
+    SetLingerZero,
+    ShutdownWrite,
+)
+from ._policy import CloseMode, ClosePolicy, PolicyLike, as_policy
+from ._report import CloseReport, build_report
+
+__all__ = (
+    "OnClose",
+    "PolicyProtocol",
+    "PolicyProtocolFactory",
+    "PolicyTransport",
+    "aclose",
+    "connection_of",
+    "with_policy",
+)
+
+logger = logging.getLogger("tcpclose")
+
+#: What receives each report: a plain function called in the event loop.
+OnClose: TypeAlias = Callable[[CloseReport], object]
+
+_LINGER_ZERO: Final = struct.pack("ii", 1, 0)
+_LINGER_OFF: Final = struct.pack("ii", 0, 0)
+_LINGER: Final = struct.Struct("ii")
+_ABORT_POLICY: Final = ClosePolicy(mode=CloseMode.ABORT)
+#: How long to wait for ``connection_lost`` after ``close()``/``abort()`` of a
+#: transport with nothing left to send (it normally comes on the next loop turn).
+_CLOSE_GRACE_S: Final = 1.0
+#: The same for mode ``default``, where the transport itself flushes its buffer and,
+#: over TLS, waits for the peer's close_notify (asyncio's ssl_shutdown_timeout is 30 s).
+_DEFAULT_CLOSE_WAIT_S: Final = 35.0
+#: Flush polling: first interval and the cap of its doubling.
+_FLUSH_POLL_FIRST_S: Final = 0.002
+_FLUSH_POLL_MAX_S: Final = 0.05
+#: Errors that mean the peer reset the connection (as the sync driver counts them).
+_RESET_ERRNOS: Final = frozenset(
+    {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ECONNABORTED}
+)
+#: TCP states in which the peer's FIN has arrived.
+_PEER_FIN_STATES: Final = frozenset(
+    {TcpState.CLOSE_WAIT, TcpState.LAST_ACK, TcpState.CLOSING, TcpState.TIME_WAIT}
+)
+#: Discarded data lands here (shared: nobody ever reads it).
+_SCRATCH: Final = memoryview(bytearray(256 * 1024))
+
+
+class _TransportLike(Protocol):
+    """The transport surface the driver uses (asyncio's and uvloop's transports;
+    uvloop's do not subclass ``asyncio.Transport``)."""
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+    def is_closing(self) -> bool: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None: ...
+    def get_protocol(self) -> asyncio.BaseProtocol: ...
+    def get_write_buffer_size(self) -> int: ...
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+    def write_eof(self) -> None: ...
+    def can_write_eof(self) -> bool: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def is_reading(self) -> bool: ...
+
+
+class _Wait(enum.Enum):
+    NONE = "none"
+    FLUSH = "flush"
+    RECEIVE = "receive"
+    CLOSE = "close"
+    DONE = "done"
+
+
+# -- the driver ---------------------------------------------------------------------------
+
+
+class _Closer:
+    """Runs one close plan on one connection, driven by loop callbacks and timers.
+
+    The connection (:class:`PolicyProtocol`) reports what happens on the transport
+    through ``on_data``, ``on_eof``, ``on_lost`` and ``on_resume_writing``; timers
+    bound every wait. When the plan is finished the report is built, ``on_close``
+    called and every waiter resolved.
+    """
+
+    __slots__ = (
+        "_allow_data_loss",
+        "_conn",
+        "_deadline",
+        "_fin_sent",
+        "_forced",
+        "_kernel_state",
+        "_last_data",
+        "_linger_zero",
+        "_loop",
+        "_lost_exc",
+        "_measured",
+        "_pending_bytes",
+        "_plan",
+        "_poll",
+        "_receiving",
+        "_report",
+        "_result",
+        "_resumed",
+        "_timer",
+        "_trigger",
+        "_wait",
+        "_waiters",
+        "_watch",
+        "background",
+        "deliver",
+        "done",
+        "findings",
+    )
+
+    def __init__(
+        self,
+        conn: PolicyProtocol,
+        policy: ClosePolicy,
+        *,
+        trigger: str,
+        report: bool,
+        allow_data_loss: bool,
+        deliver: bool,
+        background: bool,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._conn = conn
+        self._trigger = trigger
+        self._allow_data_loss = allow_data_loss
+        #: While True (``write_eof()`` under peer-first, before the protocol's own
+        #: close) data and EOF still reach the application's protocol.
+        self.deliver = deliver
+        #: True: issue the warnings when done (no caller is there to point at).
+        self.background = background
+        sock = conn.socket()
+        self._watch = _observe.Watch(_Addressed(conn.real, sock) if report else sock, report=report)
+        now = loop.time()
+        self._plan = ClosePlan(policy, now, peer_eof=conn.peer_eof, label=self._watch.label)
+        self._last_data = now
+        self._deadline = now
+        self._poll = _FLUSH_POLL_FIRST_S
+        self._wait = _Wait.NONE
+        self._timer: asyncio.TimerHandle | None = None
+        self._pending_bytes = 0
+        self._receiving: Receive | None = None
+        self._lost_exc: BaseException | None = None
+        self._measured = False
+        self._resumed = False
+        self._forced = False
+        self._fin_sent = False
+        self._linger_zero = False
+        self._waiters: list[asyncio.Future[CloseReport]] = []
+        self.findings: tuple[_checks.Finding, ...] = ()
+        #: The close is over (its report can be had from :attr:`report`).
+        self.done = False
+        self._result: PlanResult | None = None
+        self._kernel_state: KernelState | None = None
+        self._report: CloseReport | None = None
+
+    # -- public to the connection -----------------------------------------------------
+
+    @property
+    def report(self) -> CloseReport | None:
+        """The report once the close is over (built when first asked for: on the
+        server path with no ``on_close`` nobody may ever ask)."""
+        if self._report is None and self._result is not None:
+            observed = self._watch.observed(trigger=self._trigger, kernel_state=self._kernel_state)
+            self._report = build_report(self._plan.policy, self._result, observed)
+        return self._report
+
+    def start(self) -> None:
+        self._check_linger()
+        self._advance()
+
+    def wait(self) -> asyncio.Future[CloseReport]:
+        """A future resolved with the report; cancelling it leaves the close running."""
+        fut: asyncio.Future[CloseReport] = self._loop.create_future()
+        report = self.report
+        if report is not None:
+            fut.set_result(report)
+        else:
+            self._waiters.append(fut)
+        return fut
+
+    def on_data(self, nbytes: int) -> None:
+        """``nbytes`` arrived and were discarded."""
+        wait = self._wait
+        if wait is _Wait.RECEIVE:
+            now = self._loop.time()
+            self._last_data = now
+            plan = self._plan
+            phase = plan.phase
+            plan.feed(Event.DATA, now, nbytes=nbytes)
+            if plan.phase is phase:
+                return  # keep waiting; the timer re-arms itself for the new idle bound
+            self._stop_waiting()
+            self._advance()
+        elif wait is not _Wait.DONE:
+            self._pending_bytes += nbytes
+            if not self.budget_left():
+                # Not reading for the drain yet (still flushing) and nothing more may
+                # be read: let the kernel hold the rest.
+                with contextlib.suppress(Exception):
+                    self._conn.real.pause_reading()
+
+    def on_activity(self) -> None:
+        """Data reached the application's protocol (deliver mode): the peer is not idle."""
+        self._last_data = self._loop.time()
+
+    def on_eof(self) -> None:
+        """The peer's FIN (or TLS close_notify) arrived; ``conn.peer_eof`` is set."""
+        if self._wait is _Wait.RECEIVE:
+            self._stop_waiting()
+            self._plan.feed(Event.PEER_EOF, self._loop.time())
+            self._advance()
+
+    def on_lost(self, exc: BaseException | None) -> None:
+        """The transport called ``connection_lost``: its fd is closed right after."""
+        self._lost_exc = exc
+        self._measure_before_close()  # the fd is still open inside connection_lost
+        wait = self._wait
+        if wait is _Wait.RECEIVE or wait is _Wait.FLUSH:
+            self._stop_waiting()
+            self._plan.feed(self._lost_event(receiving=wait is _Wait.RECEIVE), self._loop.time())
+            self._advance()
+        elif wait is _Wait.CLOSE:
+            self._stop_waiting()
+            self._plan.feed(Event.DONE, self._loop.time())
+            self._advance()
+
+    def on_resume_writing(self) -> None:
+        if self._wait is _Wait.FLUSH and self._conn.buffered() == 0:
+            # Not from here: the transport is inside its write callback, which goes on
+            # after resume_writing() (CPython's shuts the socket down there if write_eof()
+            # was called). Finish the flush on the next loop turn instead.
+            self._stop_waiting()
+            self._sleep(_Wait.FLUSH, self._loop.time())
+
+    # -- the plan's steps ---------------------------------------------------------------
+
+    def _advance(self) -> None:
+        plan = self._plan
+        conn = self._conn
+        loop = self._loop
+        while True:
+            action = plan.next_action()
+            now = loop.time()
+            if isinstance(action, Receive):
+                if self._pending_bytes:
+                    nbytes, self._pending_bytes = self._pending_bytes, 0
+                    self._last_data = now
+                    plan.feed(Event.DATA, now, nbytes=nbytes)
+                elif conn.peer_eof:
+                    plan.feed(Event.PEER_EOF, now)
+                elif conn.lost:
+                    plan.feed(self._lost_event(receiving=True), now)
+                else:
+                    deadline = self._receive_deadline(action)
+                    if now >= deadline:
+                        plan.feed(Event.TIMEOUT, now)
+                        continue
+                    self._resume_reading()
+                    self._receiving = action
+                    self._sleep(_Wait.RECEIVE, deadline)
+                    return
+            elif isinstance(action, Flush):
+                if conn.lost:
+                    plan.feed(self._lost_event(receiving=False), now)
+                elif conn.buffered() == 0:
+                    plan.feed(Event.FLUSHED, now)
+                elif now >= action.deadline:
+                    plan.feed(Event.TIMEOUT, now)
+                else:
+                    self._resume_reading()
+                    self._notify_when_flushed()
+                    self._deadline = action.deadline
+                    self._poll = _FLUSH_POLL_FIRST_S
+                    self._sleep(_Wait.FLUSH, min(action.deadline, now + self._poll))
+                    return
+            elif isinstance(action, ShutdownWrite):
+                if not conn.peer_eof:
+                    self._fin_sent = True
+                plan.feed(self._shutdown_write(), now)
+                # A Receive usually follows: start its idle clock at our FIN.
+                self._last_data = now
+            elif isinstance(action, MeasureUnacked):
+                # Ours and unacknowledged: the kernel's queue (SIOCOUTQ) and what the
+                # transport has not even handed to the kernel yet.
+                outgoing = None if conn.lost else self._watch.outgoing()
+                if outgoing is None:
+                    plan.feed(Event.ERROR, now)
+                else:
+                    outgoing += conn.buffered()
+                    plan.feed(Event.UNACKED_SOME if outgoing else Event.UNACKED_NONE, now)
+            elif isinstance(action, SetLingerZero):
+                plan.feed(self._set_linger_zero(), now)
+            elif isinstance(action, Close):
+                if conn.lost:
+                    plan.feed(Event.DONE, now)
+                    continue
+                self._close_transport(now)
+                return
+            else:
+                assert isinstance(action, Finished)
+                self._finished(action.result)
+                return
+
+    def _receive_deadline(self, action: Receive) -> float:
+        deadline = action.deadline
+        if action.idle_timeout is not None:
+            deadline = min(deadline, self._last_data + action.idle_timeout)
+        return deadline
+
+    def _shutdown_write(self) -> Event:
+        conn = self._conn
+        real = conn.real
+        if conn.lost:
+            return self._lost_event(receiving=False)
+        try:
+            if conn.ssl:
+                if not real.is_closing():
+                    real.close()  # the TLS layer flushes, then sends close_notify
+                    raw = conn.raw_under_tls()
+                    if raw is not None and not raw.is_closing():
+                        raw.write_eof()  # the FIN follows the close_notify
+                # else: the TLS layer is already shutting down (the peer's close_notify)
+            elif real.can_write_eof():
+                real.write_eof()
+            else:
+                conn.socket().shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._watch.error = _observe.errno_name(exc)
+            return Event.RESET if exc.errno in _RESET_ERRNOS else Event.ERROR
+        except (RuntimeError, NotImplementedError, TypeError, AttributeError) as exc:
+            self._watch.error = f"{type(exc).__name__}: {exc}"
+            return Event.ERROR
+        return Event.DONE
+
+    def _set_linger_zero(self) -> Event:
+        conn = self._conn
+        if conn.lost:
+            return Event.ERROR
+        self._watch.before_abort(allow_data_loss=self._allow_data_loss, buffered=conn.buffered())
+        try:
+            conn.socket().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        except OSError as exc:
+            self._watch.error = _observe.errno_name(exc)
+            return Event.ERROR
+        self._linger_zero = True
+        return Event.DONE
+
+    def _close_transport(self, now: float) -> None:
+        conn = self._conn
+        real = conn.real
+        self._measure_before_close()
+        default = self._plan.policy.mode is CloseMode.DEFAULT
+        grace = _DEFAULT_CLOSE_WAIT_S if default else _CLOSE_GRACE_S
+        # A TCP transport with nothing buffered calls connection_lost on the next loop
+        # turn after close() or abort() (asyncio's and uvloop's alike): no timer then.
+        certain = False
+        try:
+            if self._linger_zero:
+                real.abort()  # SO_LINGER {1, 0}: the fd's close sends RST
+                certain = not conn.ssl
+            elif conn.ssl:
+                if default or (conn.peer_eof and not real.is_closing()):
+                    real.close()  # asyncio's TLS close / answer the peer's close_notify
+                elif conn.peer_eof:
+                    pass  # the TLS layer is completing its shutdown: let it
+                else:
+                    real.abort()  # our bounds are over: stop waiting for the peer
+            else:
+                buffered = conn.buffered()
+                if buffered and not default:
+                    # The flush ran out of time: what is left cannot go out within the
+                    # bounds. Reset, so that the peer learns its stream was cut (a FIN
+                    # would look like a complete response); everything of ours still
+                    # unacknowledged is lost with it, and the report counts it.
+                    self._watch.before_abort(
+                        allow_data_loss=self._allow_data_loss, buffered=buffered
+                    )
+                    with contextlib.suppress(OSError):
+                        conn.socket().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+                        self._linger_zero = True
+                    real.abort()
+                    certain = True
+                else:
+                    real.close()  # (default: asyncio flushes what is buffered first)
+                    certain = not buffered
+        except Exception as exc:  # a broken transport: make sure it goes
+            self._watch.error = f"{type(exc).__name__}: {exc}"
+            real.abort()
+            certain = False
+        if certain:
+            self._wait = _Wait.CLOSE
+        else:
+            self._sleep(_Wait.CLOSE, now + grace)
+
+    def _close_timed_out(self) -> None:
+        if not self._forced:
+            self._forced = True
+            self._watch.error = self._watch.error or "close-timeout"
+            self._conn.real.abort()
+            self._sleep(_Wait.CLOSE, self._loop.time() + _CLOSE_GRACE_S)
+            return
+        # The transport never reported connection_lost: stop waiting for it.
+        logger.warning("close: transport %r never called connection_lost", self._conn.real)
+        self._plan.feed(Event.ERROR, self._loop.time())
+        self._advance()
+
+    # -- waiting ------------------------------------------------------------------------
+
+    def _sleep(self, wait: _Wait, when: float) -> None:
+        self._wait = wait
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _stop_waiting(self) -> None:
+        self._wait = _Wait.NONE
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        wait, self._wait = self._wait, _Wait.NONE
+        now = self._loop.time()
+        plan = self._plan
+        if wait is _Wait.FLUSH:
+            if self._conn.buffered() == 0:
+                plan.feed(Event.FLUSHED, now)
+            elif now >= self._deadline:
+                plan.feed(Event.TIMEOUT, now)
+            else:
+                self._poll = min(self._poll * 2, _FLUSH_POLL_MAX_S)
+                self._sleep(_Wait.FLUSH, min(self._deadline, now + self._poll))
+                return
+        elif wait is _Wait.RECEIVE:
+            # The plan's Receive bounds are fixed while it stays in one phase (DATA
+            # keeps the phase): the one we waited on still holds.
+            action = self._receiving
+            assert action is not None
+            deadline = self._receive_deadline(action)
+            if now < deadline:  # data came since the timer was set: wait on
+                self._sleep(_Wait.RECEIVE, deadline)
+                return
+            plan.feed(Event.TIMEOUT, now)
+        elif wait is _Wait.CLOSE:
+            self._close_timed_out()
+            return
+        else:  # pragma: no cover - a cancelled timer never runs
+            return
+        self._advance()
+
+    # -- observations -------------------------------------------------------------------
+
+    def _check_linger(self) -> None:
+        """BlockingCloseWarning for ``SO_LINGER`` with a non-zero time; turn it off
+        (unless aborting), so that the fd's close cannot block the event loop."""
+        try:
+            raw = self._conn.socket().getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)
+            onoff, seconds = _LINGER.unpack(raw)
+        except (OSError, ValueError, TypeError, struct.error):
+            return
+        if not onoff or not seconds:
+            return
+        finding = _checks.blocking_linger(
+            linger_on=bool(onoff), linger_time=seconds, nonblocking=True, event_loop=True
+        )
+        if finding is None:
+            return
+        self._watch.findings.append(finding)
+        if self._plan.policy.mode is not CloseMode.ABORT:
+            try:
+                self._conn.socket().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
+            except OSError as exc:
+                logger.debug("close: could not turn SO_LINGER off: %s", exc)
+
+    def _measure_before_close(self) -> None:
+        if self._measured:
+            return
+        self._measured = True
+        self._watch.before_close(self._plan.policy.mode)
+
+    def _lost_event(self, *, receiving: bool) -> Event:
+        exc = self._lost_exc
+        if exc is None:
+            if receiving:
+                # The transport ended without an error while we waited for the peer:
+                # the peer closed (uvloop's TLS layer reports a bare FIN this way).
+                return Event.PEER_EOF
+            self._watch.error = self._watch.error or "connection-lost"
+            return Event.ERROR
+        if isinstance(exc, OSError):
+            self._watch.error = _observe.errno_name(exc)
+            return Event.RESET if exc.errno in _RESET_ERRNOS else Event.ERROR
+        self._watch.error = f"{type(exc).__name__}: {exc}"
+        return Event.ERROR
+
+    def _notify_when_flushed(self) -> None:
+        """Ask for ``resume_writing`` once the buffer is empty (low-water mark 0), so
+        that the flush ends without waiting for the next poll. Transports that only
+        resume a protocol they paused (uvloop) are covered by the polling."""
+        try:
+            cast(asyncio.WriteTransport, self._conn.real).set_write_buffer_limits(0, 0)
+        except Exception as exc:
+            logger.debug("close: set_write_buffer_limits failed: %s", exc)
+
+    def _resume_reading(self) -> None:
+        """Read for the policy: a sink that reads at most the budget left takes the
+        transport's data from now on, and reading is resumed (the application may
+        have paused it)."""
+        if self._resumed or self.deliver or self._conn.lost:
+            return
+        self._resumed = True
+        real = self._conn.real
+        try:
+            real.set_protocol(_DrainSink(self._conn))
+            real.resume_reading()
+        except Exception as exc:  # closing or closed: nothing to read any more
+            logger.debug("close: resume_reading failed: %s", exc)
+
+    def stop_delivering(self) -> None:
+        """The application's protocol asked for the close: from now on what arrives
+        is the policy's to drain."""
+        if not self.deliver:
+            return
+        self.deliver = False
+        if self._wait is _Wait.RECEIVE or self._wait is _Wait.FLUSH:
+            self._resume_reading()
+
+    def budget_left(self) -> int:
+        """Bytes the drain may still read."""
+        left = self._plan.policy.max_drain_bytes - self._plan.drained_bytes - self._pending_bytes
+        return max(left, 0)
+
+    # -- the end ------------------------------------------------------------------------
+
+    def _finished(self, result: PlanResult) -> None:
+        self._wait = _Wait.DONE
+        if result.peer_eof and not result.peer_closed_first and not self._fin_sent:
+            # The peer's FIN came before ours, but while our buffer drained, where the
+            # plan does not take it: the peer closed first.
+            result = dataclasses.replace(result, peer_closed_first=True)
+        if self._linger_zero and not result.linger_zero:
+            # The close itself reset the connection (a bounded flush gave up).
+            result = dataclasses.replace(result, linger_zero=True)
+        if self._watch.local is not None:
+            # We may be inside connection_lost, before the transport closes the fd:
+            # look the 4-tuple up on the next loop turn.
+            self._loop.call_soon(self._complete, result)
+        else:
+            self._complete(result)
+
+    def _complete(self, result: PlanResult) -> None:
+        watch = self._watch
+        try:
+            kernel_state = watch.after_close()
+        except Exception:  # the report must not fail the close
+            logger.exception("close: kernel lookup after close failed")
+            kernel_state = None
+        self._kernel_state = kernel_state
+        self._result = result
+        self.done = True
+        findings = watch.findings
+        if findings:
+            self.findings = tuple(findings)
+            if self.background:
+                _emit_in_loop(self.findings, self._loop)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("closed: %s", self.report)
+        self._conn.close_finished(self)
+        waiters = self._waiters
+        if waiters:
+            report = self.report
+            assert report is not None
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(report)
+            waiters.clear()
+
+
+class _Addressed:
+    """The transport's socket, answering getsockname/getpeername from what the
+    transport recorded when it was made (saves two syscalls per reported close)."""
+
+    __slots__ = ("_sock", "_transport")
+
+    def __init__(self, transport: _TransportLike, sock: Any) -> None:
+        self._transport = transport
+        self._sock = sock
+
+    def fileno(self) -> int:
+        return int(self._sock.fileno())
+
+    def getsockopt(self, level: int, option: int, buflen: int, /) -> bytes:
+        return cast(bytes, self._sock.getsockopt(level, option, buflen))
+
+    def getsockname(self) -> object:
+        return self._transport.get_extra_info("sockname") or self._sock.getsockname()
+
+    def getpeername(self) -> object:
+        return self._transport.get_extra_info("peername") or self._sock.getpeername()
+
+
+def _emit_in_loop(findings: Iterable[_checks.Finding], loop: asyncio.AbstractEventLoop) -> None:
+    """Issue warnings from a loop callback, where no caller's line exists to point at.
+    A filter turning them into errors must not break the loop: such errors go to the
+    loop's exception handler."""
+    for finding in findings:
+        try:
+            _observe.emit_findings([finding], stacklevel=1)
+        except Warning as exc:
+            loop.call_exception_handler(
+                {"message": f"tcpclose warning raised as an error: {exc}", "exception": exc}
+            )
+
+
+# -- the wrapper protocol and the proxy transport -------------------------------------------
+
+
+class PolicyProtocol(asyncio.Protocol):
+    """Stands between a transport and the application's protocol ``P``.
+
+    Forwards every callback to ``P`` and hands ``P`` a :class:`PolicyTransport`, whose
+    ``close()``, ``abort()`` and ``write_eof()`` go through the close policy. While the
+    policy drains, what arrives is counted and discarded. ``P`` receives
+    ``connection_lost`` exactly once, when the real connection is finished (``None``
+    when the close was asked for on our side).
+
+    Not instantiated directly: :func:`with_policy` returns a factory of these, and
+    :func:`aclose` puts one in front of a transport's protocol.
+    """
+
+    __slots__ = (
+        "_close_requested",
+        "_closer",
+        "_eof_by_policy",
+        "_inner",
+        "_inner_buffered",
+        "_inner_lost",
+        "_on_close",
+        "_policy",
+        "_proxy",
+        "_registry",
+        "_report",
+        "_sock",
+        "lost",
+        "peer_eof",
+        "real",
+        "ssl",
+    )
+
+    real: _TransportLike
+
+    def __init__(
+        self,
+        inner: asyncio.BaseProtocol,
+        policy: ClosePolicy,
+        *,
+        on_close: OnClose | None = None,
+        report: bool = True,
+        registry: ConnectionRegistry | None = None,
+    ) -> None:
+        self._inner = inner
+        self._inner_buffered = isinstance(inner, asyncio.BufferedProtocol)
+        self._inner_lost = False
+        self._policy = policy
+        self._on_close = on_close
+        self._report = report
+        self._registry = registry
+        self._proxy: PolicyTransport | None = None
+        self._closer: _Closer | None = None
+        self._close_requested = False
+        self._eof_by_policy = False
+        self._sock: Any = None
+        self.peer_eof = False
+        self.lost = False
+        self.ssl = False
+
+    def __repr__(self) -> str:
+        return f"<PolicyProtocol {self._policy} around {self._inner!r}>"
+
+    # -- attaching -------------------------------------------------------------------------
+
+    def _attach(self, transport: _TransportLike) -> None:
+        self.real = transport
+        self.ssl = transport.get_extra_info("sslcontext") is not None
+
+    @classmethod
+    def adopt(
+        cls, transport: _TransportLike, policy: ClosePolicy, *, report: bool
+    ) -> PolicyProtocol:
+        """Put a wrapper in front of ``transport``'s current protocol (for aclose)."""
+        inner = transport.get_protocol()
+        wrapper = _new_wrapper(inner, policy, on_close=None, report=report, registry=None)
+        wrapper._attach(transport)
+        # The application may have had the peer's FIN already (a handler that read to
+        # EOF): the transport will not report it again. The kernel knows.
+        try:
+            info = _kernel.tcp_info(wrapper.socket())
+        except (OSError, ValueError, TypeError):
+            info = None
+        if info is not None and info.state in _PEER_FIN_STATES:
+            wrapper.peer_eof = True
+        transport.set_protocol(wrapper)
+        return wrapper
+
+    # -- what the closer uses ----------------------------------------------------------------
+
+    def socket(self) -> Any:
+        """The transport's socket (``TransportSocket`` or uvloop's pseudo-socket)."""
+        sock = self._sock
+        if sock is None:
+            sock = self._sock = self.real.get_extra_info("socket")
+        return sock
+
+    def raw_under_tls(self) -> _TransportLike | None:
+        """CPython's TCP transport under a TLS transport (uvloop keeps it private)."""
+        raw = getattr(getattr(self.real, "_ssl_protocol", None), "_transport", None)
+        if raw is None or not hasattr(raw, "write_eof"):
+            return None
+        return cast(_TransportLike, raw)
+
+    def buffered(self) -> int:
+        """Bytes of ours still in user-space buffers (the TLS layer's and the TCP
+        transport's under it, when reachable)."""
+        try:
+            size = self.real.get_write_buffer_size()
+            if self.ssl:
+                raw = self.raw_under_tls()
+                if raw is not None:
+                    size += raw.get_write_buffer_size()
+        except Exception:  # a transport already torn down
+            return 0
+        return size
+
+    def close_finished(self, closer: _Closer) -> None:
+        """Called by the closer once it is over."""
+        if self._registry is not None:
+            self._registry.discard(self)
+        on_close = self._on_close
+        if on_close is not None:
+            report = closer.report
+            assert report is not None
+            try:
+                on_close(report)
+            except Exception:
+                logger.exception("on_close(%s) raised", report)
+
+    # -- closes ------------------------------------------------------------------------------
+
+    @property
+    def closer(self) -> _Closer | None:
+        return self._closer
+
+    def start_close(
+        self,
+        policy: ClosePolicy,
+        *,
+        trigger: str,
+        report: bool | None = None,
+        allow_data_loss: bool = False,
+        deliver: bool = False,
+        background: bool = True,
+        requested: bool = False,
+    ) -> _Closer:
+        """Start a close with ``policy`` unless one is under way; return the close.
+
+        ``requested``: the application asked for it (its protocol then gets
+        ``connection_lost(None)`` whatever ends the connection).
+        """
+        closer = self._closer
+        if closer is not None:
+            return closer
+        if requested:
+            self._close_requested = True
+        closer = _Closer(
+            self,
+            policy,
+            trigger=trigger,
+            report=self._report if report is None else report,
+            allow_data_loss=allow_data_loss,
+            deliver=deliver,
+            background=background,
+        )
+        self._closer = closer
+        closer.start()
+        return closer
+
+    def request_close(self, trigger: str = "close") -> _Closer | None:
+        """The application asked for the close (``close()``, handler returned, ...)."""
+        if self._close_requested or self.lost:
+            return self._closer
+        self._close_requested = True
+        closer = self._closer
+        if closer is not None:  # write_eof() under peer-first: the protocol is done now
+            closer.stop_delivering()
+            return closer
+        return self.start_close(self._policy, trigger=trigger)
+
+    def request_abort(self) -> None:
+        if self.lost:
+            return
+        self._close_requested = True
+        closer = self._closer
+        if closer is not None:
+            closer.stop_delivering()  # the pending close finishes within its bounds
+            return
+        self.start_close(_ABORT_POLICY, trigger="abort", allow_data_loss=True)
+
+    def request_write_eof(self) -> None:
+        if self._close_requested or self.lost or self._closer is not None:
+            return
+        if self._policy.mode is CloseMode.PEER_FIRST and self.real.can_write_eof():
+            # No FIN: the peer's timer starts; data and EOF still reach the protocol.
+            self._eof_by_policy = True
+            self.start_close(self._policy, trigger="write-eof", deliver=True)
+            return
+        self.real.write_eof()
+
+    @property
+    def eof_by_policy(self) -> bool:
+        """``write_eof()`` was taken by the policy: writing is over."""
+        return self._eof_by_policy
+
+    @property
+    def closing(self) -> bool:
+        """A close was asked for, or one is under way that no longer delivers data."""
+        if self._close_requested:
+            return True
+        closer = self._closer
+        return closer is not None and not closer.deliver
+
+    # -- the protocol callbacks ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        real = cast(_TransportLike, transport)
+        self._attach(real)
+        proxy = PolicyTransport(self, real)
+        self._proxy = proxy
+        registry = self._registry
+        if registry is not None:
+            registry.add(self)
+        self._inner.connection_made(proxy)
+        if registry is not None and registry.closing and not self.lost:
+            self.start_close(self._policy, trigger=registry.trigger)
+
+    def data_received(self, data: bytes) -> None:
+        closer = self._closer
+        if closer is None or closer.deliver:
+            if self._inner_lost:
+                return
+            if self._inner_buffered:
+                _feed_buffered(cast(asyncio.BufferedProtocol, self._inner), data)
+            else:
+                cast(asyncio.Protocol, self._inner).data_received(data)
+            if closer is not None:
+                closer.on_activity()
+        else:
+            closer.on_data(len(data))
+
+    def eof_received(self) -> bool | None:
+        self.peer_eof = True
+        closer = self._closer
+        keep_open = not self.ssl  # a TLS transport ignores the answer (and warns on True)
+        if closer is not None and not closer.deliver:
+            closer.on_eof()
+            return keep_open
+        inner = cast(asyncio.Protocol, self._inner)
+        inner_keeps_open = inner.eof_received() if not self._inner_lost else False
+        if closer is not None:  # write_eof() under peer-first: both sides are done
+            closer.stop_delivering()
+            closer.on_eof()
+            return keep_open
+        if inner_keeps_open and not self.ssl:
+            return True
+        # The protocol expects the transport to close now (or TLS closes anyway):
+        # that close is the policy's.
+        self._close_requested = True
+        self.start_close(self._policy, trigger="peer-eof")
+        return keep_open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        closer = self._closer
+        try:
+            # None when the close was asked for on our side: what ended it (a reset
+            # during the drain, say) is in the report, not the protocol's business.
+            self._call_inner_lost(None if self._close_requested else exc)
+        finally:
+            if closer is not None:
+                closer.on_lost(exc)
+            elif self._registry is not None:
+                self._registry.discard(self)
+
+    def _call_inner_lost(self, exc: Exception | None) -> None:
+        if self._inner_lost:
+            return
+        self._inner_lost = True
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if not self._inner_lost:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        try:
+            if not self._inner_lost:
+                self._inner.resume_writing()
+        finally:
+            if self._closer is not None:
+                self._closer.on_resume_writing()
+
+    # -- the inner protocol ------------------------------------------------------------------
+
+    def set_inner(self, protocol: asyncio.BaseProtocol) -> None:
+        self._inner = protocol
+        self._inner_buffered = isinstance(protocol, asyncio.BufferedProtocol)
+
+    def get_inner(self) -> asyncio.BaseProtocol:
+        return self._inner
+
+    def draining(self) -> bool:
+        """The policy is reading for itself: the application's reading choice is moot."""
+        closer = self._closer
+        return closer is not None and not closer.deliver
+
+
+class _DrainSink(asyncio.BufferedProtocol):
+    """Takes the real transport's data while the policy drains: reads at most the
+    budget left (``max_drain_bytes``) into scratch space, and hands the other
+    callbacks to the connection. (A ``BufferedProtocol`` and not an
+    ``asyncio.Protocol``: uvloop treats any ``Protocol`` as a simple one.)"""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: PolicyProtocol) -> None:
+        self.conn = conn
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        closer = self.conn.closer
+        left = closer.budget_left() if closer is not None else len(_SCRATCH)
+        # Never empty (transports treat that as an error); at 0 the plan has stopped.
+        return _SCRATCH[: max(1, min(left, len(_SCRATCH)))]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        closer = self.conn.closer
+        if closer is not None:
+            closer.on_data(nbytes)
+
+    def eof_received(self) -> bool | None:
+        return self.conn.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.conn.resume_writing()
+
+
+class _BufferedPolicyProtocol(PolicyProtocol, asyncio.BufferedProtocol):
+    """The wrapper for a ``BufferedProtocol``: the transport reads into the inner
+    protocol's buffer directly (or into scratch space while the policy drains)."""
+
+    __slots__ = ("_handed_inner", "_own_scratch")
+
+    def __init__(
+        self,
+        inner: asyncio.BaseProtocol,
+        policy: ClosePolicy,
+        *,
+        on_close: OnClose | None = None,
+        report: bool = True,
+        registry: ConnectionRegistry | None = None,
+    ) -> None:
+        super().__init__(inner, policy, on_close=on_close, report=report, registry=registry)
+        self._handed_inner = False
+        self._own_scratch: memoryview | None = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        closer = self._closer
+        if (closer is None or closer.deliver) and not self._inner_lost:
+            if self._inner_buffered:
+                self._handed_inner = True
+                inner = cast(asyncio.BufferedProtocol, self._inner)
+                return cast(memoryview, inner.get_buffer(sizehint))
+            # set_protocol() re-targeted us to a plain protocol: read into our own
+            # buffer (not the shared scratch: that one may be written by other threads).
+            self._handed_inner = False
+            if self._own_scratch is None:
+                self._own_scratch = memoryview(bytearray(64 * 1024))
+            return self._own_scratch
+        self._handed_inner = False
+        return _SCRATCH
+
+    def buffer_updated(self, nbytes: int) -> None:
+        closer = self._closer
+        if self._handed_inner:
+            self._handed_inner = False
+            cast(asyncio.BufferedProtocol, self._inner).buffer_updated(nbytes)
+            if closer is not None:
+                closer.on_activity()
+            return
+        if (closer is None or closer.deliver) and not self._inner_lost:
+            assert self._own_scratch is not None
+            cast(asyncio.Protocol, self._inner).data_received(bytes(self._own_scratch[:nbytes]))
+            if closer is not None:
+                closer.on_activity()
+            return
+        if closer is not None:
+            closer.on_data(nbytes)
+
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - buffered transports
+        super().data_received(data)
+
+
+def _new_wrapper(
+    inner: asyncio.BaseProtocol,
+    policy: ClosePolicy,
+    *,
+    on_close: OnClose | None,
+    report: bool,
+    registry: ConnectionRegistry | None,
+) -> PolicyProtocol:
+    cls = _BufferedPolicyProtocol if isinstance(inner, asyncio.BufferedProtocol) else PolicyProtocol
+    return cls(inner, policy, on_close=on_close, report=report, registry=registry)
+
+
+def _feed_buffered(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
+    """Deliver ``data`` to a buffered protocol through its own buffers."""
+    view = memoryview(data)
+    while view:
+        buf = memoryview(protocol.get_buffer(len(view)))
+        n = min(len(buf), len(view))
+        if n == 0:
+            raise RuntimeError("get_buffer() returned an empty buffer")
+        buf[:n] = view[:n]
+        protocol.buffer_updated(n)
+        view = view[n:]
+
+
+class PolicyTransport(_asyncio_transports._FlowControlMixin):
+    """The transport the application's protocol sees under :func:`with_policy`.
+
+    ``close()`` starts the close policy (a second call, or one after the connection is
+    gone, does nothing); ``abort()`` with no close under way is an abortive close, and
+    while one is under way it does not cut it short; ``write_eof()`` under
+    ``peer-first`` sends no FIN but starts the wait for the peer's. ``is_closing()`` is
+    true as soon as a close is asked for. Everything else is the real transport's:
+    ``get_extra_info("socket")`` is the real socket, and unknown attributes are looked
+    up on the real transport. ``set_protocol()``/``get_protocol()`` change and return
+    the protocol behind the wrapper.
+    """
+
+    __slots__ = ("_conn", "_real")
+
+    #: loop.sendfile() must not try the native path: it needs the real transport class.
+    _sendfile_compatible = _asyncio_constants._SendfileMode.FALLBACK
+
+    def __init__(self, conn: PolicyProtocol, real: _TransportLike) -> None:
+        # _FlowControlMixin.__init__ is not called: every method that would use its
+        # state is forwarded to the real transport.
+        self._conn = conn
+        self._real = real
+
+    def __repr__(self) -> str:
+        return f"<PolicyTransport {self._conn._policy} over {self._real!r}>"
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_conn", "_real"):
+            raise AttributeError(name)
+        return getattr(self._real, name)
+
+    @property
+    def _protocol_paused(self) -> bool:
+        # loop.sendfile()'s fallback reads it to restore flow control afterwards.
+        return bool(getattr(self._real, "_protocol_paused", False))
+
+    # -- the policy ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._conn.request_close("close")
+
+    def abort(self) -> None:
+        self._conn.request_abort()
+
+    def write_eof(self) -> None:
+        self._conn.request_write_eof()
+
+    def is_closing(self) -> bool:
+        return self._conn.closing or self._real.is_closing()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        conn = self._conn
+        if conn.closing:
+            return  # the close is under way: like a closing TLS transport, drop it
+        if conn.eof_by_policy:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        self._real.write(data)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        conn = self._conn
+        if conn.closing:
+            return
+        if conn.eof_by_policy:
+            raise RuntimeError("Cannot call writelines() after write_eof()")
+        cast(asyncio.WriteTransport, self._real).writelines(list_of_data)
+
+    def can_write_eof(self) -> bool:
+        return self._real.can_write_eof()
+
+    def get_write_buffer_size(self) -> int:
+        return self._real.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return cast(asyncio.WriteTransport, self._real).get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        cast(asyncio.WriteTransport, self._real).set_write_buffer_limits(high, low)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        if self._conn.draining():
+            return  # the policy reads until its bounds; the protocol gets nothing more
+        self._real.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._conn.draining():
+            return
+        self._real.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._real.is_reading()
+
+    # -- the rest --------------------------------------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._real.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._conn.set_inner(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._conn.get_inner()
+
+    @property
+    def connection(self) -> PolicyProtocol:
+        """The wrapper protocol this transport belongs to."""
+        return self._conn
+
+
+# -- servers' bookkeeping -----------------------------------------------------------------------
+
+
+class ConnectionRegistry:
+    """The open connections of one server, so that its shutdown can close them."""
+
+    __slots__ = ("closing", "conns", "trigger")
+
+    def __init__(self) -> None:
+        self.conns: set[PolicyProtocol] = set()
+        self.closing = False
+        self.trigger = "server-shutdown"
+
+    def add(self, conn: PolicyProtocol) -> None:
+        self.conns.add(conn)
+
+    def discard(self, conn: PolicyProtocol) -> None:
+        self.conns.discard(conn)
+
+    def close_all(self, *, abort: bool = False) -> None:
+        """Start the policy's close (or an abort) on every open connection."""
+        self.closing = True
+        for conn in list(self.conns):
+            if conn.lost:
+                continue
+            if abort:
+                conn.request_abort()
+            else:
+                conn.start_close(conn._policy, trigger=self.trigger)
+
+    def pending(self) -> list[asyncio.Future[CloseReport]]:
+        """Futures of the closes still running."""
+        futures = []
+        for conn in list(self.conns):
+            closer = conn.closer
+            if closer is not None and not closer.done:
+                futures.append(closer.wait())
+        return futures
+
+
+# -- the factory for with_policy ------------------------------------------------------------
+
+
+class PolicyProtocolFactory:
+    """A protocol factory applying a close policy; what :func:`with_policy` returns.
+
+    Calling it calls the wrapped factory with the same arguments and puts a
+    :class:`PolicyProtocol` in front of the protocol it made. Attributes it does not
+    have are looked up on the wrapped factory. Instances pickle (when the wrapped
+    factory and ``on_close`` do), so servers that send their protocol factory to worker
+    processes keep working.
+
+    Attributes:
+        protocol_factory: the wrapped factory.
+        policy: the close policy.
+        on_close: receives each :class:`CloseReport`, or None.
+        report: whether reports are built (the kernel lookups cost a few microseconds
+            per close).
+    """
+
+    __slots__ = ("_registry", "on_close", "policy", "protocol_factory", "report")
+
+    def __init__(
+        self,
+        protocol_factory: Callable[..., asyncio.BaseProtocol],
+        policy: PolicyLike = "graceful",
+        on_close: OnClose | None = None,
+        *,
+        report: bool | None = None,
+        registry: ConnectionRegistry | None = None,
+    ) -> None:
+        if not callable(protocol_factory):
+            raise TypeError(
+                f"expected a protocol factory, got {type(protocol_factory).__qualname__} instead"
+            )
+        if on_close is not None and not callable(on_close):
+            raise TypeError(f"on_close must be callable, got {type(on_close).__qualname__}")
+        self.protocol_factory = protocol_factory
+        self.policy = as_policy(policy)
+        self.on_close = on_close
+        self.report = (on_close is not None) if report is None else report
+        self._registry = registry
+
+    def __call__(self, *args: Any, **kwargs: Any) -> PolicyProtocol:
+        inner = self.protocol_factory(*args, **kwargs)
+        return _new_wrapper(
+            inner, self.policy, on_close=self.on_close, report=self.report, registry=self._registry
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in PolicyProtocolFactory.__slots__:
+            raise AttributeError(name)
+        return getattr(self.protocol_factory, name)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_factory, (self.protocol_factory, self.policy, self.on_close, self.report))
+
+    def __repr__(self) -> str:
+        return f"with_policy({self.protocol_factory!r}, {str(self.policy)!r})"
+
+
+def _rebuild_factory(
+    protocol_factory: Callable[..., asyncio.BaseProtocol],
+    policy: ClosePolicy,
+    on_close: OnClose | None,
+    report: bool,
+) -> PolicyProtocolFactory:
+    return PolicyProtocolFactory(protocol_factory, policy, on_close, report=report)
+
+
+def with_policy(
+    protocol_factory: Callable[..., asyncio.BaseProtocol],
+    policy: PolicyLike,
+    on_close: OnClose | None = None,
+    *,
+    report: bool | None = None,
+) -> PolicyProtocolFactory:
+    """Wrap an asyncio protocol factory so that its connections close with ``policy``.
+
+    The protocol's own ``transport.close()`` and ``transport.abort()`` go through the
+    policy; nothing else changes for it (``write``, ``get_extra_info``,
+    ``pause_reading``, ``set_protocol`` ... keep working). This is how a server that
+    takes a protocol class or factory adopts a policy.
+
+    Semantics (see ``ADOPTION.md``): a second ``close()`` is a no-op; ``abort()``
+    during a pending close does not cut it short; ``write_eof()`` under ``peer-first``
+    sends no FIN but starts the peer's timer while data still reaches the protocol;
+    while the policy drains, reading is resumed and what arrives is discarded; the
+    protocol's ``connection_lost`` is called exactly once, when the connection is
+    finished.
+
+    Args:
+        protocol_factory: what ``loop.create_server()`` would take: a protocol class
+            or any callable returning a protocol. Called with the arguments the
+            returned factory is called with.
+        policy: a :class:`ClosePolicy`, policy text or mapping.
+        on_close: called with each :class:`CloseReport` in the event loop; its
+            exceptions are logged on the ``tcpclose`` logger, never raised.
+        report: build reports (kernel state lookups). Default: only when ``on_close``
+            is given.
+
+    Returns:
+        A picklable :class:`PolicyProtocolFactory`.
+
+    Raises:
+        PolicyError: ``policy`` is invalid.
+        TypeError: ``protocol_factory`` or ``on_close`` is not callable.
+
+    Example::
+
+        server = await loop.create_server(
+            tcpclose.aio.with_policy(HttpProtocol, "peer-first timeout=5s"), host, port
+        )
+    """
+    return PolicyProtocolFactory(protocol_factory, policy, on_close, report=report)
+
+
+# -- aclose -----------------------------------------------------------------------------------
+
+
+def connection_of(transport: object) -> PolicyProtocol | None:
+    """The wrapper protocol of ``transport`` (a :class:`PolicyTransport` or a real
+    transport whose protocol is a :class:`PolicyProtocol`), or None."""
+    if isinstance(transport, PolicyTransport):
+        return transport.connection
+    get_protocol = getattr(transport, "get_protocol", None)
+    if get_protocol is None:
+        return None
+    protocol = get_protocol()
+    if isinstance(protocol, _DrainSink):
+        return protocol.conn
+    return protocol if isinstance(protocol, PolicyProtocol) else None
+
+
+_TRANSPORT_METHODS: Final = ("get_extra_info", "get_protocol", "set_protocol", "close", "abort")
+
+
+def _transport_of(obj: object) -> _TransportLike:
+    if isinstance(obj, asyncio.StreamWriter):
+        obj = obj.transport
+    if isinstance(obj, asyncio.BaseTransport) or all(
+        callable(getattr(obj, name, None)) for name in _TRANSPORT_METHODS
+    ):
+        return cast(_TransportLike, obj)
+    raise TypeError(
+        f"expected an asyncio transport or StreamWriter, got {type(obj).__qualname__} instead"
+    )
+
+
+def _check_tcp_transport(transport: _TransportLike) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        raise NotTcpSocketError(
+            f"expected a TCP transport, got {type(transport).__qualname__} without a socket"
+        )
+    family = getattr(sock, "family", None)
+    kind = getattr(sock, "type", None)
+    if family not in (socket.AF_INET, socket.AF_INET6) or kind != socket.SOCK_STREAM:
+        raise NotTcpSocketError(f"expected a TCP transport, got one over {sock!r}")
+    if transport.is_closing():
+        raise ValueError("the transport is already closing")
+
+
+async def aclose(
+    obj: object,
+    policy: PolicyLike = "graceful",
+    *,
+    report: bool = True,
+    allow_data_loss: bool = False,
+) -> CloseReport:
+    """Close an asyncio connection with ``policy`` and report what happened.
+
+    Never blocks the event loop: every wait goes through the loop, bounded by the
+    policy. Cancelling the awaiting task does not stop the close, which finishes in
+    the background within its bounds.
+
+    Args:
+        obj: an asyncio transport (selector or TLS, asyncio's or uvloop's) or an
+            ``asyncio.StreamWriter``. The application's protocol gets
+            ``connection_lost`` when the connection is finished; what arrives while
+            the policy drains is discarded.
+        policy: a :class:`ClosePolicy`, policy text or mapping. Default ``"graceful"``.
+        report: when False, skip the measurements made only for the report.
+        allow_data_loss: do not warn when an abort discards queued bytes.
+
+    Returns:
+        The :class:`CloseReport`. When the connection is already closing under a
+        policy (:func:`with_policy`, the servers here), that close's report.
+
+    Raises:
+        PolicyError: ``policy`` is invalid.
+        TypeError: ``obj`` is not an asyncio transport or StreamWriter, or not over
+            TCP (:class:`NotTcpSocketError`).
+        ValueError: the transport is already closing or closed.
+
+    Example::
+
+        writer.write(response)
+        report = await tcpclose.aio.aclose(writer, "peer-first timeout=5s")
+        log.info("%s", report)
+    """
+    resolved = as_policy(policy)
+    transport = _transport_of(obj)
+    conn = connection_of(transport)
+    if conn is None:
+        _check_tcp_transport(transport)
+        conn = PolicyProtocol.adopt(transport, resolved, report=report)
+    elif conn.closer is None and conn.lost:
+        raise ValueError("the connection is already closed")
+    started = conn.closer is None
+    closer = conn.start_close(
+        resolved,
+        trigger="aclose",
+        report=report,
+        allow_data_loss=allow_data_loss,
+        background=False,
+        requested=True,
+    )
+    if closer.deliver:  # write_eof() under peer-first was pending: now it is a close
+        conn.request_close("aclose")
+    try:
+        result = await closer.wait()
+    except asyncio.CancelledError:
+        if started and not closer.done:
+            closer.background = True  # nobody will be there to see the warnings
+        raise
+    if started:
+        _observe.emit_findings(list(closer.findings), stacklevel=2)
+    return result
