@@ -1,0 +1,879 @@
+"""The ``tcpclose`` command line: ``demo``, ``states``, ``lookup``, ``audit``.
+
+Also ``python -m tcpclose``. Every subcommand has ``--help`` with examples.
+
+Exit codes (the same for every subcommand):
+
+* 0 -- success: ``demo`` ran, ``states`` printed, ``lookup`` found a socket for the
+  4-tuple, ``audit`` found nothing of severity error. ``states --watch`` also exits 0
+  when stopped with Ctrl-C.
+* 1 -- the command ran and the answer is negative: ``lookup`` found no socket (the
+  4-tuple is CLOSED); ``audit`` found an error-severity problem.
+* 2 -- bad arguments, or the command could not run (the kernel view is unavailable,
+  the demo's client process failed...): one line on stderr, no traceback.
+* 130 -- interrupted with Ctrl-C (``demo``, ``lookup``, ``audit``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import IO, Any, Final, NoReturn
+
+from . import _kernel
+from ._audit import audit, read_sysctls
+from ._checks import Finding, Severity, Sysctls
+from ._errors import TcpCloseError
+from ._kernel._address import parse_endpoint
+from ._kernel._types import Address, KernelState, TcpState, TimerKind
+from ._report import format_address
+from ._version import __version__
+
+__all__ = ("build_parser", "main")
+
+Handler = Callable[[argparse.Namespace], int]
+
+PROG: Final = "tcpclose"
+
+_EXIT_STATUS = """\
+exit status:
+  0    success (lookup: a socket exists; audit: no error-severity finding)
+  1    the answer is negative (lookup: CLOSED, no socket; audit: an error finding)
+  2    bad arguments, or the command could not run (one line on stderr)
+  130  interrupted (Ctrl-C); states --watch exits 0 on Ctrl-C
+"""
+
+
+class UsageError(Exception):
+    """Bad arguments: printed as one line, exit status 2.
+
+    Attributes:
+        command: the subcommand (``"lookup"``), or ``""`` for the top level.
+    """
+
+    def __init__(self, command: str, message: str) -> None:
+        super().__init__(message)
+        self.command = command
+
+    def __str__(self) -> str:
+        message = super().__str__()
+        return (
+            f"{PROG}: error: {self.command}: {message}"
+            if self.command
+            else (f"{PROG}: error: {message}")
+        )
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage dump), raised as
+    :class:`UsageError` so that :func:`main` returns instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix(PROG).strip()
+        raise UsageError(command, message)
+
+
+def _fail(command: str, message: str) -> int:
+    print(UsageError(command, message), file=sys.stderr)
+    return 2
+
+
+def _positive_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        raw = text.strip().lower().removesuffix("s")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {low:g} to {high:g} seconds, got {text}")
+        return value
+
+    return parse
+
+
+def _format_seconds(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f} s"
+
+
+def _table(
+    header: Sequence[str], rows: Iterable[Sequence[str]], right: Sequence[bool]
+) -> list[str]:
+    """Rows as aligned text columns (``right[i]``: right-align column ``i``)."""
+    body = [list(row) for row in rows]
+    widths = [
+        max(len(header[i]), *(len(r[i]) for r in body)) if body else len(header[i])
+        for i in range(len(header))
+    ]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            cell.rjust(w) if r else cell.ljust(w)
+            for cell, w, r in zip(cells, widths, right, strict=True)
+        ).rstrip()
+
+    return [line(header), *(line(r) for r in body)]
+
+
+# -- audit ----------------------------------------------------------------------------
+
+_AUDIT_EPILOG = """\
+examples:
+  tcpclose audit                   check sysctls, counters and every TCP socket
+  tcpclose audit --port 443        only sockets with local or remote port 443
+  tcpclose audit --json | jq -r '.findings[].code'
+  tcpclose audit >/dev/null || echo 'error-severity finding'   (health check, CI)
+
+Host-wide sysctl and counter checks always run; --port narrows the socket table.
+Each code is explained at https://tcpclose.readthedocs.io/en/latest/warnings/
+
+exit status: 0 no finding of severity error, 1 at least one, 2 bad arguments or failure.
+"""
+
+
+def _port_number(text: str) -> int:
+    try:
+        port = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {port}")
+    return port
+
+
+def _configure_audit(cmd: argparse.ArgumentParser) -> None:
+    cmd.formatter_class = argparse.RawDescriptionHelpFormatter
+    cmd.epilog = _AUDIT_EPILOG
+    cmd.add_argument(
+        "--port",
+        type=_port_number,
+        metavar="P",
+        help="look only at sockets with local or remote port P",
+    )
+    cmd.add_argument("--json", action="store_true", help="print the findings as JSON")
+    cmd.add_argument(
+        "--root",
+        default="/",
+        metavar="DIR",
+        help="read proc/... below DIR instead of / (a captured snapshot)",
+    )
+    cmd.set_defaults(handler=_run_audit)
+
+
+def _format_findings(findings: Sequence[Finding]) -> str:
+    """The findings as a table: code, severity, title, then evidence/advice/docs."""
+    if not findings:
+        return "no findings"
+    lines = [f"{'CODE':<6} {'SEVERITY':<8} TITLE"]
+    indent = " " * 16
+    for f in findings:
+        lines.append(f"{f.code:<6} {f.severity.value:<8} {f.title}")
+        if f.evidence:
+            pairs = ", ".join(f"{k}={_evidence_text(v)}" for k, v in f.evidence.items())
+            lines.append(f"{indent}evidence: {pairs}")
+        lines.append(f"{indent}advice:   {f.advice}")
+        lines.append(f"{indent}docs:     {f.docs_url}")
+    counts = {s: sum(1 for f in findings if f.severity is s) for s in Severity}
+    noun = "finding" if len(findings) == 1 else "findings"
+    lines.append("")
+    lines.append(
+        f"{len(findings)} {noun}: {counts[Severity.ERROR]} error, "
+        f"{counts[Severity.WARNING]} warning, {counts[Severity.INFO]} info"
+    )
+    return "\n".join(lines)
+
+
+def _evidence_text(value: object) -> str:
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    try:
+        findings = audit(args.port, root=args.root)
+    except (OSError, ValueError, TcpCloseError) as exc:
+        print(f"tcpclose audit: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        summary = {s.value: sum(1 for f in findings if f.severity is s) for s in Severity}
+        document = {"findings": [f.as_dict() for f in findings], "counts": summary}
+        print(json.dumps(document, indent=2))
+    else:
+        print(_format_findings(findings))
+    return 1 if any(f.severity is Severity.ERROR for f in findings) else 0
+
+
+# -- states ---------------------------------------------------------------------------
+
+_STATES_EPILOG = """\
+examples:
+  tcpclose states                          counts by state; TIME_WAIT by port, by destination
+  tcpclose states --port 8080              only sockets with local or remote port 8080
+  tcpclose states --state time-wait,fin-wait2
+  tcpclose states --watch 2                refresh every 2 s until Ctrl-C
+  tcpclose states --watch 1 --count 5 --json   five JSON lines, one per second
+
+"ports in use" counts the sockets towards a destination whose local port is in
+the ephemeral range (net.ipv4.ip_local_port_range minus ip_local_reserved_ports):
+connect() needs a free one per destination, so "full" is how close that
+destination is to "Cannot assign requested address" (EADDRNOTAVAIL).
+With --state, only the sockets in those states are counted.
+
+"""
+
+#: Names accepted by --state besides the TcpState names: what ss prints.
+_STATE_ALIASES: Final = {"ESTAB": TcpState.ESTABLISHED, "UNCONN": TcpState.CLOSE}
+
+
+def _parse_states(values: Sequence[str] | None) -> list[TcpState] | None:
+    if not values:
+        return None
+    accepted = [s for s in TcpState if s > 0]
+    wanted: list[TcpState] = []
+    for value in values:
+        for word in value.split(","):
+            key = word.strip().upper().replace("-", "_")
+            if not key:
+                continue
+            state = _STATE_ALIASES.get(key) or TcpState.__members__.get(key)
+            if state is None or state not in accepted:
+                names = ", ".join(s.name for s in accepted)
+                raise UsageError("states", f"bad state {word.strip()!r}; accepted: {names}")
+            if state not in wanted:
+                wanted.append(state)
+    return wanted or None
+
+
+@dataclass(frozen=True, slots=True)
+class _Timers:
+    """Count and the shortest/longest seconds left of a group of TIME_WAIT sockets."""
+
+    count: int = 0
+    min_left: float | None = None
+    max_left: float | None = None
+
+    def add(self, seconds_left: float | None) -> _Timers:
+        low, high = self.min_left, self.max_left
+        if seconds_left is not None:
+            low = seconds_left if low is None else min(low, seconds_left)
+            high = seconds_left if high is None else max(high, seconds_left)
+        return _Timers(self.count + 1, low, high)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "time_wait": self.count,
+            "min_seconds_left": _round(self.min_left),
+            "max_seconds_left": _round(self.max_left),
+        }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+@dataclass(frozen=True, slots=True)
+class StatesView:
+    """What ``tcpclose states`` shows, computed from one kernel dump."""
+
+    source: str
+    total: int
+    by_state: dict[TcpState, int]
+    time_wait_by_port: dict[int, _Timers]
+    time_wait_by_destination: dict[Address, _Timers]
+    in_use_by_destination: dict[Address, int]
+    sysctls: Sysctls
+
+    @classmethod
+    def collect(
+        cls, states: Sequence[TcpState] | None, port: int | None, sysctls: Sysctls
+    ) -> StatesView:
+        """Dump the kernel's sockets (kernel-side filtered) and count them."""
+        entries = list(_kernel.dump(states, port))
+        summary = _kernel.Summary.from_states(entries, _kernel.backend())
+        by_port: dict[int, _Timers] = {}
+        by_destination: dict[Address, _Timers] = {}
+        in_use: dict[Address, int] = {}
+        for entry in entries:
+            local, peer = entry.local, entry.peer
+            if entry.state is TcpState.TIME_WAIT:
+                if local is not None:
+                    by_port[local[1]] = by_port.get(local[1], _Timers()).add(entry.seconds_left)
+                if peer is not None:
+                    by_destination[peer] = by_destination.get(peer, _Timers()).add(
+                        entry.seconds_left
+                    )
+            if (
+                local is not None
+                and peer is not None
+                and peer[1] != 0
+                and entry.state is not TcpState.LISTEN
+                and sysctls.is_ephemeral(local[1])
+            ):
+                in_use[peer] = in_use.get(peer, 0) + 1
+        return cls(
+            source=summary.source,
+            total=summary.total,
+            by_state=dict(summary.by_state),
+            time_wait_by_port=by_port,
+            time_wait_by_destination=by_destination,
+            in_use_by_destination=in_use,
+            sysctls=sysctls,
+        )
+
+    @property
+    def time_wait(self) -> int:
+        return self.by_state.get(TcpState.TIME_WAIT, 0)
+
+    def ports_table(self, top: int) -> list[tuple[int, _Timers]]:
+        items = sorted(self.time_wait_by_port.items(), key=lambda kv: (-kv[1].count, kv[0]))
+        return items[:top]
+
+    def destinations_table(self, top: int) -> list[tuple[Address, int, _Timers]]:
+        """Destinations by ephemeral ports in use, then TIME_WAIT count."""
+        keys = set(self.time_wait_by_destination) | set(self.in_use_by_destination)
+        rows = [
+            (
+                d,
+                self.in_use_by_destination.get(d, 0),
+                self.time_wait_by_destination.get(d, _Timers()),
+            )
+            for d in keys
+        ]
+        rows.sort(key=lambda row: (-row[1], -row[2].count, row[0]))
+        return rows[:top]
+
+    def fullness(self, in_use: int) -> float | None:
+        size = self.sysctls.ephemeral_ports
+        return in_use / size if size else None
+
+    def as_dict(self, top: int) -> dict[str, Any]:
+        sysctls = self.sysctls
+        port_range = sysctls.ip_local_port_range
+        return {
+            "time": round(time.time(), 3),
+            "source": self.source,
+            "total": self.total,
+            "by_state": {state.name: n for state, n in self.by_state.items()},
+            "time_wait": {
+                "total": self.time_wait,
+                "by_local_port": [
+                    {"port": port, **timers.as_dict()} for port, timers in self.ports_table(top)
+                ],
+            },
+            "destinations": [
+                {
+                    "host": dest[0],
+                    "port": dest[1],
+                    "ephemeral_in_use": in_use,
+                    "ephemeral_full": _round(self.fullness(in_use)),
+                    **timers.as_dict(),
+                }
+                for dest, in_use, timers in self.destinations_table(top)
+            ],
+            "ephemeral_range": {
+                "low": port_range[0] if port_range else None,
+                "high": port_range[1] if port_range else None,
+                "reserved": [list(r) for r in sysctls.ip_local_reserved_ports or ()],
+                "ports": sysctls.ephemeral_ports,
+            },
+        }
+
+    def format(self, top: int) -> str:
+        out = [f"{self.total} TCP sockets (kernel view: {self.source})"]
+        if self.by_state:
+            out.append("")
+            out.extend(
+                _table(
+                    ("STATE", "COUNT"),
+                    ((s.name, str(n)) for s, n in self.by_state.items()),
+                    (False, True),
+                )
+            )
+        ports = self.ports_table(top)
+        if ports:
+            out.append("")
+            out.append(
+                _top_title("TIME_WAIT by local port", len(ports), len(self.time_wait_by_port))
+            )
+            out.extend(
+                _table(
+                    ("PORT", "TIME_WAIT", "MIN LEFT", "MAX LEFT"),
+                    (
+                        (
+                            str(p),
+                            str(t.count),
+                            _format_seconds(t.min_left),
+                            _format_seconds(t.max_left),
+                        )
+                        for p, t in ports
+                    ),
+                    (True, True, True, True),
+                )
+            )
+        destinations = self.destinations_table(top)
+        if destinations:
+            every = len(set(self.time_wait_by_destination) | set(self.in_use_by_destination))
+            out.append("")
+            out.append(_top_title("by destination", len(destinations), every))
+            out.extend(
+                _table(
+                    ("DESTINATION", "PORTS IN USE", "FULL", "TIME_WAIT", "MIN LEFT", "MAX LEFT"),
+                    (
+                        (
+                            format_address(d),
+                            str(n),
+                            _format_fraction(self.fullness(n)),
+                            str(t.count),
+                            _format_seconds(t.min_left),
+                            _format_seconds(t.max_left),
+                        )
+                        for d, n, t in destinations
+                    ),
+                    (False, True, True, True, True, True),
+                )
+            )
+        out.append("")
+        out.append(self._range_line())
+        return "\n".join(out)
+
+    def _range_line(self) -> str:
+        sysctls = self.sysctls
+        if sysctls.ip_local_port_range is None:
+            return "ephemeral port range: unknown (net.ipv4.ip_local_port_range unreadable)"
+        low, high = sysctls.ip_local_port_range
+        size = sysctls.ephemeral_ports or 0
+        reserved = high - low + 1 - size
+        return (
+            f"ephemeral port range: {low}-{high}, {reserved} reserved: "
+            f"{size} ports per destination for connect()"
+        )
+
+
+def _top_title(what: str, shown: int, every: int) -> str:
+    return f"{what} (top {shown} of {every})" if shown < every else what
+
+
+def _format_fraction(fraction: float | None) -> str:
+    if fraction is None:
+        return "-"
+    return f"{fraction * 100:.1f}%" if fraction < 0.995 or fraction >= 1 else "99.9%"
+
+
+def _configure_states(cmd: argparse.ArgumentParser) -> None:
+    cmd.formatter_class = argparse.RawDescriptionHelpFormatter
+    cmd.epilog = _STATES_EPILOG + _EXIT_STATUS
+    cmd.add_argument(
+        "--port", type=_port_number, metavar="P", help="only sockets with local or remote port P"
+    )
+    cmd.add_argument(
+        "--state",
+        action="append",
+        metavar="S",
+        help="only sockets in state S (e.g. time-wait, established; comma-separated or repeated)",
+    )
+    cmd.add_argument(
+        "--json", action="store_true", help="print JSON (one line per refresh with --watch)"
+    )
+    cmd.add_argument(
+        "--watch",
+        type=_seconds(0.1, 3600),
+        metavar="SECONDS",
+        help="refresh every SECONDS (0.1 to 3600) until Ctrl-C or --count",
+    )
+    cmd.add_argument(
+        "--count",
+        type=_positive_int(1, 1_000_000),
+        metavar="N",
+        help="with --watch: stop after N refreshes",
+    )
+    cmd.add_argument(
+        "--top",
+        type=_positive_int(1, 10_000),
+        default=10,
+        metavar="N",
+        help="rows per table (default 10)",
+    )
+    cmd.set_defaults(handler=_run_states)
+
+
+def _run_states(args: argparse.Namespace) -> int:
+    states = _parse_states(args.state)
+    if args.count is not None and args.watch is None:
+        raise UsageError("states", "--count needs --watch")
+    if _kernel.backend() == "unsupported":
+        return _fail("states", "no kernel view of TCP sockets on this platform")
+    sysctls = read_sysctls()
+    clear = sys.stdout.isatty() and not args.json and args.watch is not None
+    refreshes = 0
+    try:
+        while True:
+            try:
+                view = StatesView.collect(states, args.port, sysctls)
+            except (OSError, TcpCloseError) as exc:
+                return _fail("states", f"kernel view failed: {exc}")
+            refreshes += 1
+            if args.json:
+                print(json.dumps(view.as_dict(args.top), indent=None if args.watch else 2))
+            else:
+                if clear:
+                    sys.stdout.write("\x1b[H\x1b[2J")
+                if args.watch is not None:
+                    if refreshes > 1 and not clear:
+                        print()
+                    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                    print(f"-- {stamp}, every {args.watch:g} s (Ctrl-C to stop) --")
+                print(view.format(args.top))
+            sys.stdout.flush()
+            if args.watch is None or (args.count is not None and refreshes >= args.count):
+                return 0
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
+# -- lookup ---------------------------------------------------------------------------
+
+_LOOKUP_EPILOG = """\
+examples:
+  tcpclose lookup 127.0.0.1:8080 127.0.0.1:51234     the server's end of a connection
+  tcpclose lookup 127.0.0.1:51234 127.0.0.1:8080     the client's end of it
+  tcpclose lookup '[::1]:8080' '[::1]:51234' --json
+  tcpclose lookup 10.0.0.5:443 10.0.0.9:40000 && echo 'still there'
+
+LOCAL is the end whose socket you ask about, as its getsockname() says; PEER the
+other end. Addresses are literal IPv4 or IPv6 (in brackets) with a port; host names
+are not resolved. IPv4-mapped IPv6 (::ffff:a.b.c.d) equals plain IPv4.
+
+"""
+
+
+def _parse_address(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:80"`` or ``"[::1]:80"`` -> ``(host, port)``.
+
+    Raises:
+        ValueError: with the reason, to be shown as ``bad address 'text': reason``.
+    """
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError("expected [v6]:port")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError("expected host:port or [v6]:port")
+        if ":" in host:
+            raise ValueError("an IPv6 address goes in brackets: [v6]:port")
+    if not host:
+        raise ValueError("no host before the port")
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError(f"expected a port number after the host, got {port_text!r}")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"expected a port from 1 to 65535, got {port}")
+    try:
+        parse_endpoint((host, port), "address")
+    except ValueError:
+        raise ValueError(
+            f"expected a literal IPv4 or IPv6 address (host names are not resolved), got {host!r}"
+        ) from None
+    return host, port
+
+
+def _configure_lookup(cmd: argparse.ArgumentParser) -> None:
+    cmd.formatter_class = argparse.RawDescriptionHelpFormatter
+    cmd.epilog = _LOOKUP_EPILOG + _EXIT_STATUS
+    cmd.add_argument(
+        "local", metavar="LOCAL", help="the socket's own address, host:port or [v6]:port"
+    )
+    cmd.add_argument("peer", metavar="PEER", help="the other end's address, host:port or [v6]:port")
+    cmd.add_argument("--json", action="store_true", help="print the kernel state as JSON")
+    cmd.set_defaults(handler=_run_lookup)
+
+
+def _format_lookup(local: tuple[str, int], peer: tuple[str, int], state: KernelState) -> str:
+    head = f"{format_address(local)} -> {format_address(peer)}  {state.state.name}"
+    if state.state is TcpState.CLOSED:
+        return head + " (no socket for this 4-tuple)"
+    timer = "-"
+    if state.timer is not None:
+        timer = state.timer.name.lower()
+        if state.timer is not TimerKind.OFF and state.seconds_left is not None:
+            timer += f", {state.seconds_left:.1f} s left"
+    rows = [
+        ("timer", timer),
+        ("retransmits", _dash(state.retransmits)),
+        ("queues", f"recv-q {_dash(state.recv_queue)}, send-q {_dash(state.send_queue)}"),
+        ("uid / inode", f"{_dash(state.uid)} / {_dash(state.inode)}"),
+        ("cookie", _dash(state.cookie)),
+        ("source", state.source),
+    ]
+    if state.local is not None and state.peer is not None:
+        kernel_view = f"{format_address(state.local)} -> {format_address(state.peer)}"
+        if kernel_view != f"{format_address(local)} -> {format_address(peer)}":
+            rows.insert(0, ("kernel's view", kernel_view))
+    return "\n".join([head, *(f"  {name:<12}  {value}" for name, value in rows)])
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _run_lookup(args: argparse.Namespace) -> int:
+    ends: list[tuple[str, int]] = []
+    for text in (args.local, args.peer):
+        try:
+            ends.append(_parse_address(text))
+        except ValueError as exc:
+            raise UsageError("lookup", f"bad address {text!r}: {exc}") from None
+    local, peer = ends
+    try:
+        state = _kernel.lookup(local, peer)
+    except ValueError as exc:
+        raise UsageError(
+            "lookup", str(exc).replace("local_addr and peer_addr", "LOCAL and PEER")
+        ) from None
+    if state.state is TcpState.UNKNOWN:
+        return _fail("lookup", f"the kernel view cannot tell (source: {state.source})")
+    if args.json:
+        document = {"query": {"local": list(local), "peer": list(peer)}, **state.as_dict()}
+        print(json.dumps(document, indent=2))
+    else:
+        print(_format_lookup(local, peer, state))
+    return 0 if state.exists else 1
+
+
+# -- demo -----------------------------------------------------------------------------
+
+_DEMO_EPILOG = """\
+examples:
+  tcpclose demo                                  every policy, both scenarios, 200 connections
+  tcpclose demo --connections 1000
+  tcpclose demo --policies graceful,abort --scenario unread-body
+  tcpclose demo --json | jq '.runs[] | {policy, scenario, server_time_wait}'
+
+Each run starts a tcpclose.aio server on 127.0.0.1 (a fresh port) with the policy;
+a client in a separate process makes the connections. TIME_WAIT is counted in the
+kernel's socket table after each run, bytes lost by the client against responses
+it knows in advance, RSTs from the errors the client got. Needs no setup or root;
+leaves TIME_WAIT entries behind (they expire in 60 s), as real traffic would.
+
+scenarios:
+  cooperating  the client reads the whole response (16 KiB) and closes
+  unread-body  the client sent a body the server never reads and reads the
+               256 KiB response late: a plain close() sends RST and loses data
+
+"""
+
+
+def _parse_policies(text: str) -> list[str]:
+    from ._demo import POLICIES
+
+    aliases = {"client-first": "peer-first", "client-initiated": "peer-first"}
+    names: list[str] = []
+    for word in text.split(","):
+        name = word.strip().lower()
+        name = aliases.get(name, name)
+        if name not in POLICIES:
+            accepted = ", ".join(POLICIES)
+            raise argparse.ArgumentTypeError(
+                f"unknown policy {word.strip()!r}; accepted: {accepted}"
+            )
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _configure_demo(cmd: argparse.ArgumentParser) -> None:
+    cmd.formatter_class = argparse.RawDescriptionHelpFormatter
+    cmd.epilog = _DEMO_EPILOG + _EXIT_STATUS
+    cmd.add_argument(
+        "--connections",
+        type=_positive_int(1, 10_000),
+        default=200,
+        metavar="N",
+        help="connections per policy and scenario (default 200)",
+    )
+    cmd.add_argument(
+        "--policies",
+        type=_parse_policies,
+        metavar="LIST",
+        help="comma-separated: default, graceful, peer-first, abort (default: all four)",
+    )
+    cmd.add_argument(
+        "--scenario",
+        choices=("cooperating", "unread-body", "both"),
+        default="both",
+        help="which client behaviour to run (default both)",
+    )
+    cmd.add_argument(
+        "--concurrency",
+        type=_positive_int(1, 500),
+        default=20,
+        metavar="N",
+        help="connections the client keeps open at once (default 20)",
+    )
+    cmd.add_argument("--json", action="store_true", help="print the results as JSON")
+    cmd.set_defaults(handler=_run_demo)
+
+
+class _ProgressBar:
+    """``[#####.....] 640/1600  graceful, unread-body`` on one line of a terminal."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._last = 0.0
+        self._width = 0
+
+    def __call__(self, done: int, total: int, label: str) -> None:
+        now = time.monotonic()
+        if done < total and now - self._last < 0.05:
+            return
+        self._last = now
+        filled = 30 * done // max(total, 1)
+        text = f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total}  {label}"
+        self._width = max(self._width, len(text))
+        self._stream.write(text.ljust(self._width))
+        self._stream.flush()
+
+    def clear(self) -> None:
+        if self._width:
+            self._stream.write("\r" + " " * self._width + "\r")
+            self._stream.flush()
+            self._width = 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from . import _demo  # loads tcpclose.aio: only for this command
+
+    if _kernel.backend() == "unsupported":
+        return _fail("demo", "no kernel view of TCP sockets on this platform to count with")
+    policies: list[str] = args.policies or list(_demo.POLICIES)
+    scenarios = list(_demo.SCENARIOS) if args.scenario == "both" else [args.scenario]
+    progress = _ProgressBar(sys.stderr) if sys.stderr.isatty() else None
+    client = _demo.ClientProcess()
+    finished = False
+    try:
+        client.start()
+        result = asyncio.run(
+            _demo.run_demo(
+                policies,
+                scenarios,
+                args.connections,
+                concurrency=args.concurrency,
+                progress=progress,
+                client=client,
+            )
+        )
+        finished = True
+    except KeyboardInterrupt:
+        if progress is not None:
+            progress.clear()
+        print(f"{PROG}: demo: interrupted", file=sys.stderr)
+        return 130
+    except (_demo.DemoError, OSError, TcpCloseError) as exc:
+        if progress is not None:
+            progress.clear()
+        return _fail("demo", str(exc))
+    finally:
+        client.close(kill=not finished)
+    if progress is not None:
+        progress.clear()
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print(_demo.format_table(result))
+    return 0
+
+
+# -- the parser -----------------------------------------------------------------------
+
+_MAIN_EPILOG = (
+    """\
+examples:
+  tcpclose demo                      see every close policy at work on loopback
+  tcpclose states --port 8080        where the TIME_WAIT of port 8080 are
+  tcpclose lookup 127.0.0.1:8080 127.0.0.1:51234
+  tcpclose audit                     risky close/reuse settings on this host
+
+Run 'tcpclose COMMAND --help' for a command's options and examples.
+
+"""
+    + _EXIT_STATUS
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tcpclose`` argument parser (errors raise :class:`UsageError`)."""
+    parser = _Parser(
+        prog=PROG,
+        description="Close TCP connections on purpose and see what the kernel did.",
+        epilog=_MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"tcpclose {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    configure: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+        "demo": _configure_demo,
+        "states": _configure_states,
+        "lookup": _configure_lookup,
+        "audit": _configure_audit,
+    }
+    for name, help_text in (
+        ("demo", "run every close policy over loopback connections and compare the results"),
+        ("states", "count TCP sockets by state; TIME_WAIT by port and destination"),
+        ("lookup", "show one 4-tuple's kernel state, timer and queues"),
+        ("audit", "check sysctls and the socket table for risky close/reuse settings"),
+    ):
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        configure[name](cmd)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (see the module docstring)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else 0
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 0
+    try:
+        return handler(args)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly, without a traceback at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
