@@ -1,0 +1,1 @@
+"""Two-host fault tests: network namespaces, nftables drops, tbf (issue 9)."""
