@@ -32,7 +32,10 @@ class Observed:
             SO_LINGER {1, 0} was set (SIOCOUTQ), plus a transport's own buffer.
         kernel_state: the 4-tuple's state just after the close.
         warnings: codes of the warnings this close issued.
-        error: what ended the close early, e.g. ``"ECONNRESET"``.
+        error: what ended the close early, e.g. ``"ECONNRESET"``. After a peer's
+            reset this is the errno the close met: ``"ECONNRESET"`` from the first call
+            to meet it, ``"ENOTCONN"`` or ``"EPIPE"`` when an event loop met it first;
+            ``outcome`` is ``reset`` in every case.
         trigger: what started the close (``"close"``, ``"abort"``, ``"handler-return"``,
             ``"server-shutdown"``, ...).
     """

@@ -21,6 +21,13 @@ T = TypeVar("T")
 
 LOOPBACK: dict[int, str] = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 
+# After a peer's RST, Linux hands ECONNRESET to the first call that meets it and
+# ENOTCONN or EPIPE to the calls after it. The sync driver makes the first call itself;
+# an event loop may have made it already (uvloop's libuv often has), so a report from
+# an asyncio driver names whichever errno the loop passed on. The outcome is RESET
+# either way.
+RESET_ERRORS: frozenset[str] = frozenset({"ECONNRESET", "ENOTCONN", "EPIPE"})
+
 
 def has_ipv6_loopback() -> bool:
     """True when ``::1`` can be bound (skip IPv6 cases otherwise)."""

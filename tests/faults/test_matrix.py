@@ -22,7 +22,7 @@ import pytest
 
 from tcpclose import CloseMode, Fallback, Outcome, TcpState
 from tests._netns import TwoHosts
-from tests._support import Peer, recv_exactly, wait_until
+from tests._support import RESET_ERRORS, Peer, recv_exactly, wait_until
 from tests.faults._matrix_support import (
     CAP,
     IDLE_S,
@@ -195,7 +195,8 @@ def test_peer_resets_during_drain(case: Case) -> None:
     wait_until(drained(case.server, here, there), message="the drain read the data")
     reset(peer)
     report = case.close_and_check(run, outcome=Outcome.RESET, states={TcpState.CLOSED})
-    assert report.error == "ECONNRESET"
+    # The sync driver meets the reset first; an event loop may have met it before us.
+    assert report.error in ({"ECONNRESET"} if case.driver == "sync" else RESET_ERRORS)
     assert report.drained_bytes == 16 * KIB
     assert report.fallback is None
     assert report.mode is (CloseMode.GRACEFUL if name == "graceful" else CloseMode.PEER_FIRST)
