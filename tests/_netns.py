@@ -64,6 +64,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal, ParamSpec, Self, TypeVar
 
+import pytest
+
 from tests._support import SsEntry, ss_lookup, wait_until
 
 __all__ = (
@@ -499,6 +501,11 @@ class Faults:
     def _ensure_table(self) -> None:
         if self._table_made:
             return
+        reason = nft_unavailable()
+        if reason is not None:
+            # A test that reaches for a packet fault without asking for nftables first
+            # (it needs one only on some of its paths) is skipped here, not failed.
+            pytest.skip(reason)
         self.nft_script(
             f"table inet {_NFT_TABLE} {{\n"
             "  chain input { type filter hook input priority 0; policy accept; }\n"
