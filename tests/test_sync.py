@@ -407,21 +407,21 @@ def _flood(client: socket.socket, stop: threading.Event) -> int:
     return sent
 
 
+# A flood over loopback fills 1 GiB in about 0.4 s here: the time-bound cases set a
+# byte cap no flood reaches within them.
 @pytest.mark.parametrize(
-    ("policy", "outcome", "max_duration"),
+    ("policy", "outcome", "bound"),
     [
         ("graceful max_drain_bytes=256KiB linger_time=5s", Outcome.BYTE_CAP, 5.0),
         (
-            "graceful linger_time=400ms idle_timeout=5s max_drain_bytes=1GiB",
+            "graceful linger_time=400ms idle_timeout=5s max_drain_bytes=64GiB",
             Outcome.LINGER_TIME,
-            0.44,
+            0.4,
         ),
-        ("peer-first timeout=300ms fallback=abort max_drain_bytes=1GiB", Outcome.ABORTED, 0.33),
+        ("peer-first timeout=300ms fallback=abort max_drain_bytes=64GiB", Outcome.ABORTED, 0.3),
     ],
 )
-def test_flooding_peer_is_cut_off(
-    family: int, policy: str, outcome: Outcome, max_duration: float
-) -> None:
+def test_flooding_peer_is_cut_off(family: int, policy: str, outcome: Outcome, bound: float) -> None:
     client, server = tcp_pair(family)
     stop = threading.Event()
     flooder = Peer(lambda: _flood(client, stop))
@@ -432,7 +432,9 @@ def test_flooding_peer_is_cut_off(
     flooder.result()
     client.close()
     assert report.outcome is outcome
-    assert report.duration <= max_duration
+    # +10%, and 50 ms for the scheduler: the flooder and the kernel's loopback work
+    # share the machine's two cores with the close (a quiet machine ends within 1 ms).
+    assert report.duration <= bound * 1.1 + 0.05, report
     assert report.drained_bytes <= parsed.max_drain_bytes
     if outcome is Outcome.BYTE_CAP:
         assert report.drained_bytes == parsed.max_drain_bytes
