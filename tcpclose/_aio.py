@@ -186,7 +186,11 @@ class _Closer:
         #: True: issue the warnings when done (no caller is there to point at).
         self.background = background
         sock = conn.socket()
-        self._watch = _observe.Watch(_Addressed(conn.real, sock) if report else sock, report=report)
+        self._watch = (
+            _observe.Watch(_Addressed(conn.real, sock), report=True, peer_fin=conn.peer_eof)
+            if report
+            else _observe.Watch(sock, report=False)
+        )
         now = loop.time()
         self._plan = ClosePlan(policy, now, peer_eof=conn.peer_eof, label=self._watch.label)
         self._last_data = now
@@ -621,7 +625,12 @@ class _Closer:
                 _emit_in_loop(self.findings, self._loop)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("closed: %s", self.report)
-        self._conn.close_finished(self)
+        conn = self._conn
+        # The connection keeps its closer (for the report); the closer lets go of the
+        # connection, so that no cycle outlives the close. Nothing here touches it
+        # again once the plan is finished.
+        self._conn = _DETACHED
+        conn.close_finished(self)
         waiters = self._waiters
         if waiters:
             report = self.report
@@ -693,7 +702,6 @@ class PolicyProtocol(asyncio.Protocol):
         "_inner_lost",
         "_on_close",
         "_policy",
-        "_proxy",
         "_registry",
         "_report",
         "_sock",
@@ -721,7 +729,6 @@ class PolicyProtocol(asyncio.Protocol):
         self._on_close = on_close
         self._report = report
         self._registry = registry
-        self._proxy: PolicyTransport | None = None
         self._closer: _Closer | None = None
         self._close_requested = False
         self._eof_by_policy = False
@@ -889,12 +896,12 @@ class PolicyProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         real = cast(_TransportLike, transport)
         self._attach(real)
-        proxy = PolicyTransport(self, real)
-        self._proxy = proxy
         registry = self._registry
         if registry is not None:
             registry.add(self)
-        self._inner.connection_made(proxy)
+        # (The proxy is not kept here: it refers to us, and a cycle would leave every
+        # finished connection to the cyclic garbage collector.)
+        self._inner.connection_made(PolicyTransport(self, real))
         if registry is not None and registry.closing and not self.lost:
             self.start_close(self._policy, trigger=registry.trigger)
 
@@ -1070,6 +1077,17 @@ class _BufferedPolicyProtocol(PolicyProtocol, asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes) -> None:  # pragma: no cover - buffered transports
         super().data_received(data)
+
+
+def _detached_connection() -> PolicyProtocol:
+    """What a finished closer holds instead of its connection: lost, with no
+    transport, no registry and no report to deliver."""
+    conn = PolicyProtocol(asyncio.Protocol(), ClosePolicy(), report=False)
+    conn.lost = True
+    return conn
+
+
+_DETACHED: Final = _detached_connection()
 
 
 def _new_wrapper(

@@ -66,7 +66,7 @@ class Watch:
         "unread_bytes",
     )
 
-    def __init__(self, sock: SocketLike, *, report: bool) -> None:
+    def __init__(self, sock: SocketLike, *, report: bool, peer_fin: bool | None = None) -> None:
         self._sock = sock
         self._report = report
         self.local: Address | None = None
@@ -85,7 +85,11 @@ class Watch:
             self.local = _address(sock, peer=False)
             self.peer = _address(sock, peer=True)
             self._cookie = read_cookie(sock)
-            self.peer_fin_first = read_tcp_state(sock) is TcpState.CLOSE_WAIT
+            # An event loop's protocol knows whether the peer's FIN has arrived
+            # (``peer_fin``); otherwise the kernel says: CLOSE_WAIT.
+            if peer_fin is None:
+                peer_fin = read_tcp_state(sock) is TcpState.CLOSE_WAIT
+            self.peer_fin_first = peer_fin
             if self.local and self.peer:
                 self.label = f"{format_address(self.local)}->{format_address(self.peer)}"
 
@@ -124,8 +128,11 @@ class Watch:
                 self.findings.append(finding)
 
     def before_close(self, mode: CloseMode) -> None:
-        """Measure just before the fd goes: unread bytes (always: a plain close with
-        unread bytes sends RST) and TCP_INFO (reports only)."""
+        """Measure just before the fd goes: unread bytes (for the report, and in mode
+        ``default``, where a plain close with unread bytes sends RST, for the
+        warning) and TCP_INFO (reports only)."""
+        if not self._report and mode is not CloseMode.DEFAULT:
+            return
         try:
             self.unread_bytes = read_unread(self._sock.fileno())
         except (OSError, ValueError):

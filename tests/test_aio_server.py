@@ -362,3 +362,63 @@ def test_uvloop_wait_closed_returns_at_once_ours_waits() -> None:
         await task
 
     run("uvloop", main)
+
+
+@pytest.mark.parametrize("policy", ["graceful", "peer-first timeout=2s", "abort", "default"])
+@pytest.mark.parametrize("reports", [True, False], ids=["reports-on", "reports-off"])
+def test_finished_connections_leave_no_cycles(loop_name: str, policy: str, reports: bool) -> None:
+    """Once a connection's close is over, nothing of ours is left in a reference cycle:
+    a busy server's closes are freed at once, not by the cyclic garbage collector
+    (which cost about 8 µs per connection when the wrapper, its transport and its
+    closer referred to each other)."""
+    import gc
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"x" * 1000)
+
+    async def main() -> list[str]:
+        done: list[CloseReport] = []
+        server = await tcpclose.aio.start_server(
+            handle,
+            "127.0.0.1",
+            0,
+            close_policy=policy,
+            on_close=done.append,
+            report=reports,
+            backlog=64,
+        )
+        async with server:
+            client = Client(expect=1000, after="close")
+            await client.run(address(server))  # warm up: module-level objects made now
+            await wait_for(lambda: done, 5, "the first close")
+            gc.collect()
+            gc.disable()
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            try:
+                for _ in range(20):
+                    await Client(expect=1000, after="close").run(address(server))
+                await wait_for(lambda: len(done) == 21, 5, "the closes")
+                await asyncio.sleep(0)  # the last close's own callbacks
+                gc.collect()
+                ours = sorted(
+                    {
+                        type(o).__qualname__
+                        for o in gc.garbage
+                        if type(o).__module__.startswith("tcpclose")
+                    }
+                )
+            finally:
+                gc.set_debug(0)
+                gc.garbage.clear()
+                gc.enable()
+        assert all(r.mode is not None for r in done)
+        return ours
+
+    result: list[str] = []
+
+    async def checked() -> None:
+        result.extend(await main())
+
+    run(loop_name, checked)
+    assert result == []
