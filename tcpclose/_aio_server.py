@@ -146,12 +146,16 @@ async def create_server(
     open connections with it.
 
     Args:
-        protocol_factory, host, port, kwargs: as for ``loop.create_server``
-            (``ssl=``, ``reuse_port=``, ``start_serving=`` ...).
+        protocol_factory: as for ``loop.create_server``: a protocol class or any
+            callable returning a protocol.
+        host: as for ``loop.create_server``.
+        port: as for ``loop.create_server``.
         close_policy: a :class:`~tcpclose.ClosePolicy`, policy text or mapping.
         on_close: called with each :class:`~tcpclose.CloseReport`; its exceptions are
             logged, never raised into the loop.
         report: build reports; default only when ``on_close`` is given.
+        **kwargs: as for ``loop.create_server`` (``ssl=``, ``reuse_port=``,
+            ``start_serving=`` ...).
 
     Raises:
         PolicyError: ``close_policy`` is invalid.
@@ -195,11 +199,15 @@ async def start_server(
     Args:
         client_connected_cb: called with ``(reader, writer)`` for each connection; a
             plain function or a coroutine function.
-        host, port, limit, kwargs: as for ``asyncio.start_server``.
+        host: as for ``asyncio.start_server``.
+        port: as for ``asyncio.start_server``.
         close_policy: a :class:`~tcpclose.ClosePolicy`, policy text or mapping.
         on_close: called with each :class:`~tcpclose.CloseReport`; its exceptions are
             logged, never raised into the loop.
         report: build reports; default only when ``on_close`` is given.
+        limit: the buffer limit of each ``StreamReader``, as for
+            ``asyncio.start_server``.
+        **kwargs: as for ``asyncio.start_server`` (``ssl=``, ``backlog=`` ...).
 
     Raises:
         PolicyError: ``close_policy`` is invalid.
