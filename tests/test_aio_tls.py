@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+import tcpclose
 import tcpclose.aio
 from tcpclose import CloseMode, CloseReport, DataLossWarning, TcpState
 from tcpclose._plan import Outcome
@@ -241,14 +242,26 @@ def test_openssl_s_client(loop_name: str, policy: str, tmp_path: Any) -> None:
 HTTP_BODY = payload(4 << 20, seed=22)
 
 
-async def http_server(policy: str | None, ssl: Any = None) -> tuple[Any, list[CloseReport]]:
+async def http_server(
+    policy: str | None, ssl: Any = None, *, await_body: bool = False
+) -> tuple[Any, list[CloseReport]]:
     """A minimal HTTP/1.1 server: reads the headers (never a request body), answers
-    4 MiB with Connection: close, and closes (plainly when ``policy`` is None)."""
+    4 MiB with Connection: close, and closes (plainly when ``policy`` is None).
+
+    ``await_body``: answer only once part of the request body waits unread in the
+    kernel (the stream reader pauses at twice its limit), so that the close meets
+    unread data whatever curl's timing; bounded by 5 s."""
     reports: list[CloseReport] = []
     head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(HTTP_BODY)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
+        if await_body:
+            fd = writer.get_extra_info("socket").fileno()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5
+            while tcpclose.queues(fd).unread == 0 and loop.time() < deadline:
+                await asyncio.sleep(0.005)  # polling the kernel's queue, with a deadline
         writer.write(head + HTTP_BODY)
         if policy is None:
             writer.close()
@@ -317,7 +330,7 @@ def test_curl_rst_trap(loop_name: str) -> None:
         # Without the library (a race the client nearly always loses: three tries).
         outcomes = []
         for _ in range(3):
-            server, _ = await http_server(None)
+            server, _ = await http_server(None, await_body=True)
             async with server:
                 url = f"http://127.0.0.1:{address(server)[1]}/"
                 code, out, err = await curl(url, body=body, pace=0.003)
@@ -329,7 +342,7 @@ def test_curl_rst_trap(loop_name: str) -> None:
         else:
             raise AssertionError(f"plain close never reset curl: {outcomes}")
         for policy in ("graceful", "peer-first timeout=5s"):
-            server, reports = await http_server(policy)
+            server, reports = await http_server(policy, await_body=True)
             async with server:
                 url = f"http://127.0.0.1:{address(server)[1]}/"
                 code, out, err = await curl(url, body=body, pace=0.003)
