@@ -125,20 +125,10 @@ def _xfail_uvloop_tls_fin(case: Case, request: pytest.FixtureRequest, policies: 
         request.applymarker(pytest.mark.xfail(reason=_UVLOOP_TLS_FIN))
 
 
-_ASYNCIO_TLS_FIN = (
-    "aio bug on asyncio's loop, intermittent (about 1 run in 3 here, so not strict): "
-    "over TLS our FIN sometimes leaves after the peer's, although the peer only closes "
-    "once our close_notify has arrived; TIME_WAIT then lands at the peer and ours is "
-    "CLOSED, while the report says fin_sent and not peer_closed_first"
-)
-
-
 def test_tls_peer_closes_without_close_notify(case: Case, request: pytest.FixtureRequest) -> None:
     """The peer ends the TCP connection (FIN) without a TLS close_notify: after ours
     (graceful), or first, while we wait for it (peer-first)."""
     _xfail_uvloop_tls_fin(case, request, {"graceful"})
-    if case.driver == "asyncio" and case.policy_name == "graceful":
-        request.applymarker(pytest.mark.xfail(reason=_ASYNCIO_TLS_FIN, strict=False))
     name = case.policy_name
     peer, run = _start(case, "close-without-notify", wait_for_notify=name == "graceful")
     try:
