@@ -72,7 +72,9 @@ class CloseReport:
         peer_closed_first: the peer's FIN came before ours: TIME_WAIT is at the peer.
         peer_eof: the peer's FIN was received at all.
         fin_sent: we sent a FIN before closing.
-        rst_sent: the close sent RST (abort, or unread bytes at close).
+        rst_sent: the close sent RST (abort, or unread bytes at close; unread bytes
+            are measured with reports on, and in mode ``default``, so a close made
+            with ``report=False`` may miss that cause).
         tcp_info: TCP_INFO just before the close (rtt, retransmits, ...), or None.
         kernel_state: the 4-tuple's kernel state just after the close, or None when
             reports were off.
