@@ -614,12 +614,16 @@ class Faults:
     def drop_final_ack(self) -> NftFault:
         """Lose, once per connection, the last ACK this host receives after its own FIN.
 
-        For the host that closes second: once it has sent its FIN (``output`` marks the
-        connection), the first pure ACK it receives for that connection is dropped, so it
-        sits in LAST-ACK and retransmits its FIN; the answer to that gets through. Caveat:
-        a pure ACK of earlier data that arrives after this host's FIN is taken for the
-        final one (send the FIN once that data is acknowledged).
+        For the host that closes second: once it has received the peer's FIN and sent
+        its own (``input`` and ``output`` mark the connection), the first pure ACK it
+        receives for that connection is dropped, so it sits in LAST-ACK and retransmits
+        its FIN; the answer to that gets through. Requiring the peer's FIN first keeps
+        a late pure ACK of earlier data, or a window update the peer sent while it was
+        still reading, from being taken for the final one (with only this host's FIN
+        required, one CI run saw the close end CLOSED where LAST-ACK was due).
+        Install it before the peer's FIN arrives.
         """
+        got_fin = f"pfin_{next(self._sets)}"
         sent_fin, dropped = f"fin_{next(self._sets)}", f"seen_{next(self._sets)}"
         ifname = self._host.ifname
         # Keys are (this host's port . peer's port) both ways.
@@ -628,18 +632,24 @@ class Faults:
                 "output",
                 f'oifname "{ifname}" tcp flags & fin == fin add @{sent_fin} '
                 "{ tcp sport . tcp dport }",
-            )
+            ),
+            (
+                "input",
+                f'iifname "{ifname}" tcp flags & fin == fin add @{got_fin} '
+                "{ tcp dport . tcp sport }",
+            ),
         ]
         rules += [
             (
                 "input",
-                f'iifname "{ifname}" {pure_ack} tcp dport . tcp sport @{sent_fin} '
+                f'iifname "{ifname}" {pure_ack} tcp dport . tcp sport @{got_fin} '
+                f"tcp dport . tcp sport @{sent_fin} "
                 f"tcp dport . tcp sport != @{dropped} add @{dropped} {{ tcp dport . tcp sport }} "
                 "counter drop",
             )
             for pure_ack in _pure_ack_matches()
         ]
-        return self._add_rules("drop final ACK", rules, [sent_fin, dropped])
+        return self._add_rules("drop final ACK", rules, [got_fin, sent_fin, dropped])
 
     def counters(self) -> dict[int, NftCounts]:
         """Every rule's counter in the host's table, by rule handle."""

@@ -372,9 +372,9 @@ def test_drop_first_fin_only_then_retransmission_closes(two_hosts: TwoHosts) -> 
 def test_drop_final_ack_leaves_peer_in_last_ack_once(two_hosts: TwoHosts) -> None:
     client, server = two_hosts.connect_pair()
     here, there = addr(client), addr(server)
+    final_ack = two_hosts.server.faults.drop_final_ack()  # (it must see the client's FIN)
     client.shutdown(socket.SHUT_WR)  # the client closes first ...
     two_hosts.server.wait_state(there, here, "CLOSE-WAIT")
-    final_ack = two_hosts.server.faults.drop_final_ack()
     server.close()  # ... the server second: its FIN's ACK is lost once
     wait_until(lambda: final_ack.packets() >= 1, message="the final ACK dropped")
     assert two_hosts.server.tcp_state(there, here) == "LAST-ACK"  # its retransmit is ~200 ms off
