@@ -128,11 +128,9 @@ class Watch:
                 self.findings.append(finding)
 
     def before_close(self, mode: CloseMode) -> None:
-        """Measure just before the fd goes: unread bytes (for the report, and in mode
-        ``default``, where a plain close with unread bytes sends RST, for the
-        warning) and TCP_INFO (reports only)."""
-        if not self._report and mode is not CloseMode.DEFAULT:
-            return
+        """Measure just before the fd goes: unread bytes (always: a plain close with
+        unread bytes sends RST, which ``rst_sent`` reports even with reports off) and
+        TCP_INFO (reports only)."""
         try:
             self.unread_bytes = read_unread(self._sock.fileno())
         except (OSError, ValueError):

@@ -32,10 +32,7 @@ class Observed:
             SO_LINGER {1, 0} was set (SIOCOUTQ), plus a transport's own buffer.
         kernel_state: the 4-tuple's state just after the close.
         warnings: codes of the warnings this close issued.
-        error: what ended the close early, e.g. ``"ECONNRESET"``. After a peer's
-            reset this is the errno the close met: ``"ECONNRESET"`` from the first call
-            to meet it, ``"ENOTCONN"`` or ``"EPIPE"`` when an event loop met it first;
-            ``outcome`` is ``reset`` in every case.
+        error: what ended the close early, e.g. ``"ECONNRESET"``.
         trigger: what started the close (``"close"``, ``"abort"``, ``"handler-return"``,
             ``"server-shutdown"``, ...).
     """
@@ -72,15 +69,16 @@ class CloseReport:
         peer_closed_first: the peer's FIN came before ours: TIME_WAIT is at the peer.
         peer_eof: the peer's FIN was received at all.
         fin_sent: we sent a FIN before closing.
-        rst_sent: the close sent RST (abort, or unread bytes at close; unread bytes
-            are measured with reports on, and in mode ``default``, so a close made
-            with ``report=False`` may miss that cause).
+        rst_sent: the close sent RST (abort, or unread bytes at close).
         tcp_info: TCP_INFO just before the close (rtt, retransmits, ...), or None.
         kernel_state: the 4-tuple's kernel state just after the close, or None when
             reports were off.
         duration: seconds the close took.
         warnings: codes of the warnings issued.
-        error: the error that ended the close early (errno name), or None.
+        error: the error that ended the close early (errno name), or None. After a
+            peer's reset this is the errno the close met: ``"ECONNRESET"`` from the
+            first call to meet it, ``"ENOTCONN"`` or ``"EPIPE"`` when an event loop
+            met it first; ``outcome`` is ``reset`` in every case.
         trigger: what started the close.
     """
 
