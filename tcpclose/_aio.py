@@ -44,7 +44,6 @@ from ._plan import (
     Close,
     ClosePlan,
     Event,
-    Finished,
     Flush,
     MeasureUnacked,
     PlanResult,
@@ -93,6 +92,12 @@ _PEER_FIN_STATES: Final = frozenset(
 )
 #: Discarded data lands here (shared: nobody ever reads it).
 _SCRATCH: Final = memoryview(bytearray(256 * 1024))
+#: The most a transport hands to ``data_received`` at once: asyncio's selector and
+#: TLS transports read 256 KiB at a time, uvloop's 256,000 bytes. While more than this
+#: is left of the drain's byte budget, what arrives cannot overshoot it and the
+#: wrapper counts it as it comes; below, a sink reading at most the budget left
+#: takes over (a ``BufferedProtocol``: the transport reads into its buffer).
+_LARGEST_READ: Final = 256 * 1024
 
 
 class _TransportLike(Protocol):
@@ -122,6 +127,83 @@ class _Wait(enum.Enum):
     DONE = "done"
 
 
+# Enum members as module globals for the hot paths (on Python 3.11 ``Event.DONE`` is
+# looked up through the enum's metaclass: about 80 ns, a global about 10).
+_EVENT_DATA = Event.DATA
+_EVENT_DONE = Event.DONE
+_EVENT_ERROR = Event.ERROR
+_EVENT_FLUSHED = Event.FLUSHED
+_EVENT_PEER_EOF = Event.PEER_EOF
+_EVENT_RESET = Event.RESET
+_EVENT_TIMEOUT = Event.TIMEOUT
+_EVENT_UNACKED_NONE = Event.UNACKED_NONE
+_EVENT_UNACKED_SOME = Event.UNACKED_SOME
+_MODE_ABORT = CloseMode.ABORT
+_MODE_DEFAULT = CloseMode.DEFAULT
+_MODE_PEER_FIRST = CloseMode.PEER_FIRST
+_WAIT_CLOSE = _Wait.CLOSE
+_WAIT_DONE = _Wait.DONE
+_WAIT_FLUSH = _Wait.FLUSH
+_WAIT_NONE = _Wait.NONE
+_WAIT_RECEIVE = _Wait.RECEIVE
+
+
+# -- deadlines ----------------------------------------------------------------------------
+
+#: The closes on one loop wait in deadline slots this long, each slot with one loop
+#: timer. A busy server starts thousands of closes a second and nearly every wait
+#: ends early (the peer's FIN comes): a timer per close, made, pushed on the loop's
+#: heap and cancelled, cost more than the rest of the wait. A wait therefore ends up
+#: to one slot after its deadline.
+_SLOT_S: Final = 0.005
+_SLOTS_PER_S: Final = 200
+#: Where a loop keeps its slots (an attribute of the loop object).
+_DEADLINES_ATTR: Final = "_tcpclose_deadlines"
+
+
+class _Deadlines:
+    """The deadline slots of one event loop's closes (see :data:`_SLOT_S`)."""
+
+    __slots__ = ("_loop", "_slots")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        #: slot number -> the closes waiting in it (a dict: ordered, like the heap)
+        self._slots: dict[int, dict[_Closer, None]] = {}
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Deadlines:
+        """The loop's slots, made on first use. (On a loop that takes no attributes
+        every close gets slots of its own: correct, only not shared.)"""
+        deadlines = getattr(loop, _DEADLINES_ATTR, None)
+        if deadlines is None:
+            deadlines = cls(loop)
+            with contextlib.suppress(AttributeError, TypeError):
+                setattr(loop, _DEADLINES_ATTR, deadlines)
+        return cast(_Deadlines, deadlines)
+
+    def add(self, closer: _Closer, when: float) -> int:
+        """Wake ``closer.on_deadline(slot)`` at the end of the slot holding ``when``."""
+        slot = int(when * _SLOTS_PER_S) + 1
+        waiting = self._slots.get(slot)
+        if waiting is None:
+            waiting = self._slots[slot] = {}
+            self._loop.call_at(slot / _SLOTS_PER_S, self._expire, slot)
+        waiting[closer] = None
+        return slot
+
+    def discard(self, closer: _Closer, slot: int) -> None:
+        waiting = self._slots.get(slot)
+        if waiting is not None:
+            waiting.pop(closer, None)
+
+    def _expire(self, slot: int) -> None:
+        waiting = self._slots.pop(slot, None)
+        if waiting:
+            for closer in waiting:
+                closer.on_deadline(slot)
+
+
 # -- the driver ---------------------------------------------------------------------------
 
 
@@ -138,6 +220,7 @@ class _Closer:
         "_allow_data_loss",
         "_conn",
         "_deadline",
+        "_deadlines",
         "_fin_sent",
         "_forced",
         "_kernel_state",
@@ -151,14 +234,16 @@ class _Closer:
         "_poll",
         "_receiving",
         "_report",
-        "_result",
         "_resumed",
+        "_sink",
+        "_slot",
         "_timer",
         "_trigger",
         "_wait",
         "_waiters",
         "_watch",
         "background",
+        "closed_transport",
         "deliver",
         "done",
         "findings",
@@ -196,21 +281,25 @@ class _Closer:
         self._last_data = now
         self._deadline = now
         self._poll = _FLUSH_POLL_FIRST_S
-        self._wait = _Wait.NONE
+        self._wait = _WAIT_NONE
         self._timer: asyncio.TimerHandle | None = None
+        self._deadlines = _Deadlines.of(loop)
+        self._slot: int | None = None
         self._pending_bytes = 0
         self._receiving: Receive | None = None
         self._lost_exc: BaseException | None = None
         self._measured = False
         self._resumed = False
+        self._sink = False
         self._forced = False
+        #: close() or abort() was called on the real transport.
+        self.closed_transport = False
         self._fin_sent = False
         self._linger_zero = False
         self._waiters: list[asyncio.Future[CloseReport]] = []
         self.findings: tuple[_checks.Finding, ...] = ()
         #: The close is over (its report can be had from :attr:`report`).
         self.done = False
-        self._result: PlanResult | None = None
         self._kernel_state: KernelState | None = None
         self._report: CloseReport | None = None
 
@@ -220,9 +309,9 @@ class _Closer:
     def report(self) -> CloseReport | None:
         """The report once the close is over (built when first asked for: on the
         server path with no ``on_close`` nobody may ever ask)."""
-        if self._report is None and self._result is not None:
+        if self._report is None and self.done:
             observed = self._watch.observed(trigger=self._trigger, kernel_state=self._kernel_state)
-            self._report = build_report(self._plan.policy, self._result, observed)
+            self._report = build_report(self._plan.policy, self._plan_result(), observed)
         return self._report
 
     def start(self) -> None:
@@ -241,18 +330,20 @@ class _Closer:
 
     def on_data(self, nbytes: int) -> None:
         """``nbytes`` arrived and were discarded."""
+        if self._resumed and not self._sink and self.budget_left() - nbytes < _LARGEST_READ:
+            self._install_sink()
         wait = self._wait
-        if wait is _Wait.RECEIVE:
+        if wait is _WAIT_RECEIVE:
             now = self._loop.time()
             self._last_data = now
             plan = self._plan
             phase = plan.phase
-            plan.feed(Event.DATA, now, nbytes=nbytes)
+            plan.feed(_EVENT_DATA, now, nbytes=nbytes)
             if plan.phase is phase:
                 return  # keep waiting; the timer re-arms itself for the new idle bound
             self._stop_waiting()
             self._advance()
-        elif wait is not _Wait.DONE:
+        elif wait is not _WAIT_DONE:
             self._pending_bytes += nbytes
             if not self.budget_left():
                 # Not reading for the drain yet (still flushing) and nothing more may
@@ -266,9 +357,9 @@ class _Closer:
 
     def on_eof(self) -> None:
         """The peer's FIN (or TLS close_notify) arrived; ``conn.peer_eof`` is set."""
-        if self._wait is _Wait.RECEIVE:
+        if self._wait is _WAIT_RECEIVE:
             self._stop_waiting()
-            self._plan.feed(Event.PEER_EOF, self._loop.time())
+            self._plan.feed(_EVENT_PEER_EOF, self._loop.time())
             self._advance()
 
     def on_lost(self, exc: BaseException | None) -> None:
@@ -276,91 +367,91 @@ class _Closer:
         self._lost_exc = exc
         self._measure_before_close()  # the fd is still open inside connection_lost
         wait = self._wait
-        if wait is _Wait.RECEIVE or wait is _Wait.FLUSH:
+        if wait is _WAIT_RECEIVE or wait is _WAIT_FLUSH:
             self._stop_waiting()
-            self._plan.feed(self._lost_event(receiving=wait is _Wait.RECEIVE), self._loop.time())
+            self._plan.feed(self._lost_event(receiving=wait is _WAIT_RECEIVE), self._loop.time())
             self._advance()
-        elif wait is _Wait.CLOSE:
+        elif wait is _WAIT_CLOSE:
             self._stop_waiting()
-            self._plan.feed(Event.DONE, self._loop.time())
+            self._plan.feed(_EVENT_DONE, self._loop.time())
             self._advance()
 
     def on_resume_writing(self) -> None:
-        if self._wait is _Wait.FLUSH and self._conn.buffered() == 0:
+        if self._wait is _WAIT_FLUSH and self._conn.buffered() == 0:
             # Not from here: the transport is inside its write callback, which goes on
             # after resume_writing() (CPython's shuts the socket down there if write_eof()
             # was called). Finish the flush on the next loop turn instead.
             self._stop_waiting()
-            self._sleep(_Wait.FLUSH, self._loop.time())
+            self._sleep(_WAIT_FLUSH, self._loop.time(), precise=True)
 
     # -- the plan's steps ---------------------------------------------------------------
 
     def _advance(self) -> None:
         plan = self._plan
         conn = self._conn
-        loop = self._loop
-        while True:
+        now = self._loop.time()
+        while not plan.done:
             action = plan.next_action()
-            now = loop.time()
-            if isinstance(action, Receive):
-                if self._pending_bytes:
-                    nbytes, self._pending_bytes = self._pending_bytes, 0
-                    self._last_data = now
-                    plan.feed(Event.DATA, now, nbytes=nbytes)
-                elif conn.peer_eof:
-                    plan.feed(Event.PEER_EOF, now)
-                elif conn.lost:
-                    plan.feed(self._lost_event(receiving=True), now)
-                else:
-                    deadline = self._receive_deadline(action)
-                    if now >= deadline:
-                        plan.feed(Event.TIMEOUT, now)
-                        continue
-                    self._resume_reading()
-                    self._receiving = action
-                    self._sleep(_Wait.RECEIVE, deadline)
-                    return
-            elif isinstance(action, Flush):
+            kind = type(action)  # (``is`` on the exact type: the hot path of every close)
+            if kind is Flush:
+                assert isinstance(action, Flush)
                 if conn.lost:
                     plan.feed(self._lost_event(receiving=False), now)
                 elif conn.buffered() == 0:
-                    plan.feed(Event.FLUSHED, now)
+                    plan.feed(_EVENT_FLUSHED, now)
                 elif now >= action.deadline:
-                    plan.feed(Event.TIMEOUT, now)
+                    plan.feed(_EVENT_TIMEOUT, now)
                 else:
                     self._resume_reading()
                     self._notify_when_flushed()
                     self._deadline = action.deadline
                     self._poll = _FLUSH_POLL_FIRST_S
-                    self._sleep(_Wait.FLUSH, min(action.deadline, now + self._poll))
+                    self._sleep(_WAIT_FLUSH, min(action.deadline, now + self._poll), precise=True)
                     return
-            elif isinstance(action, ShutdownWrite):
+            elif kind is ShutdownWrite:
                 if not conn.peer_eof:
                     self._fin_sent = True
                 plan.feed(self._shutdown_write(), now)
                 # A Receive usually follows: start its idle clock at our FIN.
                 self._last_data = now
-            elif isinstance(action, MeasureUnacked):
+            elif kind is Receive:
+                assert isinstance(action, Receive)
+                if self._pending_bytes:
+                    nbytes, self._pending_bytes = self._pending_bytes, 0
+                    self._last_data = now
+                    plan.feed(_EVENT_DATA, now, nbytes=nbytes)
+                elif conn.peer_eof:
+                    plan.feed(_EVENT_PEER_EOF, now)
+                elif conn.lost:
+                    plan.feed(self._lost_event(receiving=True), now)
+                else:
+                    deadline = self._receive_deadline(action)
+                    if now >= deadline:
+                        plan.feed(_EVENT_TIMEOUT, now)
+                        continue
+                    self._resume_reading()
+                    self._receiving = action
+                    self._sleep(_WAIT_RECEIVE, deadline)
+                    return
+            elif kind is Close:
+                if conn.lost:
+                    plan.feed(_EVENT_DONE, now)
+                    continue
+                self._close_transport(now)
+                return
+            elif kind is SetLingerZero:
+                plan.feed(self._set_linger_zero(), now)
+            else:
+                assert isinstance(action, MeasureUnacked)
                 # Ours and unacknowledged: the kernel's queue (SIOCOUTQ) and what the
                 # transport has not even handed to the kernel yet.
                 outgoing = None if conn.lost else self._watch.outgoing()
                 if outgoing is None:
-                    plan.feed(Event.ERROR, now)
+                    plan.feed(_EVENT_ERROR, now)
                 else:
                     outgoing += conn.buffered()
-                    plan.feed(Event.UNACKED_SOME if outgoing else Event.UNACKED_NONE, now)
-            elif isinstance(action, SetLingerZero):
-                plan.feed(self._set_linger_zero(), now)
-            elif isinstance(action, Close):
-                if conn.lost:
-                    plan.feed(Event.DONE, now)
-                    continue
-                self._close_transport(now)
-                return
-            else:
-                assert isinstance(action, Finished)
-                self._finished(action.result)
-                return
+                    plan.feed(_EVENT_UNACKED_SOME if outgoing else _EVENT_UNACKED_NONE, now)
+        self._finished()
 
     def _receive_deadline(self, action: Receive) -> float:
         deadline = action.deadline
@@ -396,30 +487,31 @@ class _Closer:
                 conn.socket().shutdown(socket.SHUT_WR)
         except OSError as exc:
             self._watch.error = _observe.errno_name(exc)
-            return Event.RESET if exc.errno in _RESET_ERRNOS else Event.ERROR
+            return _EVENT_RESET if exc.errno in _RESET_ERRNOS else _EVENT_ERROR
         except (RuntimeError, NotImplementedError, TypeError, AttributeError) as exc:
             self._watch.error = f"{type(exc).__name__}: {exc}"
-            return Event.ERROR
-        return Event.DONE
+            return _EVENT_ERROR
+        return _EVENT_DONE
 
     def _set_linger_zero(self) -> Event:
         conn = self._conn
         if conn.lost:
-            return Event.ERROR
+            return _EVENT_ERROR
         self._watch.before_abort(allow_data_loss=self._allow_data_loss, buffered=conn.buffered())
         try:
             conn.socket().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
         except OSError as exc:
             self._watch.error = _observe.errno_name(exc)
-            return Event.ERROR
+            return _EVENT_ERROR
         self._linger_zero = True
-        return Event.DONE
+        return _EVENT_DONE
 
     def _close_transport(self, now: float) -> None:
         conn = self._conn
         real = conn.real
         self._measure_before_close()
-        default = self._plan.policy.mode is CloseMode.DEFAULT
+        self.closed_transport = True
+        default = self._plan.policy.mode is _MODE_DEFAULT
         grace = _DEFAULT_CLOSE_WAIT_S if default else _CLOSE_GRACE_S
         # A TCP transport with nothing buffered calls connection_lost on the next loop
         # turn after close() or abort() (asyncio's and uvloop's alike): no timer then.
@@ -458,59 +550,74 @@ class _Closer:
             real.abort()
             certain = False
         if certain:
-            self._wait = _Wait.CLOSE
+            self._wait = _WAIT_CLOSE
         else:
-            self._sleep(_Wait.CLOSE, now + grace)
+            self._sleep(_WAIT_CLOSE, now + grace)
 
     def _close_timed_out(self) -> None:
         if not self._forced:
             self._forced = True
             self._watch.error = self._watch.error or "close-timeout"
             self._conn.real.abort()
-            self._sleep(_Wait.CLOSE, self._loop.time() + _CLOSE_GRACE_S)
+            self._sleep(_WAIT_CLOSE, self._loop.time() + _CLOSE_GRACE_S)
             return
         # The transport never reported connection_lost: stop waiting for it.
         logger.warning("close: transport %r never called connection_lost", self._conn.real)
-        self._plan.feed(Event.ERROR, self._loop.time())
+        self._plan.feed(_EVENT_ERROR, self._loop.time())
         self._advance()
 
     # -- waiting ------------------------------------------------------------------------
 
-    def _sleep(self, wait: _Wait, when: float) -> None:
+    def _sleep(self, wait: _Wait, when: float, *, precise: bool = False) -> None:
+        """Wait for ``wait`` until ``when``: on the loop's shared deadline slots (up to
+        :data:`_SLOT_S` late), or with a timer of its own when ``precise``."""
         self._wait = wait
-        self._timer = self._loop.call_at(when, self._on_timer)
+        if precise:
+            self._timer = self._loop.call_at(when, self._on_timer)
+        else:
+            self._slot = self._deadlines.add(self, when)
 
     def _stop_waiting(self) -> None:
-        self._wait = _Wait.NONE
-        if self._timer is not None:
+        self._wait = _WAIT_NONE
+        slot = self._slot
+        if slot is not None:
+            self._slot = None
+            self._deadlines.discard(self, slot)
+        elif self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
+    def on_deadline(self, slot: int) -> None:
+        """The deadline slot ``slot`` is over (ignored unless still waiting on it)."""
+        if self._slot == slot:
+            self._slot = None
+            self._on_timer()
+
     def _on_timer(self) -> None:
         self._timer = None
-        wait, self._wait = self._wait, _Wait.NONE
+        wait, self._wait = self._wait, _WAIT_NONE
         now = self._loop.time()
         plan = self._plan
-        if wait is _Wait.FLUSH:
+        if wait is _WAIT_FLUSH:
             if self._conn.buffered() == 0:
-                plan.feed(Event.FLUSHED, now)
+                plan.feed(_EVENT_FLUSHED, now)
             elif now >= self._deadline:
-                plan.feed(Event.TIMEOUT, now)
+                plan.feed(_EVENT_TIMEOUT, now)
             else:
                 self._poll = min(self._poll * 2, _FLUSH_POLL_MAX_S)
-                self._sleep(_Wait.FLUSH, min(self._deadline, now + self._poll))
+                self._sleep(_WAIT_FLUSH, min(self._deadline, now + self._poll), precise=True)
                 return
-        elif wait is _Wait.RECEIVE:
+        elif wait is _WAIT_RECEIVE:
             # The plan's Receive bounds are fixed while it stays in one phase (DATA
             # keeps the phase): the one we waited on still holds.
             action = self._receiving
             assert action is not None
             deadline = self._receive_deadline(action)
             if now < deadline:  # data came since the timer was set: wait on
-                self._sleep(_Wait.RECEIVE, deadline)
+                self._sleep(_WAIT_RECEIVE, deadline)
                 return
-            plan.feed(Event.TIMEOUT, now)
-        elif wait is _Wait.CLOSE:
+            plan.feed(_EVENT_TIMEOUT, now)
+        elif wait is _WAIT_CLOSE:
             self._close_timed_out()
             return
         else:  # pragma: no cover - a cancelled timer never runs
@@ -535,7 +642,7 @@ class _Closer:
         if finding is None:
             return
         self._watch.findings.append(finding)
-        if self._plan.policy.mode is not CloseMode.ABORT:
+        if self._plan.policy.mode is not _MODE_ABORT:
             try:
                 self._conn.socket().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
             except OSError as exc:
@@ -545,7 +652,12 @@ class _Closer:
         if self._measured:
             return
         self._measured = True
-        self._watch.before_close(self._plan.policy.mode)
+        conn = self._conn
+        # Once the transport has read the peer's FIN the kernel holds nothing unread
+        # (TCP delivers nothing after a FIN): no need to ask. Over TLS the EOF may be
+        # the close_notify alone, with raw bytes behind it: ask.
+        unread = 0 if conn.eof_read and not conn.ssl else None
+        self._watch.before_close(self._plan.policy.mode, unread=unread)
 
     def _lost_event(self, *, receiving: bool) -> Event:
         exc = self._lost_exc
@@ -553,14 +665,14 @@ class _Closer:
             if receiving:
                 # The transport ended without an error while we waited for the peer:
                 # the peer closed (uvloop's TLS layer reports a bare FIN this way).
-                return Event.PEER_EOF
+                return _EVENT_PEER_EOF
             self._watch.error = self._watch.error or "connection-lost"
-            return Event.ERROR
+            return _EVENT_ERROR
         if isinstance(exc, OSError):
             self._watch.error = _observe.errno_name(exc)
-            return Event.RESET if exc.errno in _RESET_ERRNOS else Event.ERROR
+            return _EVENT_RESET if exc.errno in _RESET_ERRNOS else _EVENT_ERROR
         self._watch.error = f"{type(exc).__name__}: {exc}"
-        return Event.ERROR
+        return _EVENT_ERROR
 
     def _notify_when_flushed(self) -> None:
         """Ask for ``resume_writing`` once the buffer is empty (low-water mark 0), so
@@ -572,18 +684,29 @@ class _Closer:
             logger.debug("close: set_write_buffer_limits failed: %s", exc)
 
     def _resume_reading(self) -> None:
-        """Read for the policy: a sink that reads at most the budget left takes the
-        transport's data from now on, and reading is resumed (the application may
-        have paused it)."""
+        """Read for the policy: reading is resumed (the application may have paused
+        it) and what arrives is discarded, never more than the byte budget allows
+        (see :data:`_LARGEST_READ`)."""
         if self._resumed or self.deliver or self._conn.lost:
             return
         self._resumed = True
-        real = self._conn.real
+        if self.budget_left() < _LARGEST_READ:
+            self._install_sink()
         try:
-            real.set_protocol(_DrainSink(self._conn))
-            real.resume_reading()
+            self._conn.real.resume_reading()
         except Exception as exc:  # closing or closed: nothing to read any more
             logger.debug("close: resume_reading failed: %s", exc)
+
+    def _install_sink(self) -> None:
+        """From now on a sink that reads at most the budget left takes the data."""
+        self._sink = True
+        conn = self._conn
+        if conn.lost or isinstance(conn, _BufferedPolicyProtocol):
+            return  # (the buffered wrapper bounds its own reads)
+        try:
+            conn.real.set_protocol(_DrainSink(conn))
+        except Exception as exc:  # closing or closed: nothing to read any more
+            logger.debug("close: set_protocol failed: %s", exc)
 
     def stop_delivering(self) -> None:
         """The application's protocol asked for the close: from now on what arrives
@@ -591,7 +714,7 @@ class _Closer:
         if not self.deliver:
             return
         self.deliver = False
-        if self._wait is _Wait.RECEIVE or self._wait is _Wait.FLUSH:
+        if self._wait is _WAIT_RECEIVE or self._wait is _WAIT_FLUSH:
             self._resume_reading()
 
     def budget_left(self) -> int:
@@ -601,8 +724,18 @@ class _Closer:
 
     # -- the end ------------------------------------------------------------------------
 
-    def _finished(self, result: PlanResult) -> None:
-        self._wait = _Wait.DONE
+    def _finished(self) -> None:
+        self._wait = _WAIT_DONE
+        if self._watch.local is not None:
+            # We may be inside connection_lost, before the transport closes the fd:
+            # look the 4-tuple up on the next loop turn.
+            self._loop.call_soon(self._complete)
+        else:
+            self._complete()
+
+    def _plan_result(self) -> PlanResult:
+        """The plan's result, with what only this driver saw."""
+        result = self._plan.result()
         if result.peer_eof and not result.peer_closed_first and not self._fin_sent:
             # The peer's FIN came before ours, but while our buffer drained, where the
             # plan does not take it: the peer closed first.
@@ -610,14 +743,9 @@ class _Closer:
         if self._linger_zero and not result.linger_zero:
             # The close itself reset the connection (a bounded flush gave up).
             result = dataclasses.replace(result, linger_zero=True)
-        if self._watch.local is not None:
-            # We may be inside connection_lost, before the transport closes the fd:
-            # look the 4-tuple up on the next loop turn.
-            self._loop.call_soon(self._complete, result)
-        else:
-            self._complete(result)
+        return result
 
-    def _complete(self, result: PlanResult) -> None:
+    def _complete(self) -> None:
         watch = self._watch
         try:
             kernel_state = watch.after_close()
@@ -625,7 +753,6 @@ class _Closer:
             logger.exception("close: kernel lookup after close failed")
             kernel_state = None
         self._kernel_state = kernel_state
-        self._result = result
         self.done = True
         findings = watch.findings
         if findings:
@@ -723,6 +850,7 @@ class PolicyProtocol(asyncio.Protocol):
         "_registry",
         "_report",
         "_sock",
+        "eof_read",
         "lost",
         "peer_eof",
         "real",
@@ -751,7 +879,10 @@ class PolicyProtocol(asyncio.Protocol):
         self._close_requested = False
         self._eof_by_policy = False
         self._sock: Any = None
+        #: The peer's FIN (or close_notify) arrived through ``eof_received``.
         self.peer_eof = False
+        #: ``eof_received`` was called: the transport read everything up to the EOF.
+        self.eof_read = False
         self.lost = False
         self.ssl = False
 
@@ -889,7 +1020,7 @@ class PolicyProtocol(asyncio.Protocol):
     def request_write_eof(self) -> None:
         if self._close_requested or self.lost or self._closer is not None:
             return
-        if self._policy.mode is CloseMode.PEER_FIRST and self.real.can_write_eof():
+        if self._policy.mode is _MODE_PEER_FIRST and self.real.can_write_eof():
             # No FIN: the peer's timer starts; data and EOF still reach the protocol.
             self._eof_by_policy = True
             self.start_close(self._policy, trigger="write-eof", deliver=True)
@@ -939,17 +1070,21 @@ class PolicyProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self.peer_eof = True
+        self.eof_read = True
         closer = self._closer
-        keep_open = not self.ssl  # a TLS transport ignores the answer (and warns on True)
+        # A TLS transport ignores the answer (and warns on True). Once the close has
+        # closed the transport, False: the transport's own close() is then a no-op,
+        # where True would make it stop reading an fd it no longer watches.
+        keep_open = not self.ssl
         if closer is not None and not closer.deliver:
             closer.on_eof()
-            return keep_open
+            return keep_open and not closer.closed_transport
         inner = cast(asyncio.Protocol, self._inner)
         inner_keeps_open = inner.eof_received() if not self._inner_lost else False
         if closer is not None:  # write_eof() under peer-first: both sides are done
             closer.stop_delivering()
             closer.on_eof()
-            return keep_open
+            return keep_open and not closer.closed_transport
         if inner_keeps_open and not self.ssl:
             return True
         # The protocol expects the transport to close now (or TLS closes anyway):
@@ -1074,7 +1209,9 @@ class _BufferedPolicyProtocol(PolicyProtocol, asyncio.BufferedProtocol):
                 self._own_scratch = memoryview(bytearray(64 * 1024))
             return self._own_scratch
         self._handed_inner = False
-        return _SCRATCH
+        left = closer.budget_left() if closer is not None else len(_SCRATCH)
+        # Never empty (transports treat that as an error); at 0 the plan has stopped.
+        return _SCRATCH[: max(1, min(left, len(_SCRATCH)))]
 
     def buffer_updated(self, nbytes: int) -> None:
         closer = self._closer

@@ -127,14 +127,17 @@ class Watch:
             if finding is not None:
                 self.findings.append(finding)
 
-    def before_close(self, mode: CloseMode) -> None:
+    def before_close(self, mode: CloseMode, *, unread: int | None = None) -> None:
         """Measure just before the fd goes: unread bytes (always: a plain close with
         unread bytes sends RST, which ``rst_sent`` reports even with reports off) and
-        TCP_INFO (reports only)."""
-        try:
-            self.unread_bytes = read_unread(self._sock.fileno())
-        except (OSError, ValueError):
-            self.unread_bytes = None
+        TCP_INFO (reports only). ``unread``: the driver knows it already (0 once the
+        peer's FIN was read), so the kernel need not be asked."""
+        if unread is None:
+            try:
+                unread = read_unread(self._sock.fileno())
+            except (OSError, ValueError):
+                unread = None
+        self.unread_bytes = unread
         if mode is CloseMode.DEFAULT and self.unread_bytes:
             finding = _checks.close_with_unread(self.unread_bytes)
             if finding is not None:

@@ -328,6 +328,40 @@ class PlanStateError(RuntimeError):
     """A driver fed an event the current phase does not accept: a bug in the driver."""
 
 
+# Enum members as module globals, for the hot paths of the plan. On Python 3.11
+# ``Event.DONE`` is looked up through the enum's metaclass (about 80 ns, a global
+# about 10), and a close makes dozens of such lookups.
+_EVENT_BYTE_CAP = Event.BYTE_CAP
+_EVENT_DATA = Event.DATA
+_EVENT_DONE = Event.DONE
+_EVENT_FLUSHED = Event.FLUSHED
+_EVENT_IDLE_TIMEOUT = Event.IDLE_TIMEOUT
+_EVENT_LINGER_TIME = Event.LINGER_TIME
+_EVENT_PEER_EOF = Event.PEER_EOF
+_EVENT_PEER_TIMEOUT = Event.PEER_TIMEOUT
+_EVENT_START = Event.START
+_EVENT_TIMEOUT = Event.TIMEOUT
+_FALLBACK_ABORT = Fallback.ABORT
+_FALLBACK_GRACEFUL = Fallback.GRACEFUL
+_MODE_ABORT = CloseMode.ABORT
+_MODE_DEFAULT = CloseMode.DEFAULT
+_MODE_GRACEFUL = CloseMode.GRACEFUL
+_MODE_PEER_FIRST = CloseMode.PEER_FIRST
+_OUTCOME_ABORTED = Outcome.ABORTED
+_OUTCOME_CLOSED = Outcome.CLOSED
+_OUTCOME_ERROR = Outcome.ERROR
+_PHASE_ABORT = Phase.ABORT
+_PHASE_AWAIT_PEER = Phase.AWAIT_PEER
+_PHASE_CHECK_UNACKED = Phase.CHECK_UNACKED
+_PHASE_CLOSE = Phase.CLOSE
+_PHASE_DONE = Phase.DONE
+_PHASE_DRAIN = Phase.DRAIN
+_PHASE_FALLBACK = Phase.FALLBACK
+_PHASE_FLUSH = Phase.FLUSH
+_PHASE_FLUSH_NO_FIN = Phase.FLUSH_NO_FIN
+_PHASE_SHUTDOWN = Phase.SHUTDOWN
+
+
 # -- the plan ----------------------------------------------------------------------------------
 
 
@@ -343,8 +377,10 @@ class ClosePlan:
     """
 
     __slots__ = (
+        "_action",
         "_budget",
         "_deadline",
+        "_debug",
         "_drained",
         "_fallback",
         "_fin_sent",
@@ -380,18 +416,23 @@ class ClosePlan:
         self._trace: list[tuple[Phase, Event]] = []
         mode = policy.mode
         self._phase = ENTRY[mode]
-        if mode is CloseMode.GRACEFUL:
+        if mode is _MODE_GRACEFUL:
             self._deadline = now + policy.linger_time
-        elif mode is CloseMode.PEER_FIRST:
+        elif mode is _MODE_PEER_FIRST:
             self._deadline = now + policy.timeout
         else:
             self._deadline = now
-        self._trace.append((self._phase, Event.START))
-        if mode is CloseMode.ABORT:
-            self._outcome = Outcome.ABORTED
-        elif mode is CloseMode.DEFAULT:
-            self._outcome = Outcome.CLOSED
-        if logger.isEnabledFor(logging.DEBUG):
+        self._trace.append((self._phase, _EVENT_START))
+        if mode is _MODE_ABORT:
+            self._outcome = _OUTCOME_ABORTED
+        elif mode is _MODE_DEFAULT:
+            self._outcome = _OUTCOME_CLOSED
+        #: The action for the current phase, made once (None: not made yet).
+        self._action: Action | None = None
+        # Whether to log each step, decided once: a close is short, and the check is
+        # not free on the hot path of a busy server.
+        self._debug = logger.isEnabledFor(logging.DEBUG)
+        if self._debug:
             self._log("start %s", policy)
 
     @property
@@ -407,19 +448,34 @@ class ClosePlan:
     def drained_bytes(self) -> int:
         return self._drained
 
+    @property
+    def done(self) -> bool:
+        """The plan is finished (:meth:`next_action` would be :class:`Finished`)."""
+        return self._phase is _PHASE_DONE
+
     def next_action(self) -> Action:
         """What the driver should do now. Stays the same until :meth:`feed` moves on."""
+        action = self._action
+        if action is None:
+            action = self._action = self._make_action()
+        return action
+
+    def result(self) -> PlanResult:
+        """How the close went (so far: final once the plan is :attr:`done`)."""
+        return self._result()
+
+    def _make_action(self) -> Action:
         phase = self._phase
         fixed = _FIXED_ACTIONS.get(phase)
         if fixed is not None:
             return fixed
-        if phase is Phase.DRAIN:
+        if phase is _PHASE_DRAIN:
             return Receive(self._deadline, self._policy.idle_timeout, self._budget)
-        if phase is Phase.AWAIT_PEER:
+        if phase is _PHASE_AWAIT_PEER:
             return Receive(self._deadline, None, self._budget)
-        if phase is Phase.FLUSH or phase is Phase.FLUSH_NO_FIN:
+        if phase is _PHASE_FLUSH or phase is _PHASE_FLUSH_NO_FIN:
             return Flush(self._deadline)
-        if phase is Phase.DONE:
+        if phase is _PHASE_DONE:
             return Finished(self._result())
         raise PlanStateError(f"no action for phase {phase}")  # pragma: no cover
 
@@ -432,80 +488,88 @@ class ClosePlan:
             PlanStateError: the event does not fit the current phase (a driver bug).
         """
         phase = self._phase
-        refined = self._refine(event, now, nbytes)
+        # Only these three are ever refined; the others are what the table is keyed on.
+        if event is _EVENT_DATA or event is _EVENT_TIMEOUT or event is _EVENT_FLUSHED:
+            refined = self._refine(event, now, nbytes)
+        else:
+            refined = event
         target = TRANSITIONS.get((phase, refined))
         if target is None:
             raise PlanStateError(f"event {refined} is not expected in phase {phase}")
         self._trace.append((phase, refined))
         self._finished = now
-        if target is not phase and logger.isEnabledFor(logging.DEBUG):
+        if target is phase:  # more data while draining: only the budget moved
+            self._action = None
+            return
+        if self._debug:
             self._log("%s --%s--> %s", phase, refined, target)
+        self._action = None
         self._leave(phase, refined, target, now)
 
     # -- internals -----------------------------------------------------------------------
 
     def _refine(self, event: Event, now: float, nbytes: int) -> Event:
         phase = self._phase
-        waiting_for_peer = phase is Phase.FLUSH_NO_FIN or phase is Phase.AWAIT_PEER
-        if event is Event.DATA:
+        waiting_for_peer = phase is _PHASE_FLUSH_NO_FIN or phase is _PHASE_AWAIT_PEER
+        if event is _EVENT_DATA:
             if nbytes < 0:
                 raise PlanStateError(f"DATA with a negative byte count {nbytes}")
             self._drained += nbytes
             self._budget = max(0, self._budget - nbytes)
             if self._budget == 0:
-                return Event.BYTE_CAP
+                return _EVENT_BYTE_CAP
             if now >= self._deadline:
-                return Event.PEER_TIMEOUT if waiting_for_peer else Event.LINGER_TIME
-            return Event.DATA
-        if event is Event.TIMEOUT:
+                return _EVENT_PEER_TIMEOUT if waiting_for_peer else _EVENT_LINGER_TIME
+            return _EVENT_DATA
+        if event is _EVENT_TIMEOUT:
             if waiting_for_peer:
-                return Event.PEER_TIMEOUT
-            if phase is Phase.DRAIN and now < self._deadline:
-                return Event.IDLE_TIMEOUT
-            return Event.LINGER_TIME
-        if event is Event.FLUSHED and now >= self._deadline:
+                return _EVENT_PEER_TIMEOUT
+            if phase is _PHASE_DRAIN and now < self._deadline:
+                return _EVENT_IDLE_TIMEOUT
+            return _EVENT_LINGER_TIME
+        if event is _EVENT_FLUSHED and now >= self._deadline:
             # flushed, but too late to wait for anything more
-            if phase is Phase.FLUSH_NO_FIN:
-                return Event.PEER_TIMEOUT
-            if phase is Phase.FLUSH:
-                return Event.LINGER_TIME
+            if phase is _PHASE_FLUSH_NO_FIN:
+                return _EVENT_PEER_TIMEOUT
+            if phase is _PHASE_FLUSH:
+                return _EVENT_LINGER_TIME
         return event
 
     def _leave(self, phase: Phase, event: Event, target: Phase, now: float) -> None:
         policy = self._policy
-        if event is Event.PEER_EOF:
+        if event is _EVENT_PEER_EOF:
             self._peer_eof = True
             # Known at the start (peer_eof=True), or the FIN came before ours.
             self._peer_closed_first = self._peer_closed_first or not self._fin_sent
-        elif phase is Phase.SHUTDOWN and event is Event.DONE:
+        elif phase is _PHASE_SHUTDOWN and event is _EVENT_DONE:
             self._fin_sent = True
-        elif phase is Phase.ABORT and event is Event.DONE:
+        elif phase is _PHASE_ABORT and event is _EVENT_DONE:
             self._linger_zero = True
-        if target is Phase.CLOSE:
-            if phase is Phase.ABORT:
-                self._outcome = Outcome.ABORTED if event is Event.DONE else Outcome.ERROR
+        if target is _PHASE_CLOSE:
+            if phase is _PHASE_ABORT:
+                self._outcome = _OUTCOME_ABORTED if event is _EVENT_DONE else _OUTCOME_ERROR
             else:
                 self._outcome = _OUTCOME_OF[event]
-        if phase is Phase.FALLBACK or phase is Phase.CHECK_UNACKED:
-            if target is Phase.FLUSH:
-                self._fallback = Fallback.GRACEFUL
-                self._mode_applied = CloseMode.GRACEFUL
+        if phase is _PHASE_FALLBACK or phase is _PHASE_CHECK_UNACKED:
+            if target is _PHASE_FLUSH:
+                self._fallback = _FALLBACK_GRACEFUL
+                self._mode_applied = _MODE_GRACEFUL
                 self._deadline = now + policy.linger_time
-            elif target is Phase.ABORT:
-                self._fallback = Fallback.ABORT
-                self._mode_applied = CloseMode.ABORT
+            elif target is _PHASE_ABORT:
+                self._fallback = _FALLBACK_ABORT
+                self._mode_applied = _MODE_ABORT
         self._phase = target
         # Decisions that need no I/O are taken at once.
-        if target is Phase.FALLBACK:
+        if target is _PHASE_FALLBACK:
             self.feed(_FALLBACK_EVENT[policy.fallback], now)
-        elif target is Phase.DRAIN and self._budget == 0:
-            self.feed(Event.BYTE_CAP, now)
+        elif target is _PHASE_DRAIN and self._budget == 0:
+            self.feed(_EVENT_BYTE_CAP, now)
 
     def _result(self) -> PlanResult:
         return PlanResult(
             mode_requested=self._policy.mode,
             mode_applied=self._mode_applied,
-            outcome=self._outcome or Outcome.ERROR,
+            outcome=self._outcome or _OUTCOME_ERROR,
             fallback=self._fallback,
             drained_bytes=self._drained,
             peer_eof=self._peer_eof,
