@@ -253,13 +253,14 @@ class _Closer:
         self,
         conn: PolicyProtocol,
         policy: ClosePolicy,
-        *,
         trigger: str,
         report: bool,
-        allow_data_loss: bool,
-        deliver: bool,
-        background: bool,
+        allow_data_loss: bool = False,
+        deliver: bool = False,
+        background: bool = True,
     ) -> None:
+        # (Positional parameters, and few calls below: a busy server makes thousands
+        # of these a second, and each Python call costs about a microsecond here.)
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._conn = conn
@@ -270,7 +271,9 @@ class _Closer:
         self.deliver = deliver
         #: True: issue the warnings when done (no caller is there to point at).
         self.background = background
-        sock = conn.socket()
+        if conn.sock is None:
+            conn.socket()
+        sock = conn.optsock
         self._watch = (
             _observe.Watch(_Addressed(conn.real, sock), report=True, peer_fin=conn.peer_eof)
             if report
@@ -283,7 +286,7 @@ class _Closer:
         self._poll = _FLUSH_POLL_FIRST_S
         self._wait = _WAIT_NONE
         self._timer: asyncio.TimerHandle | None = None
-        self._deadlines = _Deadlines.of(loop)
+        self._deadlines: _Deadlines = getattr(loop, _DEADLINES_ATTR, None) or _Deadlines.of(loop)
         self._slot: int | None = None
         self._pending_bytes = 0
         self._receiving: Receive | None = None
@@ -296,7 +299,7 @@ class _Closer:
         self.closed_transport = False
         self._fin_sent = False
         self._linger_zero = False
-        self._waiters: list[asyncio.Future[CloseReport]] = []
+        self._waiters: list[asyncio.Future[CloseReport]] | None = None
         self.findings: tuple[_checks.Finding, ...] = ()
         #: The close is over (its report can be had from :attr:`report`).
         self.done = False
@@ -324,6 +327,8 @@ class _Closer:
         report = self.report
         if report is not None:
             fut.set_result(report)
+        elif self._waiters is None:
+            self._waiters = [fut]
         else:
             self._waiters.append(fut)
         return fut
@@ -365,7 +370,8 @@ class _Closer:
     def on_lost(self, exc: BaseException | None) -> None:
         """The transport called ``connection_lost``: its fd is closed right after."""
         self._lost_exc = exc
-        self._measure_before_close()  # the fd is still open inside connection_lost
+        if not self._measured:
+            self._measure_before_close()  # the fd is still open inside connection_lost
         wait = self._wait
         if wait is _WAIT_RECEIVE or wait is _WAIT_FLUSH:
             self._stop_waiting()
@@ -499,7 +505,7 @@ class _Closer:
             return _EVENT_ERROR
         self._watch.before_abort(allow_data_loss=self._allow_data_loss, buffered=conn.buffered())
         try:
-            conn.socket().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+            conn.optsock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
         except OSError as exc:
             self._watch.error = _observe.errno_name(exc)
             return _EVENT_ERROR
@@ -509,7 +515,8 @@ class _Closer:
     def _close_transport(self, now: float) -> None:
         conn = self._conn
         real = conn.real
-        self._measure_before_close()
+        if not self._measured:
+            self._measure_before_close()
         self.closed_transport = True
         default = self._plan.policy.mode is _MODE_DEFAULT
         grace = _DEFAULT_CLOSE_WAIT_S if default else _CLOSE_GRACE_S
@@ -630,7 +637,7 @@ class _Closer:
         """BlockingCloseWarning for ``SO_LINGER`` with a non-zero time; turn it off
         (unless aborting), so that the fd's close cannot block the event loop."""
         try:
-            raw = self._conn.socket().getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)
+            raw = self._conn.optsock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)
             onoff, seconds = _LINGER.unpack(raw)
         except (OSError, ValueError, TypeError, struct.error):
             return
@@ -759,7 +766,7 @@ class _Closer:
             self.findings = tuple(findings)
             if self.background:
                 _emit_in_loop(self.findings, self._loop)
-        if logger.isEnabledFor(logging.DEBUG):
+        if self._plan.debug:
             logger.debug("closed: %s", self.report)
         conn = self._conn
         # The connection keeps its closer (for the report); the closer lets go of the
@@ -769,12 +776,12 @@ class _Closer:
         conn.close_finished(self)
         waiters = self._waiters
         if waiters:
+            self._waiters = None
             report = self.report
             assert report is not None
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(report)
-            waiters.clear()
 
 
 class _Addressed:
@@ -849,11 +856,12 @@ class PolicyProtocol(asyncio.Protocol):
         "_policy",
         "_registry",
         "_report",
-        "_sock",
         "eof_read",
         "lost",
+        "optsock",
         "peer_eof",
         "real",
+        "sock",
         "ssl",
     )
 
@@ -863,7 +871,6 @@ class PolicyProtocol(asyncio.Protocol):
         self,
         inner: asyncio.BaseProtocol,
         policy: ClosePolicy,
-        *,
         on_close: OnClose | None = None,
         report: bool = True,
         registry: ConnectionRegistry | None = None,
@@ -878,7 +885,12 @@ class PolicyProtocol(asyncio.Protocol):
         self._closer: _Closer | None = None
         self._close_requested = False
         self._eof_by_policy = False
-        self._sock: Any = None
+        #: The transport's socket (``TransportSocket`` or uvloop's pseudo-socket).
+        self.sock: Any = None
+        #: What socket options and ioctls go through: the ``socket.socket`` inside
+        #: asyncio's ``TransportSocket`` (its methods are Python wrappers around it),
+        #: else the transport's socket itself.
+        self.optsock: Any = None
         #: The peer's FIN (or close_notify) arrived through ``eof_received``.
         self.peer_eof = False
         #: ``eof_received`` was called: the transport read everything up to the EOF.
@@ -894,6 +906,7 @@ class PolicyProtocol(asyncio.Protocol):
     def _attach(self, transport: _TransportLike) -> None:
         self.real = transport
         self.ssl = transport.get_extra_info("sslcontext") is not None
+        self.socket()
 
     @classmethod
     def adopt(
@@ -918,9 +931,11 @@ class PolicyProtocol(asyncio.Protocol):
 
     def socket(self) -> Any:
         """The transport's socket (``TransportSocket`` or uvloop's pseudo-socket)."""
-        sock = self._sock
+        sock = self.sock
         if sock is None:
-            sock = self._sock = self.real.get_extra_info("socket")
+            sock = self.sock = self.real.get_extra_info("socket")
+            inner = getattr(sock, "_sock", None)
+            self.optsock = inner if isinstance(inner, socket.socket) else sock
         return sock
 
     def raw_under_tls(self) -> _TransportLike | None:
@@ -946,7 +961,7 @@ class PolicyProtocol(asyncio.Protocol):
     def close_finished(self, closer: _Closer) -> None:
         """Called by the closer once it is over."""
         if self._registry is not None:
-            self._registry.discard(self)
+            self._registry.conns.discard(self)
         on_close = self._on_close
         if on_close is not None:
             report = closer.report
@@ -986,11 +1001,11 @@ class PolicyProtocol(asyncio.Protocol):
         closer = _Closer(
             self,
             policy,
-            trigger=trigger,
-            report=self._report if report is None else report,
-            allow_data_loss=allow_data_loss,
-            deliver=deliver,
-            background=background,
+            trigger,
+            self._report if report is None else report,
+            allow_data_loss,
+            deliver,
+            background,
         )
         self._closer = closer
         closer.start()
@@ -1005,7 +1020,9 @@ class PolicyProtocol(asyncio.Protocol):
         if closer is not None:  # write_eof() under peer-first: the protocol is done now
             closer.stop_delivering()
             return closer
-        return self.start_close(self._policy, trigger=trigger)
+        closer = self._closer = _Closer(self, self._policy, trigger, self._report)
+        closer.start()
+        return closer
 
     def request_abort(self) -> None:
         if self.lost:
@@ -1047,7 +1064,7 @@ class PolicyProtocol(asyncio.Protocol):
         self._attach(real)
         registry = self._registry
         if registry is not None:
-            registry.add(self)
+            registry.conns.add(self)
         # (The proxy is not kept here: it refers to us, and a cycle would leave every
         # finished connection to the cyclic garbage collector.)
         self._inner.connection_made(PolicyTransport(self, real))
@@ -1186,7 +1203,6 @@ class _BufferedPolicyProtocol(PolicyProtocol, asyncio.BufferedProtocol):
         self,
         inner: asyncio.BaseProtocol,
         policy: ClosePolicy,
-        *,
         on_close: OnClose | None = None,
         report: bool = True,
         registry: ConnectionRegistry | None = None,
@@ -1325,10 +1341,11 @@ class PolicyTransport(_asyncio_transports._FlowControlMixin):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         conn = self._conn
-        if conn.closing:
-            return  # the close is under way: like a closing TLS transport, drop it
-        if conn.eof_by_policy:
-            raise RuntimeError("Cannot call write() after write_eof()")
+        if conn._closer is not None or conn._close_requested:
+            if conn.closing:
+                return  # the close is under way: like a closing TLS transport, drop it
+            if conn.eof_by_policy:
+                raise RuntimeError("Cannot call write() after write_eof()")
         self._real.write(data)
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
@@ -1468,9 +1485,12 @@ class PolicyProtocolFactory:
 
     def __call__(self, *args: Any, **kwargs: Any) -> PolicyProtocol:
         inner = self.protocol_factory(*args, **kwargs)
-        return _new_wrapper(
-            inner, self.policy, on_close=self.on_close, report=self.report, registry=self._registry
+        cls = (
+            _BufferedPolicyProtocol
+            if isinstance(inner, asyncio.BufferedProtocol)
+            else PolicyProtocol
         )
+        return cls(inner, self.policy, self.on_close, self.report, self._registry)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in PolicyProtocolFactory.__slots__:

@@ -24,13 +24,13 @@ from . import _checks, _kernel
 from ._kernel._sockopt import (
     read_cookie,
     read_outgoing,
-    read_tcp_info,
+    read_tcp_info_bytes,
     read_tcp_state,
     read_unread,
 )
 from ._kernel._types import Address, KernelState, TcpState
 from ._policy import CloseMode
-from ._report import Observed, format_address
+from ._report import Observed, format_address, new_observed
 from ._warnings import warn
 
 __all__ = ("SocketLike", "Watch", "emit_findings")
@@ -62,7 +62,7 @@ class Watch:
         "local",
         "peer",
         "peer_fin_first",
-        "tcp_info",
+        "tcp_info_bytes",
         "unread_bytes",
     )
 
@@ -72,7 +72,8 @@ class Watch:
         self.local: Address | None = None
         self.peer: Address | None = None
         self._cookie: int | None = None
-        self.tcp_info: _kernel.TcpInfo | None = None
+        #: TCP_INFO as read before the close (the report decodes it when asked).
+        self.tcp_info_bytes: bytes | None = None
         self.unread_bytes: int | None = None
         self.discarded_bytes = 0
         self.error: str | None = None
@@ -144,9 +145,9 @@ class Watch:
                 self.findings.append(finding)
         if self._report:
             try:
-                self.tcp_info = read_tcp_info(self._sock)
+                self.tcp_info_bytes = read_tcp_info_bytes(self._sock)
             except (OSError, ValueError):
-                self.tcp_info = None
+                self.tcp_info_bytes = None
 
     def after_close(self) -> KernelState | None:
         """The 4-tuple's kernel state now (None with reports off or no addresses)."""
@@ -155,16 +156,16 @@ class Watch:
         return _kernel.lookup(self.local, self.peer, cookie=self._cookie)
 
     def observed(self, *, trigger: str, kernel_state: KernelState | None) -> Observed:
-        return Observed(
-            local=self.local,
-            peer=self.peer,
-            tcp_info=self.tcp_info,
-            unread_bytes=self.unread_bytes,
-            discarded_bytes=self.discarded_bytes,
-            kernel_state=kernel_state,
-            warnings=tuple(f.code for f in self.findings),
-            error=self.error,
-            trigger=trigger,
+        return new_observed(
+            self.local,
+            self.peer,
+            self.tcp_info_bytes,
+            self.unread_bytes,
+            self.discarded_bytes,
+            kernel_state,
+            tuple(f.code for f in self.findings) if self.findings else (),
+            self.error,
+            trigger,
         )
 
 

@@ -56,6 +56,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from ._frozen import positional_constructor
 from ._policy import CloseMode, ClosePolicy, Fallback
 
 __all__ = (
@@ -313,6 +314,9 @@ class Finished:
     result: PlanResult
 
 
+#: ``PlanResult(*fields)`` without the frozen ``__init__`` (see ``_frozen``).
+_new_result: Final = positional_constructor(PlanResult)
+
 Action = Flush | ShutdownWrite | Receive | MeasureUnacked | SetLingerZero | Close | Finished
 
 #: The actions that carry no data are shared instances (they are frozen).
@@ -380,7 +384,6 @@ class ClosePlan:
         "_action",
         "_budget",
         "_deadline",
-        "_debug",
         "_drained",
         "_fallback",
         "_fin_sent",
@@ -395,6 +398,8 @@ class ClosePlan:
         "_policy",
         "_started",
         "_trace",
+        "debug",
+        "done",
     )
 
     def __init__(
@@ -429,10 +434,12 @@ class ClosePlan:
             self._outcome = _OUTCOME_CLOSED
         #: The action for the current phase, made once (None: not made yet).
         self._action: Action | None = None
-        # Whether to log each step, decided once: a close is short, and the check is
-        # not free on the hot path of a busy server.
-        self._debug = logger.isEnabledFor(logging.DEBUG)
-        if self._debug:
+        #: The plan is finished (:meth:`next_action` would be :class:`Finished`).
+        self.done = False
+        #: Whether each step is logged, decided once: a close is short, and asking
+        #: the logger is not free on the hot path of a busy server.
+        self.debug = logger.isEnabledFor(logging.DEBUG)
+        if self.debug:
             self._log("start %s", policy)
 
     @property
@@ -448,36 +455,31 @@ class ClosePlan:
     def drained_bytes(self) -> int:
         return self._drained
 
-    @property
-    def done(self) -> bool:
-        """The plan is finished (:meth:`next_action` would be :class:`Finished`)."""
-        return self._phase is _PHASE_DONE
-
     def next_action(self) -> Action:
         """What the driver should do now. Stays the same until :meth:`feed` moves on."""
         action = self._action
+        if action is not None:
+            return action
+        # (Made once per phase, here and not in a helper: this runs for every step of
+        # every close, and a Python call costs about as much as the rest of it.)
+        phase = self._phase
+        action = _FIXED_ACTIONS.get(phase)
         if action is None:
-            action = self._action = self._make_action()
+            if phase is _PHASE_DRAIN:
+                action = Receive(self._deadline, self._policy.idle_timeout, self._budget)
+            elif phase is _PHASE_AWAIT_PEER:
+                action = Receive(self._deadline, None, self._budget)
+            elif phase is _PHASE_FLUSH or phase is _PHASE_FLUSH_NO_FIN:
+                action = Flush(self._deadline)
+            else:
+                assert phase is _PHASE_DONE
+                action = Finished(self._result())
+        self._action = action
         return action
 
     def result(self) -> PlanResult:
         """How the close went (so far: final once the plan is :attr:`done`)."""
         return self._result()
-
-    def _make_action(self) -> Action:
-        phase = self._phase
-        fixed = _FIXED_ACTIONS.get(phase)
-        if fixed is not None:
-            return fixed
-        if phase is _PHASE_DRAIN:
-            return Receive(self._deadline, self._policy.idle_timeout, self._budget)
-        if phase is _PHASE_AWAIT_PEER:
-            return Receive(self._deadline, None, self._budget)
-        if phase is _PHASE_FLUSH or phase is _PHASE_FLUSH_NO_FIN:
-            return Flush(self._deadline)
-        if phase is _PHASE_DONE:
-            return Finished(self._result())
-        raise PlanStateError(f"no action for phase {phase}")  # pragma: no cover
 
     def feed(self, event: Event, now: float, *, nbytes: int = 0) -> None:
         """Tell the plan what happened at monotonic time ``now``.
@@ -488,8 +490,13 @@ class ClosePlan:
             PlanStateError: the event does not fit the current phase (a driver bug).
         """
         phase = self._phase
-        # Only these three are ever refined; the others are what the table is keyed on.
-        if event is _EVENT_DATA or event is _EVENT_TIMEOUT or event is _EVENT_FLUSHED:
+        # Only these three are ever refined (a flush refined only when it ended late);
+        # the others are what the table is keyed on.
+        if (
+            event is _EVENT_DATA
+            or event is _EVENT_TIMEOUT
+            or (event is _EVENT_FLUSHED and now >= self._deadline)
+        ):
             refined = self._refine(event, now, nbytes)
         else:
             refined = event
@@ -498,12 +505,11 @@ class ClosePlan:
             raise PlanStateError(f"event {refined} is not expected in phase {phase}")
         self._trace.append((phase, refined))
         self._finished = now
-        if target is phase:  # more data while draining: only the budget moved
-            self._action = None
-            return
-        if self._debug:
-            self._log("%s --%s--> %s", phase, refined, target)
         self._action = None
+        if target is phase:  # more data while draining: only the budget moved
+            return
+        if self.debug:
+            self._log("%s --%s--> %s", phase, refined, target)
         self._leave(phase, refined, target, now)
 
     # -- internals -----------------------------------------------------------------------
@@ -559,6 +565,8 @@ class ClosePlan:
                 self._fallback = _FALLBACK_ABORT
                 self._mode_applied = _MODE_ABORT
         self._phase = target
+        if target is _PHASE_DONE:
+            self.done = True
         # Decisions that need no I/O are taken at once.
         if target is _PHASE_FALLBACK:
             self.feed(_FALLBACK_EVENT[policy.fallback], now)
@@ -566,19 +574,19 @@ class ClosePlan:
             self.feed(_EVENT_BYTE_CAP, now)
 
     def _result(self) -> PlanResult:
-        return PlanResult(
-            mode_requested=self._policy.mode,
-            mode_applied=self._mode_applied,
-            outcome=self._outcome or _OUTCOME_ERROR,
-            fallback=self._fallback,
-            drained_bytes=self._drained,
-            peer_eof=self._peer_eof,
-            peer_closed_first=self._peer_closed_first,
-            fin_sent=self._fin_sent,
-            linger_zero=self._linger_zero,
-            started=self._started,
-            finished=self._finished,
-            trace=tuple(self._trace),
+        return _new_result(
+            self._policy.mode,
+            self._mode_applied,
+            self._outcome or _OUTCOME_ERROR,
+            self._fallback,
+            self._drained,
+            self._peer_eof,
+            self._peer_closed_first,
+            self._fin_sent,
+            self._linger_zero,
+            self._started,
+            self._finished,
+            tuple(self._trace),
         )
 
     def _log(self, message: str, *args: object) -> None:

@@ -33,7 +33,7 @@ from typing import Final, Protocol, TypeAlias, runtime_checkable
 
 from tcpclose._errors import NotTcpSocketError
 
-from ._tcpinfo import TCP_INFO_REQUEST_SIZE, TcpInfo, decode_tcp_info
+from ._tcpinfo import TCP_INFO_MIN_SIZE, TCP_INFO_REQUEST_SIZE, TcpInfo, decode_tcp_info
 from ._types import Queues, TcpState
 
 __all__ = (
@@ -315,6 +315,21 @@ def read_tcp_info(sock: _Options) -> TcpInfo | None:
             return None
         raise
     return decode_tcp_info(raw)
+
+
+def read_tcp_info_bytes(sock: _Options) -> bytes | None:
+    """``TCP_INFO`` as the kernel returns it, undecoded (:func:`decode_tcp_info` reads
+    it); None where the platform has no Linux-style ``TCP_INFO``, or when the kernel
+    returned less than every kernel since 2.6 does."""
+    if _TCP_INFO is None or not sys.platform.startswith("linux"):  # pragma: no cover
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, TCP_INFO_REQUEST_SIZE)
+    except OSError as exc:
+        if exc.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+            return None
+        raise
+    return raw if len(raw) >= TCP_INFO_MIN_SIZE else None
 
 
 def read_tcp_state(sock: _Options) -> TcpState:

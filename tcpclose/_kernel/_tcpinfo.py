@@ -24,6 +24,7 @@ from dataclasses import astuple, dataclass, fields
 from typing import Final, Literal
 
 from tcpclose._errors import KernelViewError
+from tcpclose._frozen import positional_constructor
 
 from ._types import TcpState
 
@@ -277,6 +278,8 @@ class TcpInfo:
 
 
 _FIELD_NAMES: Final = tuple(f.name for f in fields(TcpInfo))
+#: ``TcpInfo(*values)`` without the frozen ``__init__`` (69 fields: about 6 us saved).
+_new_tcp_info: Final = positional_constructor(TcpInfo)
 if _FIELD_NAMES[:6] + _FIELD_NAMES[10:-1] != tuple(
     name for name, *_ in _LAYOUT if not name.startswith("_")
 ):  # pragma: no cover - a programming error caught at import
@@ -342,4 +345,4 @@ def decode_tcp_info(
     values[0] = _STATES.get(raw[0], TcpState.UNKNOWN)
     values[6:8] = [snd_wscale, rcv_wscale, app_limited, fastopen_fail]
     values.append(size)
-    return TcpInfo(*values)  # type: ignore[arg-type]
+    return _new_tcp_info(*values)
