@@ -319,7 +319,7 @@ class _Closer:
 
     def start(self) -> None:
         self._check_linger()
-        self._advance()
+        self._advance(self._last_data)  # (the time the close started)
 
     def wait(self) -> asyncio.Future[CloseReport]:
         """A future resolved with the report; cancelling it leaves the close running."""
@@ -364,8 +364,9 @@ class _Closer:
         """The peer's FIN (or TLS close_notify) arrived; ``conn.peer_eof`` is set."""
         if self._wait is _WAIT_RECEIVE:
             self._stop_waiting()
-            self._plan.feed(_EVENT_PEER_EOF, self._loop.time())
-            self._advance()
+            now = self._loop.time()
+            self._plan.feed(_EVENT_PEER_EOF, now)
+            self._advance(now)
 
     def on_lost(self, exc: BaseException | None) -> None:
         """The transport called ``connection_lost``: its fd is closed right after."""
@@ -378,9 +379,13 @@ class _Closer:
             self._plan.feed(self._lost_event(receiving=wait is _WAIT_RECEIVE), self._loop.time())
             self._advance()
         elif wait is _WAIT_CLOSE:
-            self._stop_waiting()
-            self._plan.feed(_EVENT_DONE, self._loop.time())
-            self._advance()
+            if self._slot is None and self._timer is None:
+                self._wait = _WAIT_NONE
+            else:
+                self._stop_waiting()
+            now = self._loop.time()
+            self._plan.feed(_EVENT_DONE, now)
+            self._advance(now)
 
     def on_resume_writing(self) -> None:
         if self._wait is _WAIT_FLUSH and self._conn.buffered() == 0:
@@ -392,10 +397,11 @@ class _Closer:
 
     # -- the plan's steps ---------------------------------------------------------------
 
-    def _advance(self) -> None:
+    def _advance(self, now: float | None = None) -> None:
         plan = self._plan
         conn = self._conn
-        now = self._loop.time()
+        if now is None:
+            now = self._loop.time()
         while not plan.done:
             action = plan.next_action()
             kind = type(action)  # (``is`` on the exact type: the hot path of every close)
@@ -403,7 +409,7 @@ class _Closer:
                 assert isinstance(action, Flush)
                 if conn.lost:
                     plan.feed(self._lost_event(receiving=False), now)
-                elif conn.buffered() == 0:
+                elif (conn.buffered() if conn.ssl else conn.real.get_write_buffer_size()) == 0:
                     plan.feed(_EVENT_FLUSHED, now)
                 elif now >= action.deadline:
                     plan.feed(_EVENT_TIMEOUT, now)
@@ -431,7 +437,10 @@ class _Closer:
                 elif conn.lost:
                     plan.feed(self._lost_event(receiving=True), now)
                 else:
-                    deadline = self._receive_deadline(action)
+                    deadline = action.deadline
+                    idle = action.idle_timeout
+                    if idle is not None and self._last_data + idle < deadline:
+                        deadline = self._last_data + idle
                     if now >= deadline:
                         plan.feed(_EVENT_TIMEOUT, now)
                         continue
@@ -457,7 +466,13 @@ class _Closer:
                 else:
                     outgoing += conn.buffered()
                     plan.feed(_EVENT_UNACKED_SOME if outgoing else _EVENT_UNACKED_NONE, now)
-        self._finished()
+        self._wait = _WAIT_DONE
+        if self._watch.local is not None:
+            # We may be inside connection_lost, before the transport closes the fd:
+            # look the 4-tuple up on the next loop turn.
+            self._loop.call_soon(self._complete)
+        else:
+            self._complete()
 
     def _receive_deadline(self, action: Receive) -> float:
         deadline = action.deadline
@@ -535,7 +550,7 @@ class _Closer:
                 else:
                     real.abort()  # our bounds are over: stop waiting for the peer
             else:
-                buffered = conn.buffered()
+                buffered = real.get_write_buffer_size()
                 if buffered and not default:
                     # The flush ran out of time: what is left cannot go out within the
                     # bounds. Reset, so that the peer learns its stream was cut (a FIN
@@ -697,7 +712,8 @@ class _Closer:
         if self._resumed or self.deliver or self._conn.lost:
             return
         self._resumed = True
-        if self.budget_left() < _LARGEST_READ:
+        plan = self._plan
+        if plan.policy.max_drain_bytes - plan.drained_bytes - self._pending_bytes < _LARGEST_READ:
             self._install_sink()
         try:
             self._conn.real.resume_reading()
@@ -730,15 +746,6 @@ class _Closer:
         return max(left, 0)
 
     # -- the end ------------------------------------------------------------------------
-
-    def _finished(self) -> None:
-        self._wait = _WAIT_DONE
-        if self._watch.local is not None:
-            # We may be inside connection_lost, before the transport closes the fd:
-            # look the 4-tuple up on the next loop turn.
-            self._loop.call_soon(self._complete)
-        else:
-            self._complete()
 
     def _plan_result(self) -> PlanResult:
         """The plan's result, with what only this driver saw."""

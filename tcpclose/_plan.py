@@ -400,11 +400,14 @@ class ClosePlan:
         "_trace",
         "debug",
         "done",
+        "policy",
     )
 
     def __init__(
         self, policy: ClosePolicy, now: float, *, peer_eof: bool = False, label: str = ""
     ) -> None:
+        #: The policy being applied.
+        self.policy = policy
         self._policy = policy
         self._started = now
         self._finished = now
@@ -448,11 +451,8 @@ class ClosePlan:
         return self._phase
 
     @property
-    def policy(self) -> ClosePolicy:
-        return self._policy
-
-    @property
     def drained_bytes(self) -> int:
+        """Bytes read and discarded so far."""
         return self._drained
 
     def next_action(self) -> Action:
