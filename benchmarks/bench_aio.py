@@ -12,6 +12,15 @@ asyncio, the server's CPU time per connection, client-side errors (a reset befor
 whole response arrived) and the TIME_WAIT entries left on the server's side of the
 port (``tcpclose.kernel.dump``).
 
+A reference row, "asyncio, graceful by hand", is plain ``asyncio.start_server`` whose
+handler does a graceful close itself (``write_eof()``, read to EOF, ``close()``): what
+waiting for the peer's FIN costs with no library at all, the floor for ``graceful``
+and ``peer-first``.
+
+The rounds are interleaved and each round runs in a shuffled order (seeded), so that a
+slow spell of the machine, or the TIME_WAIT entries earlier runs leave in the kernel's
+tables, do not always fall on the same rows; the table shows each row's median.
+
 Targets: >= 0.9x plain with reports off, >= 0.8x with reports on; peer-first leaves no
 TIME_WAIT on the server's side.
 
@@ -24,9 +33,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
+import random
 import resource
 import sys
 import time
@@ -81,7 +92,7 @@ async def _client(host: str, port: int, total: int, concurrency: int) -> dict[st
             remaining -= 1
             done: asyncio.Future[bool] = loop.create_future()
             try:
-                await loop.create_connection(lambda d=done: _ClientConnection(d), host, port)
+                await loop.create_connection(functools.partial(_ClientConnection, done), host, port)
                 whole = await asyncio.wait_for(done, 10)
             except (TimeoutError, OSError):
                 whole = False
@@ -116,6 +127,19 @@ async def _plain_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     try:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(RESPONSE)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    writer.close()
+
+
+async def _graceful_by_hand(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The reference: a graceful close written in the handler, no library."""
+    try:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(RESPONSE)
+        writer.write_eof()
+        while await reader.read(65536):
+            pass
     except (asyncio.IncompleteReadError, ConnectionError):
         pass
     writer.close()
@@ -158,6 +182,11 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+#: The policy names of the runs without tcpclose.
+PLAIN = None
+BY_HAND = "asyncio-graceful-by-hand"
+
+
 async def _one_run(name: str, policy: str | None, report: bool, total: int) -> dict[str, Any]:
     import tcpclose.aio
 
@@ -168,13 +197,14 @@ async def _one_run(name: str, policy: str | None, report: bool, total: int) -> d
         nonlocal reports
         reports += 1
 
-    if policy is None:
+    if policy is PLAIN or policy == BY_HAND:
+        handler = _plain_handler if policy is PLAIN else _graceful_by_hand
 
         async def plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             nonlocal open_conns
             open_conns += 1
             try:
-                await _plain_handler(reader, writer)
+                await handler(reader, writer)
             finally:
                 open_conns -= 1
 
@@ -206,11 +236,11 @@ async def _one_run(name: str, policy: str | None, report: bool, total: int) -> d
         proc.kill()
         await proc.wait()
         raise
-    result = json.loads(out)
+    result: dict[str, Any] = json.loads(out)
     # Let the last closes finish (bounded), then count what the kernel holds.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        busy = open_conns if policy is None else server.open_connections
+        busy = open_conns if policy is PLAIN or policy == BY_HAND else server.open_connections
         if not busy:
             break
         await asyncio.sleep(0.01)
@@ -231,7 +261,8 @@ async def _one_run(name: str, policy: str | None, report: bool, total: int) -> d
 
 
 RUNS: list[tuple[str, str | None, bool]] = [
-    ("plain asyncio", None, False),
+    ("plain asyncio", PLAIN, False),
+    ("asyncio, graceful by hand", BY_HAND, False),
     ("graceful, reports off", "graceful", False),
     ("graceful, reports on", "graceful", True),
     ("peer-first, reports off", "peer-first timeout=5s", False),
@@ -243,13 +274,19 @@ RUNS: list[tuple[str, str | None, bool]] = [
 ]
 
 
-async def _all_runs(total: int, rounds: int) -> list[list[dict[str, Any]]]:
-    """``rounds`` rounds of every run, interleaved so that a slow spell of the machine
-    hits all of them alike; the table uses each run's median."""
+async def _all_runs(total: int, rounds: int, seed: int) -> list[list[dict[str, Any]]]:
+    """``rounds`` rounds of every run, interleaved and each in a shuffled order, so that
+    a slow spell of the machine (or the TIME_WAIT entries of earlier runs) hits all of
+    them alike; the table uses each run's median."""
     samples: list[list[dict[str, Any]]] = [[] for _ in RUNS]
+    shuffler = random.Random(seed)
+    await _one_run("warm-up", PLAIN, False, min(total, 1000))  # imports, allocator
     for number in range(rounds):
         print(f"round {number + 1}/{rounds}", flush=True)
-        for index, (name, policy, report) in enumerate(RUNS):
+        order = list(range(len(RUNS)))
+        shuffler.shuffle(order)
+        for index in order:
+            name, policy, report = RUNS[index]
             samples[index].append(await _one_run(name, policy, report, total))
     return samples
 
@@ -285,13 +322,17 @@ def _summarize(samples: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _has_target(row: dict[str, Any]) -> bool:
+    return row["policy"] is not PLAIN and row["policy"] != BY_HAND
+
+
 def _print_table(rows: list[dict[str, Any]], total: int) -> None:
     print(
         f"\n  {'server':<26} {'conn/s':>8} {'ratio':>6} {'target':>7}"
         f" {'server CPU/conn':>16} {'TIME_WAIT here':>15} {'errors':>7}"
     )
     for row in rows:
-        target = "" if row["policy"] is None else (">=0.8" if row["reports"] else ">=0.9")
+        target = "" if not _has_target(row) else (">=0.8" if row["reports"] else ">=0.9")
         print(
             f"  {row['name']:<26} {row['connections_per_s']:8.0f} {row['ratio_to_plain']:5.2f}x"
             f" {target:>7} {row['server_cpu_us_per_conn']:11.0f} µs"
@@ -304,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="500 connections per run (CI)")
     parser.add_argument("--connections", type=int, default=5000)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+    parser.add_argument("--seed", type=int, default=6, help="seed of the shuffled run order")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--json", type=Path, default=RESULTS)
     parser.add_argument("--client", nargs=4, metavar=("HOST", "PORT", "N", "CONC"))
@@ -326,20 +368,20 @@ def main(argv: list[str] | None = None) -> int:
         f" server on {args.loop}, client (uvloop) in another process, {rounds} round(s)"
     )
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        samples = runner.run(_all_runs(total, rounds))
+        samples = runner.run(_all_runs(total, rounds, args.seed))
     results = _summarize(samples)
     _print_table(results, total)
     plain = results[0]["connections_per_s"]
     verdicts = []
     for r in results:
-        if r["policy"] is None:
+        if not _has_target(r):
             continue
         target = 0.8 if r["reports"] else 0.9
         r["target"] = target
         r["meets_target"] = r["ratio_to_plain"] >= target
         verdicts.append(r["meets_target"])
     peer_first_tw = [
-        r["server_time_wait"] for r in results if (r["policy"] or "").startswith("peer")
+        r["server_time_wait"] for r in results if (r["policy"] or "").startswith("peer-first")
     ]
     summary = {
         "plain_connections_per_s": plain,
@@ -356,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "aio short connections",
         "connections_per_run": total,
         "rounds": rounds,
+        "order_seed": args.seed,
         "concurrency": CONCURRENCY,
         "response_bytes": RESPONSE_SIZE,
         "loop": args.loop,
