@@ -177,6 +177,31 @@ def _client_time_wait(port: int) -> int | None:
         return None
 
 
+def _time_wait_count() -> tuple[int, int] | None:
+    """TIME_WAIT sockets now and the kernel's cap on them (Linux), else None."""
+    try:
+        with open("/proc/net/sockstat") as f:
+            text = f.read()
+        with open("/proc/sys/net/ipv4/tcp_max_tw_buckets") as f:
+            cap = int(f.read())
+        now = int(text.split(" tw ", 1)[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    return now, cap
+
+
+async def _room_for_time_wait(needed: int, limit_s: float = 65.0) -> None:
+    """Wait (at most ``limit_s``, TIME_WAIT lasts 60 s) until a round's worth of new
+    TIME_WAIT entries fits under ``tcp_max_tw_buckets``: past the cap the kernel makes
+    no more of them, and the TIME_WAIT column would undercount."""
+    deadline = time.monotonic() + limit_s
+    while (counts := _time_wait_count()) is not None and counts[0] + needed > counts[1]:
+        if time.monotonic() > deadline:
+            print(f"TIME_WAIT {counts[0]} of {counts[1]}: the counts may be low", flush=True)
+            return
+        await asyncio.sleep(0.5)
+
+
 def _cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -282,6 +307,7 @@ async def _all_runs(total: int, rounds: int, seed: int) -> list[list[dict[str, A
     shuffler = random.Random(seed)
     await _one_run("warm-up", PLAIN, False, min(total, 1000))  # imports, allocator
     for number in range(rounds):
+        await _room_for_time_wait(total * len(RUNS))
         print(f"round {number + 1}/{rounds}", flush=True)
         order = list(range(len(RUNS)))
         shuffler.shuffle(order)
