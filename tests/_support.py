@@ -6,15 +6,18 @@ deadline", never a bare sleep.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -227,3 +230,17 @@ def _same_host(a: str, b: str) -> bool:
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+def run_script_json(script: Path, out: Path, *args: str, timeout: float) -> Any:
+    """Run a benchmark script (``--json out`` and ``args``) with this interpreter; it
+    must exit 0. Returns what it wrote to ``out``."""
+    proc = subprocess.run(
+        [sys.executable, str(script), *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, f"{script.name} failed:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(out.read_text())

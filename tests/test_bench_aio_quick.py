@@ -10,12 +10,11 @@ close of the reference leaves one per connection.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests._support import run_script_json
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_aio.py"
 
@@ -23,16 +22,8 @@ pytestmark = pytest.mark.timeout(90)
 
 
 def test_bench_aio_quick(tmp_path: Path) -> None:
-    out = tmp_path / "aio.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=80,
-        check=False,
-    )
-    assert proc.returncode == 0, f"bench_aio failed:\n{proc.stdout}\n{proc.stderr}"
-    document = json.loads(out.read_text())["by_loop"]["asyncio"]
+    document = run_script_json(BENCH, tmp_path / "aio.json", "--quick", timeout=80)
+    document = document["by_loop"]["asyncio"]
     runs = {run["name"]: run for run in document["runs"]}
     total = document["connections_per_run"]
     assert total == 500

@@ -7,12 +7,11 @@ fails. Here: that it ran, in time, and what its JSON says about the main promise
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests._support import run_script_json
 
 SOAK = Path(__file__).resolve().parent.parent / "benchmarks" / "soak.py"
 
@@ -21,16 +20,7 @@ pytestmark = pytest.mark.timeout(90)
 
 def test_soak_quick(tmp_path: Path) -> None:
     pytest.importorskip("tcpclose.aio", reason="the asyncio driver has not landed yet")
-    out = tmp_path / "soak.json"
-    proc = subprocess.run(
-        [sys.executable, str(SOAK), "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, f"soak failed:\n{proc.stdout}\n{proc.stderr}"
-    result = json.loads(out.read_text())
+    result = run_script_json(SOAK, tmp_path / "soak.json", "--quick", timeout=60)
     assert result["failed"] == []
     assert result["connections"] == 1_000
     assert result["lost_bytes_keeping_policies"] == 0

@@ -304,32 +304,30 @@ def read_outgoing(fd: int) -> int:
         raise _translate(exc, fd) from exc
 
 
-def read_tcp_info(sock: _Options) -> TcpInfo | None:
-    """:func:`tcp_info` for a socket already known to be TCP."""
+def _tcp_info_raw(sock: _Options) -> bytes | None:
+    """``getsockopt(TCP_INFO)``; None where the platform has no Linux-style one."""
     if _TCP_INFO is None or not sys.platform.startswith("linux"):  # pragma: no cover
         return None
     try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, TCP_INFO_REQUEST_SIZE)
+        return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, TCP_INFO_REQUEST_SIZE)
     except OSError as exc:
         if exc.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP):
             return None
         raise
-    return decode_tcp_info(raw)
+
+
+def read_tcp_info(sock: _Options) -> TcpInfo | None:
+    """:func:`tcp_info` for a socket already known to be TCP."""
+    raw = _tcp_info_raw(sock)
+    return None if raw is None else decode_tcp_info(raw)
 
 
 def read_tcp_info_bytes(sock: _Options) -> bytes | None:
     """``TCP_INFO`` as the kernel returns it, undecoded (:func:`decode_tcp_info` reads
     it); None where the platform has no Linux-style ``TCP_INFO``, or when the kernel
     returned less than every kernel since 2.6 does."""
-    if _TCP_INFO is None or not sys.platform.startswith("linux"):  # pragma: no cover
-        return None
-    try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, TCP_INFO_REQUEST_SIZE)
-    except OSError as exc:
-        if exc.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP):
-            return None
-        raise
-    return raw if len(raw) >= TCP_INFO_MIN_SIZE else None
+    raw = _tcp_info_raw(sock)
+    return raw if raw is not None and len(raw) >= TCP_INFO_MIN_SIZE else None
 
 
 def read_tcp_state(sock: _Options) -> TcpState:
