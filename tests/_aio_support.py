@@ -575,3 +575,43 @@ class AppProtocol(asyncio.Protocol):
             self.transport.pause_reading()
             self.transport.write(self.app.response)
             self.transport.close()
+
+
+async def curl(
+    url: str, *args: str, body: bytes | None = None, pace: float = 0.0
+) -> tuple[int, bytes, bytes]:
+    """Run curl; with ``pace``, read its output 64 KiB at a time with that pause, so
+    that curl reads the socket as slowly (our kernel queue stays full meanwhile)."""
+    cmd = ["curl", "-sS", "--max-time", "20", "-H", "Expect:", *args, url]
+    if body is not None:
+        cmd += ["--data-binary", "@-"]
+    proc = await asyncio.create_subprocess_exec(
+        *cmd,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+
+    async def feed(stdin: asyncio.StreamWriter) -> None:
+        try:
+            if body is not None:
+                stdin.write(body)
+                await stdin.drain()
+        except ConnectionError:
+            pass  # curl stopped reading its input: the answer came first
+        stdin.close()
+
+    async def read_out(stdout: asyncio.StreamReader) -> bytes:
+        chunks = []
+        while chunk := await stdout.read(65536):
+            chunks.append(chunk)
+            if pace:
+                await asyncio.sleep(pace)  # pacing the reader, not waiting for a state
+        return b"".join(chunks)
+
+    _, out, err = await asyncio.gather(feed(proc.stdin), read_out(proc.stdout), proc.stderr.read())
+    code = await proc.wait()
+    return code, out, err

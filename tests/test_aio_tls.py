@@ -21,7 +21,7 @@ import tcpclose
 import tcpclose.aio
 from tcpclose import CloseMode, CloseReport, DataLossWarning, TcpState
 from tcpclose._plan import Outcome
-from tests._aio_support import Client, TlsClient, payload, run, sha256, tls, wait_for
+from tests._aio_support import Client, TlsClient, curl, payload, run, sha256, tls, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -276,46 +276,6 @@ async def http_server(
         handle, "127.0.0.1", 0, ssl=ssl, close_policy=policy, on_close=reports.append
     )
     return server, reports
-
-
-async def curl(
-    url: str, *args: str, body: bytes | None = None, pace: float = 0.0
-) -> tuple[int, bytes, bytes]:
-    """Run curl; with ``pace``, read its output 64 KiB at a time with that pause, so
-    that curl reads the socket as slowly (our kernel queue stays full meanwhile)."""
-    cmd = ["curl", "-sS", "--max-time", "20", "-H", "Expect:", *args, url]
-    if body is not None:
-        cmd += ["--data-binary", "@-"]
-    proc = await asyncio.create_subprocess_exec(
-        *cmd,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    assert proc.stderr is not None
-
-    async def feed(stdin: asyncio.StreamWriter) -> None:
-        try:
-            if body is not None:
-                stdin.write(body)
-                await stdin.drain()
-        except ConnectionError:
-            pass  # curl stopped reading its input: the answer came first
-        stdin.close()
-
-    async def read_out(stdout: asyncio.StreamReader) -> bytes:
-        chunks = []
-        while chunk := await stdout.read(65536):
-            chunks.append(chunk)
-            if pace:
-                await asyncio.sleep(pace)  # pacing the reader, not waiting for a state
-        return b"".join(chunks)
-
-    _, out, err = await asyncio.gather(feed(proc.stdin), read_out(proc.stdout), proc.stderr.read())
-    code = await proc.wait()
-    return code, out, err
 
 
 @needs_curl
