@@ -577,6 +577,16 @@ class AppProtocol(asyncio.Protocol):
             self.transport.close()
 
 
+async def spawn_piped(cmd: list[str]) -> asyncio.subprocess.Process:
+    """Start ``cmd`` with stdin, stdout and stderr as pipes."""
+    return await asyncio.create_subprocess_exec(
+        *cmd,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
 async def curl(
     url: str, *args: str, body: bytes | None = None, pace: float = 0.0
 ) -> tuple[int, bytes, bytes]:
@@ -585,12 +595,7 @@ async def curl(
     cmd = ["curl", "-sS", "--max-time", "20", "-H", "Expect:", *args, url]
     if body is not None:
         cmd += ["--data-binary", "@-"]
-    proc = await asyncio.create_subprocess_exec(
-        *cmd,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await spawn_piped(cmd)
     assert proc.stdin is not None
     assert proc.stdout is not None
     assert proc.stderr is not None

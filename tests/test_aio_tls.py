@@ -21,7 +21,17 @@ import tcpclose
 import tcpclose.aio
 from tcpclose import CloseMode, CloseReport, DataLossWarning, TcpState
 from tcpclose._plan import Outcome
-from tests._aio_support import Client, TlsClient, curl, payload, run, sha256, tls, wait_for
+from tests._aio_support import (
+    Client,
+    TlsClient,
+    curl,
+    payload,
+    run,
+    sha256,
+    spawn_piped,
+    tls,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -198,12 +208,7 @@ def test_openssl_s_client(loop_name: str, policy: str, tmp_path: Any) -> None:
                 # s_client closes (close_notify + FIN) when its input ends: give it the
                 # request and end the input once the answer is in.
                 cmd.append("-no_ign_eof")
-            proc = await asyncio.create_subprocess_exec(
-                *cmd,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
+            proc = await spawn_piped(cmd)
             assert proc.stdin is not None
             assert proc.stdout is not None
             proc.stdin.write(b"GET\n")
