@@ -23,9 +23,10 @@ the close, which always ends within the policy's bounds. The bounds are kept in 
 loop's shared deadline slots (:class:`_Deadlines`, 5 ms wide), not one timer per close.
 
 A busy server runs this once per connection, so the hot paths are written for
-CPython's costs (a Python call and its few lines cost about 0.3 us here): enum members are read
-from module globals, each step makes few calls, and nothing is measured that
-neither the plan nor the report needs. ``benchmarks/bench_aio.py`` measures it.
+CPython's costs (a Python call and its few lines cost about 0.3 us here): enum
+members are read from module globals, each step makes few calls, and nothing is
+measured that neither the plan nor the report needs. ``benchmarks/bench_aio.py``
+measures it.
 """
 
 from __future__ import annotations
