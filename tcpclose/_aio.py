@@ -731,8 +731,10 @@ class _Closer:
         """From now on a sink that reads at most the budget left takes the data."""
         self._sink = True
         conn = self._conn
-        if conn.lost or isinstance(conn, _BufferedPolicyProtocol):
-            return  # (the buffered wrapper bounds its own reads)
+        if conn.lost:
+            return
+        # (Also in front of the buffered wrapper: uvloop drives any asyncio.Protocol
+        # subclass through data_received, where nothing bounds a read.)
         try:
             conn.real.set_protocol(_DrainSink(conn))
         except Exception as exc:  # closing or closed: nothing to read any more

@@ -487,6 +487,26 @@ def test_buffered_protocol(loop_name: str) -> None:
     run(loop_name, main)
 
 
+@pytest.mark.parametrize("cap", [100 * 1024, 256 * 1024, 300 * 1024])
+def test_buffered_protocol_drain_stops_at_the_byte_cap(loop_name: str, cap: int) -> None:
+    """A flooding peer against a BufferedProtocol: the wrapper reads into its own
+    buffer, at most what is left of max_drain_bytes, whatever a transport would read
+    at once (256 KiB); the caps below, at and above that size read exactly the cap."""
+
+    async def main() -> None:
+        client = Client(expect=len(RESPONSE), after="flood")
+        policy = f"graceful max_drain_bytes={cap}B idle_timeout=5s linger_time=5s"
+        task = asyncio.ensure_future(one_exchange(Buffered, policy, client))
+        try:
+            report, _ = await task
+        finally:
+            client.release.set()
+        assert report.outcome is Outcome.BYTE_CAP, report
+        assert report.drained_bytes == cap, report
+
+    run(loop_name, main)
+
+
 def test_on_close_errors_are_logged_not_raised(
     loop_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
