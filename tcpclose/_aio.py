@@ -99,11 +99,12 @@ _PEER_FIN_STATES: Final = frozenset(
 )
 #: Discarded data lands here (shared: nobody ever reads it).
 _SCRATCH: Final = memoryview(bytearray(256 * 1024))
-#: The most a transport hands to ``data_received`` at once: asyncio's selector and
-#: TLS transports read 256 KiB at a time, uvloop's 256,000 bytes. While more than this
-#: is left of the drain's byte budget, what arrives cannot overshoot it and the
-#: wrapper counts it as it comes; below, a sink reading at most the budget left
-#: takes over (a ``BufferedProtocol``: the transport reads into its buffer).
+#: The most a TCP transport hands to ``data_received`` at once: asyncio's selector
+#: transport reads 256 KiB at a time, uvloop's 256,000 bytes. While more than this is
+#: left of the drain's byte budget, what arrives cannot overshoot it and the wrapper
+#: counts it as it comes; below, a sink reading at most the budget left takes over (a
+#: ``BufferedProtocol``: the transport reads into its buffer). TLS transports join
+#: what they decrypted into one ``data_received`` of any size: the sink from the start.
 _LARGEST_READ: Final = 256 * 1024
 
 
@@ -720,7 +721,11 @@ class _Closer:
             return
         self._resumed = True
         plan = self._plan
-        if plan.policy.max_drain_bytes - plan.drained_bytes - self._pending_bytes < _LARGEST_READ:
+        if (
+            self._conn.ssl  # a TLS transport joins what it decrypted in one data_received
+            or plan.policy.max_drain_bytes - plan.drained_bytes - self._pending_bytes
+            < _LARGEST_READ
+        ):
             self._install_sink()
         try:
             self._conn.real.resume_reading()
