@@ -16,6 +16,7 @@ filter set to "error" cannot interrupt a close half way.
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import struct
 from typing import Protocol
@@ -34,6 +35,8 @@ from ._report import Observed, format_address, new_observed
 from ._warnings import warn
 
 __all__ = ("SocketLike", "Watch", "emit_findings")
+
+_log = logging.getLogger("tcpclose")
 
 _LINGER = struct.Struct("ii")  # struct linger {int l_onoff; int l_linger;}
 
@@ -91,7 +94,8 @@ class Watch:
             if peer_fin is None:
                 peer_fin = read_tcp_state(sock) is TcpState.CLOSE_WAIT
             self.peer_fin_first = peer_fin
-            if self.local and self.peer:
+            # (Only the debug log shows it: not formatted on every close otherwise.)
+            if self.local and self.peer and _log.isEnabledFor(logging.DEBUG):
                 self.label = f"{format_address(self.local)}->{format_address(self.peer)}"
 
     def check_linger(self, *, nonblocking: bool, event_loop: bool = False) -> bool:

@@ -21,6 +21,7 @@ import pytest
 import tcpclose
 from tcpclose import CloseMode, ClosePolicy, DataLossWarning, PolicyError, TcpState
 from tcpclose._plan import Outcome
+from tcpclose._report import format_address
 from tests._support import (
     Peer,
     addr,
@@ -648,9 +649,12 @@ def test_debug_log_has_each_step_and_no_payload(
     client.sendall(secret)
     client.close()
     wait_until(lambda: tcpclose.queues(server).unread == len(secret), message="data arrives")
+    local, peer = addr(server), addr(server, peer=True)
     with caplog.at_level(logging.DEBUG, logger="tcpclose"):
         tcpclose.close(server, "graceful")
     text = caplog.text
+    # Each line names the connection (formatted only when debug logging is on).
+    assert f"close {format_address(local)}->{format_address(peer)}: start" in text, text
     for step in (
         "start graceful",
         "flush --flushed--> shutdown",
