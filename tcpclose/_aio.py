@@ -78,7 +78,6 @@ OnClose: TypeAlias = Callable[[CloseReport], object]
 
 _LINGER_ZERO: Final = struct.pack("ii", 1, 0)
 _LINGER_OFF: Final = struct.pack("ii", 0, 0)
-_LINGER: Final = struct.Struct("ii")
 _ABORT_POLICY: Final = ClosePolicy(mode=CloseMode.ABORT)
 #: How long to wait for ``connection_lost`` after ``close()``/``abort()`` of a
 #: transport with nothing left to send (it normally comes on the next loop turn).
@@ -279,8 +278,6 @@ class _Closer:
         self.deliver = deliver
         #: True: issue the warnings when done (no caller is there to point at).
         self.background = background
-        if conn.sock is None:
-            conn.socket()
         sock = conn.optsock
         self._watch = (
             _observe.Watch(_Addressed(conn.real, sock), report=True, peer_fin=conn.peer_eof)
@@ -294,7 +291,7 @@ class _Closer:
         self._poll = _FLUSH_POLL_FIRST_S
         self._wait = _WAIT_NONE
         self._timer: asyncio.TimerHandle | None = None
-        self._deadlines: _Deadlines = getattr(loop, _DEADLINES_ATTR, None) or _Deadlines.of(loop)
+        self._deadlines = _Deadlines.of(loop)
         self._slot: int | None = None
         self._pending_bytes = 0
         self._receiving: Receive | None = None
@@ -379,18 +376,14 @@ class _Closer:
     def on_lost(self, exc: BaseException | None) -> None:
         """The transport called ``connection_lost``: its fd is closed right after."""
         self._lost_exc = exc
-        if not self._measured:
-            self._measure_before_close()  # the fd is still open inside connection_lost
+        self._measure_before_close()  # the fd is still open inside connection_lost
         wait = self._wait
         if wait is _WAIT_RECEIVE or wait is _WAIT_FLUSH:
             self._stop_waiting()
             self._plan.feed(self._lost_event(receiving=wait is _WAIT_RECEIVE), self._loop.time())
             self._advance()
         elif wait is _WAIT_CLOSE:
-            if self._slot is None and self._timer is None:
-                self._wait = _WAIT_NONE
-            else:
-                self._stop_waiting()
+            self._stop_waiting()
             now = self._loop.time()
             self._plan.feed(_EVENT_DONE, now)
             self._advance(now)
@@ -445,10 +438,7 @@ class _Closer:
                 elif conn.lost:
                     plan.feed(self._lost_event(receiving=True), now)
                 else:
-                    deadline = action.deadline
-                    idle = action.idle_timeout
-                    if idle is not None and self._last_data + idle < deadline:
-                        deadline = self._last_data + idle
+                    deadline = self._receive_deadline(action)
                     if now >= deadline:
                         plan.feed(_EVENT_TIMEOUT, now)
                         continue
@@ -538,8 +528,7 @@ class _Closer:
     def _close_transport(self, now: float) -> None:
         conn = self._conn
         real = conn.real
-        if not self._measured:
-            self._measure_before_close()
+        self._measure_before_close()
         self.closed_transport = True
         default = self._plan.policy.mode is _MODE_DEFAULT
         grace = _DEFAULT_CLOSE_WAIT_S if default else _CLOSE_GRACE_S
@@ -659,22 +648,11 @@ class _Closer:
     def _check_linger(self) -> None:
         """BlockingCloseWarning for ``SO_LINGER`` with a non-zero time; turn it off
         (unless aborting), so that the fd's close cannot block the event loop."""
-        try:
-            raw = self._conn.optsock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)
-            onoff, seconds = _LINGER.unpack(raw)
-        except (OSError, ValueError, TypeError, struct.error):
+        if not self._watch.check_linger(nonblocking=True, event_loop=True):
             return
-        if not onoff or not seconds:
-            return
-        finding = _checks.blocking_linger(
-            linger_on=bool(onoff), linger_time=seconds, nonblocking=True, event_loop=True
-        )
-        if finding is None:
-            return
-        self._watch.findings.append(finding)
         if self._plan.policy.mode is not _MODE_ABORT:
             try:
-                self._conn.socket().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
+                self._conn.optsock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
             except OSError as exc:
                 logger.debug("close: could not turn SO_LINGER off: %s", exc)
 
@@ -720,12 +698,8 @@ class _Closer:
         if self._resumed or self.deliver or self._conn.lost:
             return
         self._resumed = True
-        plan = self._plan
-        if (
-            self._conn.ssl  # a TLS transport joins what it decrypted in one data_received
-            or plan.policy.max_drain_bytes - plan.drained_bytes - self._pending_bytes
-            < _LARGEST_READ
-        ):
+        # (A TLS transport joins what it decrypted into one data_received.)
+        if self._conn.ssl or self.budget_left() < _LARGEST_READ:
             self._install_sink()
         try:
             self._conn.real.resume_reading()
@@ -935,7 +909,7 @@ class PolicyProtocol(asyncio.Protocol):
     ) -> PolicyProtocol:
         """Put a wrapper in front of ``transport``'s current protocol (for aclose)."""
         inner = transport.get_protocol()
-        wrapper = _new_wrapper(inner, policy, on_close=None, report=report, registry=None)
+        wrapper = _new_wrapper(inner, policy, None, report, None)
         wrapper._attach(transport)
         # The application may have had the peer's FIN already (a handler that read to
         # EOF): the transport will not report it again. The kernel knows.
@@ -1041,9 +1015,7 @@ class PolicyProtocol(asyncio.Protocol):
         if closer is not None:  # write_eof() under peer-first: the protocol is done now
             closer.stop_delivering()
             return closer
-        closer = self._closer = _Closer(self, self._policy, trigger, self._report)
-        closer.start()
-        return closer
+        return self.start_close(self._policy, trigger=trigger)
 
     def request_abort(self) -> None:
         if self.lost:
@@ -1285,13 +1257,12 @@ _DETACHED: Final = _detached_connection()
 def _new_wrapper(
     inner: asyncio.BaseProtocol,
     policy: ClosePolicy,
-    *,
     on_close: OnClose | None,
     report: bool,
     registry: ConnectionRegistry | None,
 ) -> PolicyProtocol:
     cls = _BufferedPolicyProtocol if isinstance(inner, asyncio.BufferedProtocol) else PolicyProtocol
-    return cls(inner, policy, on_close=on_close, report=report, registry=registry)
+    return cls(inner, policy, on_close, report, registry)
 
 
 def _feed_buffered(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
@@ -1362,11 +1333,10 @@ class PolicyTransport(_asyncio_transports._FlowControlMixin):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         conn = self._conn
-        if conn._closer is not None or conn._close_requested:
-            if conn.closing:
-                return  # the close is under way: like a closing TLS transport, drop it
-            if conn.eof_by_policy:
-                raise RuntimeError("Cannot call write() after write_eof()")
+        if conn.closing:
+            return  # the close is under way: like a closing TLS transport, drop it
+        if conn.eof_by_policy:
+            raise RuntimeError("Cannot call write() after write_eof()")
         self._real.write(data)
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
@@ -1506,12 +1476,7 @@ class PolicyProtocolFactory:
 
     def __call__(self, *args: Any, **kwargs: Any) -> PolicyProtocol:
         inner = self.protocol_factory(*args, **kwargs)
-        cls = (
-            _BufferedPolicyProtocol
-            if isinstance(inner, asyncio.BufferedProtocol)
-            else PolicyProtocol
-        )
-        return cls(inner, self.policy, self.on_close, self.report, self._registry)
+        return _new_wrapper(inner, self.policy, self.on_close, self.report, self._registry)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in PolicyProtocolFactory.__slots__:

@@ -104,9 +104,12 @@ class Watch:
         it is (the caller may turn it off)."""
         try:
             raw = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER.size)
-        except OSError:
+            on, seconds = _LINGER.unpack(raw)
+        except (OSError, ValueError, TypeError, struct.error):
+            # (uvloop's pseudo-socket and closed sockets: nothing to check)
             return False
-        on, seconds = _LINGER.unpack(raw)
+        if not on or not seconds:
+            return False  # the usual case, decided here: this runs on every close
         finding = _checks.blocking_linger(
             linger_on=bool(on), linger_time=seconds, nonblocking=nonblocking, event_loop=event_loop
         )

@@ -395,7 +395,6 @@ class ClosePlan:
         "_peer_closed_first",
         "_peer_eof",
         "_phase",
-        "_policy",
         "_started",
         "_trace",
         "debug",
@@ -408,7 +407,6 @@ class ClosePlan:
     ) -> None:
         #: The policy being applied.
         self.policy = policy
-        self._policy = policy
         self._started = now
         self._finished = now
         self._label = label
@@ -466,20 +464,33 @@ class ClosePlan:
         action = _FIXED_ACTIONS.get(phase)
         if action is None:
             if phase is _PHASE_DRAIN:
-                action = Receive(self._deadline, self._policy.idle_timeout, self._budget)
+                action = Receive(self._deadline, self.policy.idle_timeout, self._budget)
             elif phase is _PHASE_AWAIT_PEER:
                 action = Receive(self._deadline, None, self._budget)
             elif phase is _PHASE_FLUSH or phase is _PHASE_FLUSH_NO_FIN:
                 action = Flush(self._deadline)
             else:
                 assert phase is _PHASE_DONE
-                action = Finished(self._result())
+                action = Finished(self.result())
         self._action = action
         return action
 
     def result(self) -> PlanResult:
         """How the close went (so far: final once the plan is :attr:`done`)."""
-        return self._result()
+        return _new_result(
+            self.policy.mode,
+            self._mode_applied,
+            self._outcome or _OUTCOME_ERROR,
+            self._fallback,
+            self._drained,
+            self._peer_eof,
+            self._peer_closed_first,
+            self._fin_sent,
+            self._linger_zero,
+            self._started,
+            self._finished,
+            tuple(self._trace),
+        )
 
     def feed(self, event: Event, now: float, *, nbytes: int = 0) -> None:
         """Tell the plan what happened at monotonic time ``now``.
@@ -542,7 +553,7 @@ class ClosePlan:
         return event
 
     def _leave(self, phase: Phase, event: Event, target: Phase, now: float) -> None:
-        policy = self._policy
+        policy = self.policy
         if event is _EVENT_PEER_EOF:
             self._peer_eof = True
             # Known at the start (peer_eof=True), or the FIN came before ours.
@@ -572,22 +583,6 @@ class ClosePlan:
             self.feed(_FALLBACK_EVENT[policy.fallback], now)
         elif target is _PHASE_DRAIN and self._budget == 0:
             self.feed(_EVENT_BYTE_CAP, now)
-
-    def _result(self) -> PlanResult:
-        return _new_result(
-            self._policy.mode,
-            self._mode_applied,
-            self._outcome or _OUTCOME_ERROR,
-            self._fallback,
-            self._drained,
-            self._peer_eof,
-            self._peer_closed_first,
-            self._fin_sent,
-            self._linger_zero,
-            self._started,
-            self._finished,
-            tuple(self._trace),
-        )
 
     def _log(self, message: str, *args: object) -> None:
         logger.debug("close %s: " + message, self._label or "-", *args)
