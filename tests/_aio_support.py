@@ -433,6 +433,9 @@ class TlsClient:
                 if not chunk:
                     break
             result.extra["close_notify"] = True
+            # Before we answer it: the server's FIN must follow its close_notify on its
+            # own (CLOSE_WAIT here), not wait for our answer.
+            result.extra["fin_before_answer"] = _wait_for_state(tls_sock, TcpState.CLOSE_WAIT, 2.0)
             plain = tls_sock.unwrap()  # answer it; then the TCP stream must end
             with plain:
                 plain.settimeout(5)
@@ -451,6 +454,18 @@ class TlsClient:
             self.release.wait(15)
         else:  # pragma: no cover
             raise ValueError(self.after)
+
+
+def _wait_for_state(sock: socket.socket, state: TcpState, timeout: float) -> bool:
+    """Poll the kernel until ``sock`` is in ``state``; False at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = tcpclose.tcp_info(sock)
+        if info is not None and info.state is state:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.002)
 
 
 @contextlib.contextmanager

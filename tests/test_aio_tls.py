@@ -78,6 +78,9 @@ def test_tls_graceful_close_notify_then_fin(loop_name: str, tmp_path: Any) -> No
         assert peer.error is None, peer.error
         assert sha256(peer.data) == sha256(RESPONSE)
         assert peer.extra["close_notify"] is True
+        # Our FIN came right after the close_notify, before the client answered it
+        # (uvloop's TLS layer alone would send it only after the answer).
+        assert peer.extra["fin_before_answer"] is True
         assert peer.extra["fin_after_close_notify"] is True
         assert report.mode is CloseMode.GRACEFUL
         assert report.outcome is Outcome.PEER_EOF

@@ -112,23 +112,9 @@ def _start(case: Case, then: str, *, wait_for_notify: bool = False) -> tuple[Tls
     return peer, run
 
 
-_UVLOOP_TLS_FIN = (
-    "aio bug on uvloop: over TLS the FIN goes only when uvloop's TLS layer closes the "
-    "connection, not after our close_notify, so the graceful drain runs without our FIN; "
-    "the report still says fin_sent, while the kernel shows otherwise (FIN_WAIT1 just "
-    "sent at the end, or CLOSED here and TIME_WAIT at a peer that closed first)"
-)
-
-
-def _xfail_uvloop_tls_fin(case: Case, request: pytest.FixtureRequest, policies: set[str]) -> None:
-    if case.driver == "uvloop" and case.policy_name in policies:
-        request.applymarker(pytest.mark.xfail(reason=_UVLOOP_TLS_FIN))
-
-
-def test_tls_peer_closes_without_close_notify(case: Case, request: pytest.FixtureRequest) -> None:
+def test_tls_peer_closes_without_close_notify(case: Case) -> None:
     """The peer ends the TCP connection (FIN) without a TLS close_notify: after ours
     (graceful), or first, while we wait for it (peer-first)."""
-    _xfail_uvloop_tls_fin(case, request, {"graceful"})
     name = case.policy_name
     peer, run = _start(case, "close-without-notify", wait_for_notify=name == "graceful")
     try:
@@ -154,9 +140,8 @@ def test_tls_peer_closes_without_close_notify(case: Case, request: pytest.Fixtur
         assert peer.notify is True  # our close_notify came, before our FIN
 
 
-def test_tls_peer_never_answers_close_notify(case: Case, request: pytest.FixtureRequest) -> None:
+def test_tls_peer_never_answers_close_notify(case: Case) -> None:
     """The peer has its response and then says nothing at all, at either layer."""
-    _xfail_uvloop_tls_fin(case, request, {"graceful", "peer-first/graceful"})
     name = case.policy_name
     peer, run = _start(case, "hold")
     try:
