@@ -12,10 +12,14 @@ asyncio, the server's CPU time per connection, client-side errors (a reset befor
 whole response arrived) and the TIME_WAIT entries left on the server's side of the
 port (``tcpclose.kernel.dump``).
 
-A reference row, "asyncio, graceful by hand", is plain ``asyncio.start_server`` whose
-handler does a graceful close itself (``write_eof()``, read to EOF, ``close()``): what
-waiting for the peer's FIN costs with no library at all, the floor for ``graceful``
-and ``peer-first``.
+Reference rows, plain ``asyncio.start_server`` with no library logic, give the floors:
+
+* "asyncio, graceful by hand": the handler does a graceful close itself
+  (``write_eof()``, read to EOF, ``close()``): what waiting for the peer's FIN costs,
+  the floor for ``graceful`` and ``peer-first`` with reports off;
+* "... + report reads": the same closes (plain ``close()``, graceful by hand) plus the
+  three kernel reads a report is made of (``SO_COOKIE`` and ``TCP_INFO`` before the
+  close, the sock_diag lookup of the 4-tuple after it): the floors with reports on.
 
 The rounds are interleaved and each round runs in a shuffled order (seeded), so that a
 slow spell of the machine, or the TIME_WAIT entries earlier runs leave in the kernel's
@@ -39,6 +43,7 @@ import os
 import platform
 import random
 import resource
+import socket
 import sys
 import time
 import warnings
@@ -145,6 +150,63 @@ async def _graceful_by_hand(reader: asyncio.StreamReader, writer: asyncio.Stream
     writer.close()
 
 
+#: ``struct tcp_info``'s size on Linux 6.x: what a report reads before the close.
+_TCP_INFO_SIZE = 232
+
+
+def _report_reads(writer: asyncio.StreamWriter) -> Callable[[], None]:
+    """What a report of the close needs from the kernel, done by hand: the socket's
+    cookie and TCP_INFO now; returns the sock_diag lookup of the 4-tuple, to be run
+    once the fd is closed."""
+    from tcpclose import kernel
+
+    sock = writer.get_extra_info("socket")
+    local, peer = writer.get_extra_info("sockname"), writer.get_extra_info("peername")
+    cookie = kernel.socket_cookie(sock)
+    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+
+    def lookup() -> None:
+        kernel.lookup(local, peer, cookie=cookie)
+
+    return lookup
+
+
+async def _close_by_hand_reported(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """A reference: plain close() plus the kernel reads a report needs, no library
+    logic: the floor of "default, reports on"."""
+    try:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(RESPONSE)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    lookup = _report_reads(writer)
+    writer.close()
+    # The transport closes the fd on the next loop turn; the lookup runs after it.
+    asyncio.get_running_loop().call_soon(lookup)
+
+
+async def _graceful_by_hand_reported(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """A reference: the graceful close by hand plus the kernel reads a report needs:
+    the floor of "graceful, reports on"."""
+    lookup = None
+    try:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(RESPONSE)
+        writer.write_eof()
+        while await reader.read(65536):
+            pass
+        lookup = _report_reads(writer)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    writer.close()
+    if lookup is not None:
+        asyncio.get_running_loop().call_soon(lookup)
+
+
 async def _policy_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         await reader.readuntil(b"\r\n\r\n")
@@ -207,9 +269,17 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-#: The policy names of the runs without tcpclose.
+#: The policy names of the runs without tcpclose, and their handlers.
 PLAIN = None
 BY_HAND = "asyncio-graceful-by-hand"
+BY_HAND_REPORTED = "asyncio-close-by-hand-report-reads"
+GRACEFUL_BY_HAND_REPORTED = "asyncio-graceful-by-hand-report-reads"
+_HANDLERS: dict[str | None, Callable[..., Any]] = {
+    PLAIN: _plain_handler,
+    BY_HAND: _graceful_by_hand,
+    BY_HAND_REPORTED: _close_by_hand_reported,
+    GRACEFUL_BY_HAND_REPORTED: _graceful_by_hand_reported,
+}
 
 
 async def _one_run(name: str, policy: str | None, report: bool, total: int) -> dict[str, Any]:
@@ -222,8 +292,8 @@ async def _one_run(name: str, policy: str | None, report: bool, total: int) -> d
         nonlocal reports
         reports += 1
 
-    if policy is PLAIN or policy == BY_HAND:
-        handler = _plain_handler if policy is PLAIN else _graceful_by_hand
+    if policy is None or policy in _HANDLERS:
+        handler = _HANDLERS[policy]
 
         async def plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             nonlocal open_conns
@@ -265,7 +335,7 @@ async def _one_run(name: str, policy: str | None, report: bool, total: int) -> d
     # Let the last closes finish (bounded), then count what the kernel holds.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        busy = open_conns if policy is PLAIN or policy == BY_HAND else server.open_connections
+        busy = open_conns if policy in _HANDLERS else server.open_connections
         if not busy:
             break
         await asyncio.sleep(0.01)
@@ -288,6 +358,8 @@ async def _one_run(name: str, policy: str | None, report: bool, total: int) -> d
 RUNS: list[tuple[str, str | None, bool]] = [
     ("plain asyncio", PLAIN, False),
     ("asyncio, graceful by hand", BY_HAND, False),
+    ("asyncio, close by hand + report reads", BY_HAND_REPORTED, True),
+    ("asyncio, graceful by hand + report reads", GRACEFUL_BY_HAND_REPORTED, True),
     ("graceful, reports off", "graceful", False),
     ("graceful, reports on", "graceful", True),
     ("peer-first, reports off", "peer-first timeout=5s", False),
@@ -349,18 +421,18 @@ def _summarize(samples: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def _has_target(row: dict[str, Any]) -> bool:
-    return row["policy"] is not PLAIN and row["policy"] != BY_HAND
+    return row["policy"] not in _HANDLERS
 
 
 def _print_table(rows: list[dict[str, Any]], total: int) -> None:
     print(
-        f"\n  {'server':<26} {'conn/s':>8} {'ratio':>6} {'target':>7}"
+        f"\n  {'server':<42} {'conn/s':>8} {'ratio':>6} {'target':>7}"
         f" {'server CPU/conn':>16} {'TIME_WAIT here':>15} {'errors':>7}"
     )
     for row in rows:
         target = "" if not _has_target(row) else (">=0.8" if row["reports"] else ">=0.9")
         print(
-            f"  {row['name']:<26} {row['connections_per_s']:8.0f} {row['ratio_to_plain']:5.2f}x"
+            f"  {row['name']:<42} {row['connections_per_s']:8.0f} {row['ratio_to_plain']:5.2f}x"
             f" {target:>7} {row['server_cpu_us_per_conn']:11.0f} µs"
             f" {row['cpu_ratio_to_plain']:4.2f}x"
             f" {row['server_time_wait']:>9}/{total} {row['errors']:>7}"

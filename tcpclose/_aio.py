@@ -40,6 +40,7 @@ import gc
 import logging
 import socket
 import struct
+import time
 from asyncio import constants as _asyncio_constants
 from asyncio import transports as _asyncio_transports
 from collections.abc import Callable, Iterable
@@ -172,10 +173,15 @@ _DEADLINES_ATTR: Final = "_tcpclose_deadlines"
 class _Deadlines:
     """The deadline slots of one event loop's closes (see :data:`_SLOT_S`)."""
 
-    __slots__ = ("_loop", "_slots")
+    __slots__ = ("_loop", "_slots", "clock")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        #: The loop's clock. asyncio's ``loop.time()`` is a Python method returning
+        #: ``time.monotonic()``: on that loop the closes call the latter directly.
+        self.clock: Callable[[], float] = (
+            time.monotonic if type(loop).time is asyncio.BaseEventLoop.time else loop.time
+        )
         #: slot number -> the closes waiting in it (a dict: ordered, like the heap)
         self._slots: dict[int, dict[_Closer, None]] = {}
 
@@ -226,6 +232,7 @@ class _Closer:
 
     __slots__ = (
         "_allow_data_loss",
+        "_clock",
         "_conn",
         "_deadline",
         "_deadlines",
@@ -269,7 +276,10 @@ class _Closer:
     ) -> None:
         # (Positional parameters, and few calls below: a busy server makes thousands
         # of these a second, and a Python call and its few lines cost about 0.3 us.)
-        loop = asyncio.get_running_loop()
+        registry = conn.registry
+        loop = registry.loop if registry is not None else None
+        if loop is None:
+            loop = asyncio.get_running_loop()
         self._loop = loop
         self._conn = conn
         self._trigger = trigger
@@ -285,14 +295,15 @@ class _Closer:
             if report
             else _observe.Watch(sock, report=False)
         )
-        now = loop.time()
+        deadlines = self._deadlines = _Deadlines.of(loop)
+        clock = self._clock = deadlines.clock
+        now = clock()
         self._plan = ClosePlan(policy, now, peer_eof=conn.peer_eof, label=self._watch.label)
         self._last_data = now
         self._deadline = now
         self._poll = _FLUSH_POLL_FIRST_S
         self._wait = _WAIT_NONE
         self._timer: asyncio.TimerHandle | None = None
-        self._deadlines = _Deadlines.of(loop)
         self._slot: int | None = None
         self._pending_bytes = 0
         self._receiving: Receive | None = None
@@ -345,7 +356,7 @@ class _Closer:
             self._install_sink()
         wait = self._wait
         if wait is _WAIT_RECEIVE:
-            now = self._loop.time()
+            now = self._clock()
             self._last_data = now
             plan = self._plan
             phase = plan.phase
@@ -364,13 +375,13 @@ class _Closer:
 
     def on_activity(self) -> None:
         """Data reached the application's protocol (deliver mode): the peer is not idle."""
-        self._last_data = self._loop.time()
+        self._last_data = self._clock()
 
     def on_eof(self) -> None:
         """The peer's FIN (or TLS close_notify) arrived; ``conn.peer_eof`` is set."""
         if self._wait is _WAIT_RECEIVE:
             self._stop_waiting()
-            now = self._loop.time()
+            now = self._clock()
             self._plan.feed(_EVENT_PEER_EOF, now)
             self._advance(now)
 
@@ -381,11 +392,11 @@ class _Closer:
         wait = self._wait
         if wait is _WAIT_RECEIVE or wait is _WAIT_FLUSH:
             self._stop_waiting()
-            self._plan.feed(self._lost_event(receiving=wait is _WAIT_RECEIVE), self._loop.time())
+            self._plan.feed(self._lost_event(receiving=wait is _WAIT_RECEIVE), self._clock())
             self._advance()
         elif wait is _WAIT_CLOSE:
             self._stop_waiting()
-            now = self._loop.time()
+            now = self._clock()
             self._plan.feed(_EVENT_DONE, now)
             self._advance(now)
 
@@ -395,7 +406,7 @@ class _Closer:
             # after resume_writing() (CPython's shuts the socket down there if write_eof()
             # was called). Finish the flush on the next loop turn instead.
             self._stop_waiting()
-            self._sleep(_WAIT_FLUSH, self._loop.time(), precise=True)
+            self._sleep(_WAIT_FLUSH, self._clock(), precise=True)
 
     # -- the plan's steps ---------------------------------------------------------------
 
@@ -403,7 +414,7 @@ class _Closer:
         plan = self._plan
         conn = self._conn
         if now is None:
-            now = self._loop.time()
+            now = self._clock()
         while not plan.done:
             action = plan.next_action()
             kind = type(action)  # (``is`` on the exact type: the hot path of every close)
@@ -605,11 +616,11 @@ class _Closer:
             self._forced = True
             self._watch.error = self._watch.error or "close-timeout"
             self._conn.real.abort()
-            self._sleep(_WAIT_CLOSE, self._loop.time() + _CLOSE_GRACE_S)
+            self._sleep(_WAIT_CLOSE, self._clock() + _CLOSE_GRACE_S)
             return
         # The transport never reported connection_lost: stop waiting for it.
         logger.warning("close: transport %r never called connection_lost", self._conn.real)
-        self._plan.feed(_EVENT_ERROR, self._loop.time())
+        self._plan.feed(_EVENT_ERROR, self._clock())
         self._advance()
 
     # -- waiting ------------------------------------------------------------------------
@@ -642,7 +653,7 @@ class _Closer:
     def _on_timer(self) -> None:
         self._timer = None
         wait, self._wait = self._wait, _WAIT_NONE
-        now = self._loop.time()
+        now = self._clock()
         plan = self._plan
         if wait is _WAIT_FLUSH:
             if self._conn.buffered() == 0:
@@ -904,13 +915,13 @@ class PolicyProtocol(asyncio.Protocol):
         "_on_close",
         "_policy",
         "_raw_tls",
-        "_registry",
         "_report",
         "eof_read",
         "lost",
         "optsock",
         "peer_eof",
         "real",
+        "registry",
         "sock",
         "ssl",
     )
@@ -931,7 +942,7 @@ class PolicyProtocol(asyncio.Protocol):
         self._policy = policy
         self._on_close = on_close
         self._report = report
-        self._registry = registry
+        self.registry = registry
         self._closer: _Closer | None = None
         self._close_requested = False
         self._eof_by_policy = False
@@ -1011,8 +1022,8 @@ class PolicyProtocol(asyncio.Protocol):
 
     def close_finished(self, closer: _Closer) -> None:
         """Called by the closer once it is over."""
-        if self._registry is not None:
-            self._registry.conns.discard(self)
+        if self.registry is not None:
+            self.registry.conns.discard(self)
         on_close = self._on_close
         if on_close is not None:
             report = closer.report
@@ -1111,7 +1122,7 @@ class PolicyProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         real = cast(_TransportLike, transport)
         self._attach(real)
-        registry = self._registry
+        registry = self.registry
         if registry is not None:
             registry.conns.add(self)
         # (The proxy is not kept here: it refers to us, and a cycle would leave every
@@ -1171,8 +1182,8 @@ class PolicyProtocol(asyncio.Protocol):
         finally:
             if closer is not None:
                 closer.on_lost(exc)
-            elif self._registry is not None:
-                self._registry.discard(self)
+            elif self.registry is not None:
+                self.registry.discard(self)
 
     def _call_inner_lost(self, exc: Exception | None) -> None:
         if self._inner_lost:
@@ -1453,12 +1464,15 @@ class PolicyTransport(_asyncio_transports._FlowControlMixin):
 class ConnectionRegistry:
     """The open connections of one server, so that its shutdown can close them."""
 
-    __slots__ = ("closing", "conns", "trigger")
+    __slots__ = ("closing", "conns", "loop", "trigger")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.conns: set[PolicyProtocol] = set()
         self.closing = False
         self.trigger = "server-shutdown"
+        #: The server's loop (its closes need not ask for the running loop: on
+        #: CPython that asks the kernel for the process id every time).
+        self.loop = loop
 
     def add(self, conn: PolicyProtocol) -> None:
         self.conns.add(conn)

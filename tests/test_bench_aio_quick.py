@@ -1,6 +1,6 @@
 """The asyncio benchmark in quick mode (issue 6): ``benchmarks/bench_aio.py --quick``.
 
-500 connections per run against plain asyncio, the hand-written graceful reference and
+500 connections per run against plain asyncio, the hand-written references and
 ``tcpclose.aio.start_server`` with each policy, reports on and off. Throughput ratios
 are not asserted here (that is the benchmark's business, on a quiet machine); what is:
 the script runs, every response arrives whole, every report is delivered, and
@@ -31,7 +31,7 @@ def test_bench_aio_quick(tmp_path: Path) -> None:
     for run in runs.values():
         assert run["errors"] == 0, run["name"]
         assert run["samples"][0]["ok"] == total, run["name"]
-        if run["reports"]:
+        if run["reports"] and not run["name"].startswith("asyncio"):  # (by hand: no reports)
             assert run["samples"][0]["reports_received"] == total, run["name"]
     # Whoever closes first keeps the TIME_WAIT: the by-hand graceful close keeps one
     # per connection on the server, peer-first none.

@@ -818,7 +818,7 @@ class NetlinkChannel:
     the channel is garbage-collected.
     """
 
-    __slots__ = ("_request", "_seq", "_sock", "buffer", "pid")
+    __slots__ = ("_request", "_seq", "_sock", "buffer", "forks", "pid")
 
     def __init__(self, timeout: float = RECEIVE_TIMEOUT) -> None:
         self._sock: socket.socket | None = _open_socket(timeout)
@@ -828,6 +828,8 @@ class NetlinkChannel:
         self._seq = 0
         #: The process that opened the socket (a forked child must not share it).
         self.pid = os.getpid()
+        #: :data:`_forks` when it was opened.
+        self.forks = _forks[0]
 
     @property
     def closed(self) -> bool:
@@ -886,6 +888,19 @@ class _PerThread(threading.local):
 
 _per_thread = _PerThread()
 
+#: How many times this process is a forked child of the one that imported us: a
+#: channel opened under another count was inherited. (Counted at fork, not checked
+#: with ``os.getpid()`` on every lookup: that asks the kernel each time.)
+_forks = [0]
+
+
+def _count_fork() -> None:
+    _forks[0] += 1
+
+
+if hasattr(os, "register_at_fork"):  # (POSIX)
+    os.register_at_fork(after_in_child=_count_fork)
+
 
 def channel() -> NetlinkChannel:
     """This thread's lookup channel, opened on first use.
@@ -894,7 +909,7 @@ def channel() -> NetlinkChannel:
     parent and the child must not read each other's replies.
     """
     chan = _per_thread.channel
-    if chan is not None and chan.pid == os.getpid() and not chan.closed:
+    if chan is not None and chan.forks == _forks[0] and not chan.closed:
         return chan
     if chan is not None:
         chan.close()
