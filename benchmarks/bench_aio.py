@@ -152,17 +152,19 @@ async def _graceful_by_hand(reader: asyncio.StreamReader, writer: asyncio.Stream
 
 #: ``struct tcp_info``'s size on Linux 6.x: what a report reads before the close.
 _TCP_INFO_SIZE = 232
+#: ``SO_COOKIE`` on Linux (the socket module does not name it).
+_SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
 
 
 def _report_reads(writer: asyncio.StreamWriter) -> Callable[[], None]:
-    """What a report of the close needs from the kernel, done by hand: the socket's
-    cookie and TCP_INFO now; returns the sock_diag lookup of the 4-tuple, to be run
-    once the fd is closed."""
+    """What a report of the close needs from the kernel, done by hand with raw
+    ``getsockopt`` calls: the socket's cookie and TCP_INFO now; returns the sock_diag
+    lookup of the 4-tuple, to be run once the fd is closed."""
     from tcpclose import kernel
 
     sock = writer.get_extra_info("socket")
     local, peer = writer.get_extra_info("sockname"), writer.get_extra_info("peername")
-    cookie = kernel.socket_cookie(sock)
+    cookie = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, _SO_COOKIE, 8), sys.byteorder)
     sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
 
     def lookup() -> None:
