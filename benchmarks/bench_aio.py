@@ -128,28 +128,6 @@ def client_main(host: str, port: int, total: int, concurrency: int) -> None:
 RESPONSE = b"r" * RESPONSE_SIZE
 
 
-async def _plain_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(RESPONSE)
-    except (asyncio.IncompleteReadError, ConnectionError):
-        pass
-    writer.close()
-
-
-async def _graceful_by_hand(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """The reference: a graceful close written in the handler, no library."""
-    try:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(RESPONSE)
-        writer.write_eof()
-        while await reader.read(65536):
-            pass
-    except (asyncio.IncompleteReadError, ConnectionError):
-        pass
-    writer.close()
-
-
 #: ``struct tcp_info``'s size on Linux 6.x: what a report reads before the close.
 _TCP_INFO_SIZE = 232
 #: ``SO_COOKIE`` on Linux (the socket module does not name it).
@@ -173,40 +151,40 @@ def _report_reads(writer: asyncio.StreamWriter) -> Callable[[], None]:
     return lookup
 
 
-async def _close_by_hand_reported(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+def _close(writer: asyncio.StreamWriter, report_reads: bool) -> None:
+    """``writer.close()``; with ``report_reads``, the report's kernel reads around it
+    (the transport closes the fd on the next loop turn: the lookup runs after it)."""
+    lookup = _report_reads(writer) if report_reads else None
+    writer.close()
+    if lookup is not None:
+        asyncio.get_running_loop().call_soon(lookup)
+
+
+async def _plain_handler(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, report_reads: bool = False
 ) -> None:
-    """A reference: plain close() plus the kernel reads a report needs, no library
-    logic: the floor of "default, reports on"."""
+    """Plain asyncio: answer, then ``writer.close()``."""
     try:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(RESPONSE)
     except (asyncio.IncompleteReadError, ConnectionError):
         pass
-    lookup = _report_reads(writer)
-    writer.close()
-    # The transport closes the fd on the next loop turn; the lookup runs after it.
-    asyncio.get_running_loop().call_soon(lookup)
+    _close(writer, report_reads)
 
 
-async def _graceful_by_hand_reported(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+async def _graceful_by_hand(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, report_reads: bool = False
 ) -> None:
-    """A reference: the graceful close by hand plus the kernel reads a report needs:
-    the floor of "graceful, reports on"."""
-    lookup = None
+    """A reference: a graceful close written in the handler, no library."""
     try:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(RESPONSE)
         writer.write_eof()
         while await reader.read(65536):
             pass
-        lookup = _report_reads(writer)
     except (asyncio.IncompleteReadError, ConnectionError):
-        pass
-    writer.close()
-    if lookup is not None:
-        asyncio.get_running_loop().call_soon(lookup)
+        report_reads = False  # (the connection is gone: nothing to read)
+    _close(writer, report_reads)
 
 
 async def _policy_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -279,8 +257,8 @@ GRACEFUL_BY_HAND_REPORTED = "asyncio-graceful-by-hand-report-reads"
 _HANDLERS: dict[str | None, Callable[..., Any]] = {
     PLAIN: _plain_handler,
     BY_HAND: _graceful_by_hand,
-    BY_HAND_REPORTED: _close_by_hand_reported,
-    GRACEFUL_BY_HAND_REPORTED: _graceful_by_hand_reported,
+    BY_HAND_REPORTED: functools.partial(_plain_handler, report_reads=True),
+    GRACEFUL_BY_HAND_REPORTED: functools.partial(_graceful_by_hand, report_reads=True),
 }
 
 
