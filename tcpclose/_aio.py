@@ -858,20 +858,25 @@ def _tcp_transport_under(tls: _TransportLike) -> _TransportLike | None:
 
     CPython's TLS transport names it (``_ssl_protocol._transport``). uvloop's keeps it
     in C-level fields of its TLS protocol object, which the garbage collector's
-    ``get_referents`` reaches: the one referent that can write an EOF (the TLS
-    transport itself cannot) is it.
+    ``get_referents`` reaches: it is the referent that can write an EOF (the TLS
+    transport itself cannot) over the same socket (not, say, the application's
+    protocol, which is a referent too).
     """
     raw = getattr(getattr(tls, "_ssl_protocol", None), "_transport", None)
     if raw is not None:
         return cast(_TransportLike, raw) if hasattr(raw, "write_eof") else None
+    try:
+        fd = tls.get_extra_info("socket").fileno()
+    except Exception:  # no socket (closed): nothing to find
+        return None
     for tls_protocol in gc.get_referents(tls):
         if type(tls_protocol).__name__ != "SSLProtocol":
             continue
         for candidate in gc.get_referents(tls_protocol):
-            if candidate is tls or not callable(getattr(candidate, "can_write_eof", None)):
+            if candidate is tls or not callable(getattr(candidate, "write_eof", None)):
                 continue
             with contextlib.suppress(Exception):
-                if candidate.can_write_eof() and callable(getattr(candidate, "write_eof", None)):
+                if candidate.can_write_eof() and candidate.get_extra_info("socket").fileno() == fd:
                     return cast(_TransportLike, candidate)
     return None
 
