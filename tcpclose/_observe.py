@@ -39,7 +39,6 @@ __all__ = ("SocketLike", "Watch", "emit_findings")
 _log = logging.getLogger("tcpclose")
 
 _LINGER = struct.Struct("ii")  # struct linger {int l_onoff; int l_linger;}
-_LINGER_OFF = _LINGER.pack(0, 0)
 
 
 class SocketLike(Protocol):
@@ -105,8 +104,6 @@ class Watch:
         it is (the caller may turn it off)."""
         try:
             raw = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER.size)
-            if raw == _LINGER_OFF:
-                return False  # the usual case, decided here: this runs on every close
             on, seconds = _LINGER.unpack(raw)
         except (OSError, ValueError, TypeError, struct.error):
             # (uvloop's pseudo-socket and closed sockets: nothing to check)
