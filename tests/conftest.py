@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-import socket
+from tests import _session_netns
 
-import pytest
+# First, before any socket or thread exists: the session's own network namespace.
+_session_netns.enter_private_namespace()
 
-from tests._support import has_ipv6_loopback
+import socket  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests._support import has_ipv6_loopback  # noqa: E402
+
+
+def pytest_report_header() -> str:
+    return f"tcpclose tests run in: {_session_netns.status}"
+
 
 _FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 
