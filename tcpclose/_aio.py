@@ -5,10 +5,9 @@ transport, with every wait going through the event loop:
 
 * ``Flush``: wait until the transport's write buffer is empty (polled with a short
   back-off and woken early by ``resume_writing``), bounded by the plan's deadline.
-* ``ShutdownWrite``: ``transport.write_eof()``. Over TLS: the TLS transport's
-  ``close()`` sends close_notify; the TCP transport underneath then gets
-  ``write_eof()`` so that the FIN follows the close_notify at once (uvloop's is found
-  through ``gc.get_referents``: see :func:`_tcp_transport_under`).
+* ``ShutdownWrite``: ``transport.write_eof()``. Over TLS: once nothing the peer sent
+  is left unread, the TLS transport's ``close()`` sends close_notify; the TLS layer
+  sends our FIN when the peer has answered it (see :meth:`_Closer._quiet`).
 * ``Receive``: what the peer sends arrives through the protocol callbacks of
   :class:`PolicyProtocol`, which stands between the transport and the application's
   protocol; while the policy drains, data is counted and discarded, never delivered.
@@ -131,6 +130,7 @@ class _TransportLike(Protocol):
 class _Wait(enum.Enum):
     NONE = "none"
     FLUSH = "flush"
+    QUIET = "quiet"  # over TLS, before close_notify: until nothing more is readable
     RECEIVE = "receive"
     CLOSE = "close"
     DONE = "done"
@@ -154,6 +154,7 @@ _WAIT_CLOSE = _Wait.CLOSE
 _WAIT_DONE = _Wait.DONE
 _WAIT_FLUSH = _Wait.FLUSH
 _WAIT_NONE = _Wait.NONE
+_WAIT_QUIET = _Wait.QUIET
 _WAIT_RECEIVE = _Wait.RECEIVE
 
 
@@ -247,6 +248,7 @@ class _Closer:
         "_pending_bytes",
         "_plan",
         "_poll",
+        "_quiet_deadline",
         "_receiving",
         "_report",
         "_resumed",
@@ -302,6 +304,7 @@ class _Closer:
         self._last_data = now
         self._deadline = now
         self._poll = _FLUSH_POLL_FIRST_S
+        self._quiet_deadline = now
         self._wait = _WAIT_NONE
         self._timer: asyncio.TimerHandle | None = None
         self._slot: int | None = None
@@ -434,6 +437,8 @@ class _Closer:
                     self._sleep(_WAIT_FLUSH, min(action.deadline, now + self._poll), precise=True)
                     return
             elif kind is ShutdownWrite:
+                if conn.ssl and not self._quiet(now):
+                    return
                 if not conn.peer_eof:
                     self._fin_sent = True
                 plan.feed(self._shutdown_write(), now)
@@ -490,6 +495,27 @@ class _Closer:
             deadline = min(deadline, self._last_data + action.idle_timeout)
         return deadline
 
+    def _quiet(self, now: float) -> bool:
+        """Over TLS, before our close_notify: True once nothing the peer sent is left
+        unread (else wait for it, reading for the drain, and return False).
+
+        A TLS layer that has sent close_notify refuses application data behind it
+        (OpenSSL: "application data after close notify") and ends the connection at
+        once; the FIN that follows then cut uvloop TLS clients' responses short. So
+        what has already arrived (an unread request body, say) is read and
+        discarded first; the wait is bounded by the drain's idle bound.
+        """
+        conn = self._conn
+        if conn.peer_eof or conn.lost:
+            return True
+        if self._wait is not _WAIT_QUIET:  # the first look: start reading
+            self._quiet_deadline = now + self._plan.policy.idle_timeout
+            self._resume_reading()
+        elif now >= self._quiet_deadline or not self._watch.unread():
+            return True
+        self._sleep(_WAIT_QUIET, now + _FLUSH_POLL_FIRST_S, precise=True)
+        return False
+
     def _shutdown_write(self) -> Event:
         conn = self._conn
         real = conn.real
@@ -498,19 +524,11 @@ class _Closer:
         try:
             if conn.ssl:
                 if not real.is_closing():
-                    raw = conn.raw_under_tls()
-                    # Corked, the close_notify waits in the kernel for the FIN and both
-                    # leave in one segment: a peer answering the close_notify at once
-                    # cannot get its FIN out before ours (it did, 1 run in 4, when the
-                    # two left apart with Python code between them).
-                    corked = raw is not None and _set_cork(conn.socket(), True)
-                    try:
-                        real.close()  # the TLS layer flushes, then sends close_notify
-                        if raw is not None and not raw.is_closing():
-                            self._fin_after_close_notify(real, raw)
-                    finally:
-                        if corked:
-                            _set_cork(conn.socket(), False)
+                    # close_notify only: the TLS layer sends our FIN once the peer has
+                    # answered it (or the drain's bounds end and the close aborts).
+                    # A FIN right behind the close_notify made uvloop's TLS client end
+                    # the stream before it handed over data it had already received.
+                    real.close()
                 # else: the TLS layer is already shutting down (the peer's close_notify)
             elif real.can_write_eof():
                 real.write_eof()
@@ -523,32 +541,6 @@ class _Closer:
             self._watch.error = f"{type(exc).__name__}: {exc}"
             return _EVENT_ERROR
         return _EVENT_DONE
-
-    def _fin_after_close_notify(self, tls: _TransportLike, raw: _TransportLike) -> None:
-        """Send our FIN behind the close_notify the TLS layer just wrote to ``raw``.
-
-        asyncio's ``write_eof()`` shuts the socket down at once when nothing is
-        buffered. uvloop's only asks libuv, which shuts it down on a later loop turn:
-        by then a peer answering the close_notify at once may have sent its FIN, and
-        ours would be the second (it was, 3 runs in 40). So on a socket that is not a
-        ``socket.socket`` (uvloop's refuses ``shutdown()``), with nothing buffered
-        above the kernel, a duplicate of the fd is shut down here instead.
-        """
-        sock = self._conn.optsock
-        if (
-            not isinstance(sock, socket.socket)
-            and tls.get_write_buffer_size() == 0
-            and raw.get_write_buffer_size() == 0
-        ):
-            try:
-                duplicate = socket.fromfd(sock.fileno(), sock.family, sock.type)
-            except (OSError, AttributeError, TypeError, ValueError):
-                pass
-            else:
-                with duplicate:
-                    duplicate.shutdown(socket.SHUT_WR)
-                return
-        raw.write_eof()  # (behind what is still buffered)
 
     def _set_linger_zero(self) -> Event:
         conn = self._conn
@@ -677,6 +669,8 @@ class _Closer:
         elif wait is _WAIT_CLOSE:
             self._close_timed_out()
             return
+        elif wait is _WAIT_QUIET:
+            self._wait = _WAIT_QUIET  # (_quiet() tells the first look from the next)
         else:  # pragma: no cover - a cancelled timer never runs
             return
         self._advance()
@@ -838,15 +832,6 @@ class _Addressed:
 
     def getpeername(self) -> object:
         return self._transport.get_extra_info("peername") or self._sock.getpeername()
-
-
-def _set_cork(sock: Any, on: bool) -> bool:
-    """``TCP_CORK`` on or off; False when the socket refuses it."""
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if on else 0)
-    except (OSError, AttributeError, TypeError):
-        return False
-    return True
 
 
 #: ``PolicyProtocol._raw_tls`` before the first look.

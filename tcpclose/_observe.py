@@ -125,6 +125,13 @@ class Watch:
         except (OSError, ValueError):
             return None
 
+    def unread(self) -> int:
+        """Bytes received and not yet read (SIOCINQ); 0 when that cannot be asked."""
+        try:
+            return read_unread(self._sock.fileno())
+        except (OSError, ValueError):
+            return 0
+
     def before_abort(self, *, allow_data_loss: bool, buffered: int = 0) -> None:
         """Measure what an abort will discard: the kernel's send queue plus
         ``buffered`` bytes still in a transport's buffer."""
