@@ -896,16 +896,20 @@ class PolicyProtocol(asyncio.Protocol):
     """
 
     __slots__ = (
+        "_by_server",
         "_close_requested",
         "_closer",
         "_eof_by_policy",
         "_inner",
         "_inner_buffered",
         "_inner_lost",
+        "_lost_reason",
         "_on_close",
         "_policy",
         "_raw_tls",
         "_report",
+        "_shutdown_done",
+        "_shutdown_timer",
         "eof_read",
         "lost",
         "optsock",
@@ -949,6 +953,15 @@ class PolicyProtocol(asyncio.Protocol):
         self.lost = False
         self.ssl = False
         self._raw_tls: object = _NOT_LOOKED_UP
+        #: Server shutdown: resolved once this connection is finished; the timer that
+        #: resets it if the application has not finished within the policy's bound.
+        self._shutdown_done: asyncio.Future[None] | None = None
+        self._shutdown_timer: asyncio.TimerHandle | None = None
+        #: What the application's protocol is told in connection_lost when the close
+        #: was not its own choice (a shutdown that cut its response short).
+        self._lost_reason: Exception | None = None
+        #: The close was the server's (a shutdown), not the application's choice.
+        self._by_server = False
 
     def __repr__(self) -> str:
         return f"<PolicyProtocol {self._policy} around {self._inner!r}>"
@@ -1012,6 +1025,7 @@ class PolicyProtocol(asyncio.Protocol):
 
     def close_finished(self, closer: _Closer) -> None:
         """Called by the closer once it is over."""
+        self._shutdown_over()
         if self.registry is not None:
             self.registry.conns.discard(self)
         on_close = self._on_close
@@ -1094,6 +1108,80 @@ class PolicyProtocol(asyncio.Protocol):
             return
         self.real.write_eof()
 
+    # -- server shutdown ---------------------------------------------------------------------
+
+    def shut_down(self, trigger: str) -> None:
+        """The server is shutting down: close now if the application has nothing in
+        flight (:meth:`idle`); else let it finish its response and close as usual,
+        within the policy's ``linger_time``, and reset the connection at that bound.
+
+        A shutdown never ends a response it cut short with a FIN, which to a
+        close-delimited protocol says "complete": the client sees every byte, or a reset.
+        """
+        if self.lost or self._close_requested or self._closer is not None:
+            return
+        if self._policy.mode is _MODE_ABORT or self.idle():
+            self._by_server = True
+            self.start_close(self._policy, trigger=trigger)
+            return
+        if self._shutdown_done is not None:
+            return  # already waiting for the application
+        registry = self.registry
+        loop = registry.loop if registry is not None and registry.loop else None
+        loop = loop or asyncio.get_running_loop()
+        self._shutdown_done = loop.create_future()
+        self._shutdown_timer = loop.call_later(
+            self._policy.linger_time, self._shutdown_overdue, trigger
+        )
+
+    def idle(self) -> bool:
+        """Nothing of the application's in flight: nothing buffered to send and, for an
+        ``asyncio.start_server`` handler, the handler waiting to read (between requests).
+        Any other protocol counts as idle once its writes are flushed."""
+        if self.buffered():
+            return False
+        inner = self._inner
+        if isinstance(inner, asyncio.StreamReaderProtocol):
+            reader = getattr(inner, "_stream_reader", None)
+            return getattr(reader, "_waiter", None) is not None
+        return True
+
+    def _shutdown_overdue(self, trigger: str) -> None:
+        self._shutdown_timer = None
+        if self.lost or self._close_requested or self._closer is not None:
+            return
+        logger.warning(
+            "server shutdown: %r still had its response in flight after %gs: reset",
+            self._inner,
+            self._policy.linger_time,
+        )
+        self._lost_reason = ConnectionAbortedError(
+            errno.ECONNABORTED,
+            f"reset by server shutdown: the response was not finished within "
+            f"linger_time={self._policy.linger_time:g}s",
+        )
+        self._by_server = True
+        self.start_close(_ABORT_POLICY, trigger=trigger, allow_data_loss=True)
+
+    def shutdown_pending(self) -> asyncio.Future[None] | None:
+        """While the shutdown waits for the application: a future resolved when the
+        connection is finished."""
+        done = self._shutdown_done
+        return done if done is not None and not done.done() else None
+
+    def _shutdown_over(self) -> None:
+        timer, self._shutdown_timer = self._shutdown_timer, None
+        if timer is not None:
+            timer.cancel()
+        done = self._shutdown_done
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    @property
+    def cut_by_server(self) -> bool:
+        """The close was the server's (a shutdown), not the application's choice."""
+        return self._by_server and not self._close_requested
+
     @property
     def eof_by_policy(self) -> bool:
         """``write_eof()`` was taken by the policy: writing is over."""
@@ -1119,7 +1207,7 @@ class PolicyProtocol(asyncio.Protocol):
         # finished connection to the cyclic garbage collector.)
         self._inner.connection_made(PolicyTransport(self, real))
         if registry is not None and registry.closing and not self.lost:
-            self.start_close(self._policy, trigger=registry.trigger)
+            self.shut_down(registry.trigger)
 
     def data_received(self, data: bytes) -> None:
         closer = self._closer
@@ -1168,12 +1256,17 @@ class PolicyProtocol(asyncio.Protocol):
         try:
             # None when the close was asked for on our side: what ended it (a reset
             # during the drain, say) is in the report, not the protocol's business.
-            self._call_inner_lost(None if self._close_requested else exc)
+            if self._lost_reason is not None:
+                self._call_inner_lost(self._lost_reason)
+            else:
+                self._call_inner_lost(None if self._close_requested else exc)
         finally:
             if closer is not None:
                 closer.on_lost(exc)
-            elif self.registry is not None:
-                self.registry.discard(self)
+            else:
+                self._shutdown_over()
+                if self.registry is not None:
+                    self.registry.discard(self)
 
     def _call_inner_lost(self, exc: Exception | None) -> None:
         if self._inner_lost:
@@ -1391,7 +1484,9 @@ class PolicyTransport(_asyncio_transports._FlowControlMixin):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         conn = self._conn
         if conn.closing:
-            return  # the close is under way: like a closing TLS transport, drop it
+            if conn.cut_by_server:
+                raise _server_closed(conn)
+            return  # the application's own close is under way: like TLS, drop it
         if conn.eof_by_policy:
             raise RuntimeError("Cannot call write() after write_eof()")
         self._real.write(data)
@@ -1399,6 +1494,8 @@ class PolicyTransport(_asyncio_transports._FlowControlMixin):
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         conn = self._conn
         if conn.closing:
+            if conn.cut_by_server:
+                raise _server_closed(conn)
             return
         if conn.eof_by_policy:
             raise RuntimeError("Cannot call writelines() after write_eof()")
@@ -1448,6 +1545,16 @@ class PolicyTransport(_asyncio_transports._FlowControlMixin):
         return self._conn
 
 
+def _server_closed(conn: PolicyProtocol) -> ConnectionAbortedError:
+    """What a write after the server closed the connection raises: it was not sent."""
+    reason = conn._lost_reason
+    if reason is not None:
+        return ConnectionAbortedError(*reason.args)
+    return ConnectionAbortedError(
+        errno.ECONNABORTED, "closed by server shutdown: this write was not sent"
+    )
+
+
 # -- servers' bookkeeping -----------------------------------------------------------------------
 
 
@@ -1471,7 +1578,8 @@ class ConnectionRegistry:
         self.conns.discard(conn)
 
     def close_all(self, *, abort: bool = False) -> None:
-        """Start the policy's close (or an abort) on every open connection."""
+        """Close every open connection: with the policy once the application has
+        nothing in flight (see :meth:`PolicyProtocol.shut_down`), or abort them."""
         self.closing = True
         for conn in list(self.conns):
             if conn.lost:
@@ -1479,15 +1587,20 @@ class ConnectionRegistry:
             if abort:
                 conn.request_abort()
             else:
-                conn.start_close(conn._policy, trigger=self.trigger)
+                conn.shut_down(self.trigger)
 
-    def pending(self) -> list[asyncio.Future[CloseReport]]:
-        """Futures of the closes still running."""
-        futures = []
+    def pending(self) -> list[asyncio.Future[Any]]:
+        """Futures of the closes still running, and of the connections whose
+        application the shutdown is waiting for."""
+        futures: list[asyncio.Future[Any]] = []
         for conn in list(self.conns):
             closer = conn.closer
             if closer is not None and not closer.done:
                 futures.append(closer.wait())
+            else:
+                waiting = conn.shutdown_pending()
+                if waiting is not None:
+                    futures.append(waiting)
         return futures
 
 
