@@ -83,9 +83,6 @@ _ABORT_POLICY: Final = ClosePolicy(mode=CloseMode.ABORT)
 #: How long to wait for ``connection_lost`` after ``close()``/``abort()`` of a
 #: transport with nothing left to send (it normally comes on the next loop turn).
 _CLOSE_GRACE_S: Final = 1.0
-#: The same for mode ``default``, where the transport itself flushes its buffer and,
-#: over TLS, waits for the peer's close_notify (asyncio's ssl_shutdown_timeout is 30 s).
-_DEFAULT_CLOSE_WAIT_S: Final = 35.0
 #: Flush polling: first interval and the cap of its doubling.
 _FLUSH_POLL_FIRST_S: Final = 0.002
 _FLUSH_POLL_MAX_S: Final = 0.05
@@ -561,7 +558,6 @@ class _Closer:
         self._measure_before_close()
         self.closed_transport = True
         default = self._plan.policy.mode is _MODE_DEFAULT
-        grace = _DEFAULT_CLOSE_WAIT_S if default else _CLOSE_GRACE_S
         # A TCP transport with nothing buffered calls connection_lost on the next loop
         # turn after close() or abort() (asyncio's and uvloop's alike): no timer then.
         certain = False
@@ -600,8 +596,16 @@ class _Closer:
             certain = False
         if certain:
             self._wait = _WAIT_CLOSE
+        elif default:
+            # Mode default is the transport's own close, and no wait for the program:
+            # the transport goes on flushing its buffer (to a peer that may never
+            # read) and, over TLS, waiting for the peer's close_notify (asyncio's
+            # ssl_shutdown_timeout: 30 s) on its own. The report says what the kernel
+            # holds now.
+            self._plan.feed(_EVENT_DONE, now)
+            self._advance(now)
         else:
-            self._sleep(_WAIT_CLOSE, now + grace)
+            self._sleep(_WAIT_CLOSE, now + _CLOSE_GRACE_S)
 
     def _close_timed_out(self) -> None:
         if not self._forced:
