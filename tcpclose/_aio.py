@@ -42,7 +42,7 @@ import struct
 import time
 from asyncio import constants as _asyncio_constants
 from asyncio import transports as _asyncio_transports
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any, Final, Protocol, TypeAlias, cast
 
 from . import _checks, _kernel, _observe
@@ -168,10 +168,25 @@ _SLOTS_PER_S: Final = 200
 _DEADLINES_ATTR: Final = "_tcpclose_deadlines"
 
 
-class _Deadlines:
-    """The deadline slots of one event loop's closes (see :data:`_SLOT_S`)."""
+#: How long the end of a loop waits for the closes it cut short to be reported.
+_LOOP_END_WAIT_S: Final = 1.0
 
-    __slots__ = ("_loop", "_slots", "clock")
+
+class _Deadlines:
+    """The deadline slots of one event loop's closes (see :data:`_SLOT_S`), and the
+    closes under way on it, so that they end cleanly with the loop.
+
+    When ``asyncio.run()`` (or any ``asyncio.Runner``, uvloop's too) ends while closes
+    are still waiting for peers, those closes are cut short instead of leaving open
+    transports to a closed loop ("unclosed transport" ResourceWarnings): their
+    transports are aborted (the fd is closed at once: a FIN, or RST where input is
+    unread), each report says ``error="RuntimeError: event loop closing"`` and
+    ``on_close`` gets it. The hook is an async generator the loop knows (its
+    ``shutdown_asyncgens()``, which runners call, closes it): no task, no per-close cost
+    but a set entry.
+    """
+
+    __slots__ = ("_loop", "_loop_end", "_slots", "active", "clock")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -182,6 +197,10 @@ class _Deadlines:
         )
         #: slot number -> the closes waiting in it (a dict: ordered, like the heap)
         self._slots: dict[int, dict[_Closer, None]] = {}
+        #: The closes under way on this loop.
+        self.active: set[_Closer] = set()
+        self._loop_end = _at_loop_end(self)
+        _start_async_generator(self._loop_end)
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> _Deadlines:
@@ -214,6 +233,36 @@ class _Deadlines:
         if waiting:
             for closer in waiting:
                 closer.on_deadline(slot)
+
+    async def end_all(self) -> None:
+        """The loop is ending: cut every close under way short and wait (bounded) for
+        their reports."""
+        closers = list(self.active)
+        for closer in closers:
+            closer.cut_short()
+        waiting = [closer.wait() for closer in closers if not closer.done]
+        if waiting:
+            await asyncio.wait(waiting, timeout=_LOOP_END_WAIT_S)
+
+
+async def _at_loop_end(deadlines: _Deadlines) -> AsyncGenerator[None, None]:
+    """Suspended for the loop's lifetime; its ``finally`` runs when the loop's
+    ``shutdown_asyncgens()`` closes it."""
+    try:
+        yield
+    finally:
+        await deadlines.end_all()
+
+
+def _start_async_generator(agen: AsyncGenerator[None, None]) -> None:
+    """Run ``agen`` to its first ``yield`` now (it awaits nothing before it). Its first
+    step calls the running loop's ``firstiter`` hook, which registers it with the loop."""
+    step = agen.asend(None)
+    try:
+        step.send(None)
+    except StopIteration:
+        return
+    raise RuntimeError("the loop-end hook did not stop at its yield")  # pragma: no cover
 
 
 # -- the driver ---------------------------------------------------------------------------
@@ -335,8 +384,19 @@ class _Closer:
         return self._report
 
     def start(self) -> None:
+        self._deadlines.active.add(self)
         self._check_linger()
         self._advance(self._last_data)  # (the time the close started)
+
+    def cut_short(self) -> None:
+        """The loop is ending: stop waiting for the peer; the transport is aborted now
+        and the close ends when it reports ``connection_lost``."""
+        if self.done or self._wait is _WAIT_DONE:
+            return
+        self._forced = True
+        self._lost_exc = RuntimeError("event loop closing")
+        with contextlib.suppress(Exception):
+            self._conn.real.abort()
 
     def wait(self) -> asyncio.Future[CloseReport]:
         """A future resolved with the report; cancelling it leaves the close running."""
@@ -387,7 +447,8 @@ class _Closer:
 
     def on_lost(self, exc: BaseException | None) -> None:
         """The transport called ``connection_lost``: its fd is closed right after."""
-        self._lost_exc = exc
+        if exc is not None or self._lost_exc is None:  # (else cut_short() said why)
+            self._lost_exc = exc
         self._measure_before_close()  # the fd is still open inside connection_lost
         wait = self._wait
         if wait is _WAIT_RECEIVE or wait is _WAIT_FLUSH:
@@ -784,6 +845,7 @@ class _Closer:
         return result
 
     def _complete(self) -> None:
+        self._deadlines.active.discard(self)
         watch = self._watch
         try:
             kernel_state = watch.after_close()
