@@ -40,6 +40,7 @@ import logging
 import socket
 import struct
 import time
+import weakref
 from asyncio import constants as _asyncio_constants
 from asyncio import transports as _asyncio_transports
 from collections.abc import AsyncGenerator, Callable, Iterable
@@ -962,6 +963,7 @@ class PolicyProtocol(asyncio.Protocol):
     """
 
     __slots__ = (
+        "__weakref__",  # (a TLS server's registry holds connections in handshake weakly)
         "_by_server",
         "_close_requested",
         "_closer",
@@ -1269,6 +1271,8 @@ class PolicyProtocol(asyncio.Protocol):
         registry = self.registry
         if registry is not None:
             registry.conns.add(self)
+            if registry.handshaking is not None:
+                registry.handshaking.discard(self)
         # (The proxy is not kept here: it refers to us, and a cycle would leave every
         # finished connection to the cyclic garbage collector.)
         self._inner.connection_made(PolicyTransport(self, real))
@@ -1611,6 +1615,38 @@ class PolicyTransport(_asyncio_transports._FlowControlMixin):
         return self._conn
 
 
+def _transports_in_handshake(conns: list[PolicyProtocol]) -> list[asyncio.Transport]:
+    """The TCP transports under TLS handshakes whose application protocols are
+    ``conns``. Neither CPython's nor uvloop's TLS layer lets a protocol reach it before
+    the handshake is over; the TLS protocol object that holds ours also holds the TCP
+    transport (CPython names it ``_transport``; uvloop keeps it in a C-level field,
+    which ``gc.get_referents`` reaches). One ``gc.get_referrers`` pass, at shutdown only.
+    """
+    if not conns:
+        return []
+    found: list[asyncio.Transport] = []
+    holders = gc.get_referrers(*conns)
+    # (CPython's SSLProtocol keeps ours in its instance dict: the dict refers to ours.)
+    dicts = [h for h in holders if type(h) is dict]
+    if dicts:
+        holders += gc.get_referrers(*dicts)
+    for holder in holders:
+        if type(holder).__name__ != "SSLProtocol":
+            continue
+        raw = getattr(holder, "_transport", None)
+        candidates = [raw] if raw is not None else gc.get_referents(holder)
+        for candidate in candidates:
+            if (
+                candidate is not None
+                and not isinstance(candidate, PolicyProtocol)
+                and callable(getattr(candidate, "abort", None))
+                and callable(getattr(candidate, "get_extra_info", None))
+            ):
+                found.append(cast(asyncio.Transport, candidate))
+                break
+    return found
+
+
 def _server_closed(conn: PolicyProtocol) -> ConnectionAbortedError:
     """What a write after the server closed the connection raises: it was not sent."""
     reason = conn._lost_reason
@@ -1627,10 +1663,15 @@ def _server_closed(conn: PolicyProtocol) -> ConnectionAbortedError:
 class ConnectionRegistry:
     """The open connections of one server, so that its shutdown can close them."""
 
-    __slots__ = ("closing", "conns", "loop", "trigger")
+    __slots__ = ("closing", "conns", "handshaking", "loop", "trigger")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None, *, tls: bool = False) -> None:
         self.conns: set[PolicyProtocol] = set()
+        #: TLS servers: connections accepted whose handshake is not over (their
+        #: protocol has no transport yet), held weakly: a failed handshake just goes.
+        self.handshaking: weakref.WeakSet[PolicyProtocol] | None = (
+            weakref.WeakSet() if tls else None
+        )
         self.closing = False
         self.trigger = "server-shutdown"
         #: The server's loop (its closes need not ask for the running loop: on
@@ -1647,6 +1688,12 @@ class ConnectionRegistry:
         """Close every open connection: with the policy once the application has
         nothing in flight (see :meth:`PolicyProtocol.shut_down`), or abort them."""
         self.closing = True
+        if self.handshaking:
+            # No response can be in flight before the handshake: end them now (else
+            # they would live on until the loop's ssl_handshake_timeout, 60 s).
+            for transport in _transports_in_handshake(list(self.handshaking)):
+                with contextlib.suppress(Exception):
+                    transport.abort()
         for conn in list(self.conns):
             if conn.lost:
                 continue
@@ -1715,7 +1762,11 @@ class PolicyProtocolFactory:
 
     def __call__(self, *args: Any, **kwargs: Any) -> PolicyProtocol:
         inner = self.protocol_factory(*args, **kwargs)
-        return _new_wrapper(inner, self.policy, self.on_close, self.report, self._registry)
+        registry = self._registry
+        wrapper = _new_wrapper(inner, self.policy, self.on_close, self.report, registry)
+        if registry is not None and registry.handshaking is not None:
+            registry.handshaking.add(wrapper)
+        return wrapper
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in PolicyProtocolFactory.__slots__:

@@ -150,3 +150,37 @@ def test_shutdown_bound_resets_an_unfinished_response(
         assert 0.5 <= took < 2.0, took
 
     run(loop_name, main, timeout=40)
+
+
+def test_shutdown_ends_a_stalled_tls_handshake(loop_name: str, tmp_path: Any) -> None:
+    """A client that connects to a TLS server and never says hello: server.close() ends
+    that connection too (it lived on for the loop's 60 s ssl_handshake_timeout)."""
+    certs = tls(str(tmp_path))
+
+    async def main() -> None:
+        server = await tcpclose.aio.start_server(
+            _never_called, "127.0.0.1", 0, close_policy="graceful", ssl=certs.server
+        )
+        port = int(server.sockets[0].getsockname()[1])
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with stalled:
+            await wait_for(lambda: server._registry.handshaking, 5, "the accepted connection")
+            started = time.monotonic()
+            server.close()
+            await server.wait_closed()
+            stalled.settimeout(3)
+
+            def ended() -> bool:
+                try:
+                    return stalled.recv(1) == b""
+                except ConnectionResetError:
+                    return True
+
+            assert await asyncio.to_thread(ended)
+            assert time.monotonic() - started < 2
+
+    run(loop_name, main)
+
+
+async def _never_called(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    raise AssertionError("no handshake, no handler")  # pragma: no cover
