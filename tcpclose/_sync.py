@@ -21,6 +21,7 @@ from typing import Final, Self
 
 from . import _checks, _observe
 from ._kernel._sockopt import borrow, fileno_of
+from ._linger import disarm_linger
 from ._plan import (
     Close,
     ClosePlan,
@@ -240,9 +241,12 @@ class _Driver:
         sock = self._sock
         plan = self._plan
         try:
-            # A socket in non-blocking or timeout mode is O_NONBLOCK, yet Linux's close()
-            # still blocks under SO_LINGER with a non-zero time: warn (TC201).
-            self._seen.check_linger(nonblocking=sock.gettimeout() is not None)
+            # Linux's close() blocks under SO_LINGER with a non-zero time, O_NONBLOCK or
+            # not: turn it off so that the policy's bounds hold, and warn (TC201) where
+            # the socket was meant not to block.
+            disarm_linger(
+                self._seen, sock, plan.policy.mode, nonblocking=sock.gettimeout() is not None
+            )
             sock.setblocking(False)
             while True:
                 action = plan.next_action()
