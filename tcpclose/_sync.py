@@ -21,7 +21,8 @@ from types import TracebackType
 from typing import Final, Self
 
 from . import _checks, _observe
-from ._kernel._sockopt import borrow, fileno_of
+from ._kernel._sockopt import borrow, fileno_of, read_tcp_info, read_tcp_state
+from ._kernel._types import TcpState
 from ._linger import disarm_linger
 from ._plan import (
     Close,
@@ -47,6 +48,12 @@ _RESET_ERRNOS: Final = frozenset(
     {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ECONNABORTED}
 )
 _POLL_IN: Final = select.POLLIN | select.POLLERR | select.POLLHUP
+#: States in which the peer's FIN has not arrived: a read that returns EOF there
+#: met our own read shutdown. (After the peer's FIN: CLOSE_WAIT, CLOSING, LAST_ACK, or
+#: CLOSE once both FINs are done.)
+_NO_PEER_FIN: Final = frozenset(
+    {TcpState.ESTABLISHED, TcpState.FIN_WAIT1, TcpState.FIN_WAIT2, TcpState.SYN_RECV}
+)
 
 Clock = Callable[[], float]
 
@@ -186,6 +193,14 @@ def _take_socket(obj: object) -> socket.socket:
     with borrow(obj) as view:  # type: ignore[arg-type]
         if view.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             raise ValueError("expected a connected TCP socket, got a listening socket")
+        state = read_tcp_state(view)
+        if state is TcpState.SYN_SENT:
+            raise ValueError("expected a connected TCP socket, got one still connecting")
+        if state is TcpState.CLOSE and _never_connected(view):
+            raise ValueError(
+                "expected a connected TCP socket, got one that never connected "
+                "(nothing to close but the fd: use sock.close())"
+            )
     if isinstance(obj, socket.socket):
         return obj
     # asyncio's TransportSocket wraps a real socket: close that one, so that it does
@@ -194,6 +209,23 @@ def _take_socket(obj: object) -> socket.socket:
     if isinstance(inner, socket.socket) and inner.fileno() == fileno_of(obj):
         return inner
     return socket.socket(fileno=fileno_of(obj))
+
+
+def _never_connected(view: socket.socket) -> bool:
+    """Whether a socket in TCP_CLOSE never completed a handshake (fresh, bound, or
+    refused), as opposed to a connection that ended (reset, or both FINs done).
+
+    TCP_INFO tells: a handshake leaves ``delivered`` (the SYN or SYN-ACK acknowledged)
+    or traffic counts above 0. A kernel too old to report them answers "connected".
+    """
+    try:
+        info = read_tcp_info(view)
+    except OSError:
+        return False
+    if info is None:
+        return False
+    counts = (info.delivered, info.segs_in, info.bytes_acked, info.bytes_received)
+    return all(count == 0 for count in counts)
 
 
 class _Driver:
@@ -338,6 +370,12 @@ class _Driver:
                 if total:
                     # Report the data first; the next Receive reads the EOF again at once.
                     return Event.DATA, total
+                if read_tcp_state(sock) in _NO_PEER_FIN:
+                    # EOF without the peer's FIN: the application shut our read side
+                    # (shutdown(SHUT_RD/SHUT_RDWR)). Reads end at once from now on, so
+                    # nothing more can be waited for; say so rather than "peer-eof".
+                    self._seen.error = "read-shutdown"
+                    return Event.ERROR, 0
                 return Event.PEER_EOF, 0
             total += n
             if self._clock() >= action.deadline:
