@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import select
 import socket
 import struct
@@ -109,7 +110,15 @@ class ClosingHandle:
         report: the :class:`CloseReport`, set when the block exits (None before).
     """
 
-    __slots__ = ("_allow_data_loss", "_report_on", "on_error", "policy", "report", "sock")
+    __slots__ = (
+        "_allow_data_loss",
+        "_identity",
+        "_report_on",
+        "on_error",
+        "policy",
+        "report",
+        "sock",
+    )
 
     def __init__(
         self,
@@ -126,6 +135,8 @@ class ClosingHandle:
         self.report: CloseReport | None = None
         self._report_on = report
         self._allow_data_loss = allow_data_loss
+        #: What the fd names on entry, to know at exit that it still names it.
+        self._identity = _identity(sock.fileno())
 
     def __enter__(self) -> Self:
         return self
@@ -136,6 +147,17 @@ class ClosingHandle:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        gone = self._gone()
+        if gone is not None:
+            # The block took the socket's end into its own hands: nothing of ours to
+            # close, and no report. Never raise over the block's own exception.
+            if exc is None:
+                raise ValueError(
+                    f"the socket was {gone} inside the with block, "
+                    "so the close policy could not be applied"
+                )
+            logger.debug("closing(): the block raised after the socket was %s", gone)
+            return
         policy = self.on_error if exc is not None and self.on_error is not None else self.policy
         trigger = "error" if exc is not None else "close"
         driver = _Driver(
@@ -147,6 +169,32 @@ class ClosingHandle:
         )
         self.report = driver.run()
         _observe.emit_findings(driver.findings, stacklevel=2)
+
+    def _gone(self) -> str | None:
+        """How the block disposed of the socket, or None when it is still ours."""
+        sock = self.sock
+        fd = sock.fileno()
+        if fd == -1:
+            return "closed or detached"
+        identity = _identity(fd)
+        if identity is not None and identity == self._identity:
+            return None
+        # The fd was closed behind the socket object's back: drop the number without
+        # closing it, or a later close would close whatever now has that number.
+        sock.detach()
+        if identity is None:
+            return "closed (its fd is no longer open)"
+        return "closed (its fd number now names another file)"
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of what ``fd`` names (each socket has its own inode), or
+    None when it is not open."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def closing(
@@ -163,8 +211,16 @@ def closing(
     ``"abort"`` to reset a connection whose request failed half way. The exception
     still propagates. ``handle.report`` holds the report after the block.
 
+    A block that closed or detached the socket itself (or closed its fd) leaves
+    nothing to close: ``handle.report`` stays None, and the block's own exception,
+    if it raised one, propagates untouched. A block that ended normally gets a
+    ``ValueError`` saying the policy could not be applied. A socket object whose fd
+    was closed behind its back is detached, so that nothing closes that number again.
+
     Raises:
         PolicyError, TypeError, ValueError: as :func:`close`, when entering.
+        ValueError: on exit, when the block ended normally but had closed or
+            detached the socket.
 
     Example::
 
@@ -176,7 +232,11 @@ def closing(
     resolved_on_error = as_policy(on_error) if on_error is not None else None
     owned = _take_socket(sock)
     return ClosingHandle(
-        owned, resolved, resolved_on_error, report=report, allow_data_loss=allow_data_loss
+        owned,
+        resolved,
+        resolved_on_error,
+        report=report,
+        allow_data_loss=allow_data_loss,
     )
 
 

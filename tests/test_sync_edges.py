@@ -5,6 +5,7 @@ Real loopback connections; the kernel's view from ``tcpclose.lookup`` and ``ss``
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import subprocess
@@ -305,3 +306,79 @@ def test_connecting_socket_is_a_value_error(family: int) -> None:
         assert connecting.fileno() != -1
         connecting.close()
         first.close()
+
+
+# -- item 7: closing() whose block closed or detached the socket --------------------------------
+
+
+def _close_inside(sock: socket.socket, how: str) -> None:
+    if how == "close":
+        sock.close()
+    elif how == "detach":
+        os.close(sock.detach())  # (the caller took the fd over, and closed it)
+    else:
+        os.close(sock.fileno())  # behind the socket object's back
+
+
+@pytest.mark.parametrize("how", ["close", "detach", "os.close"])
+def test_closing_never_hides_the_blocks_exception(how: str) -> None:
+    """Issue 20 (7): when the block closed or detached the socket and then raised,
+    ``__exit__`` raised OSError(EBADF) in place of the block's exception. The block's
+    exception now propagates as it is; there is no report (nothing was closed by us)."""
+    client, server = tcp_pair()
+    handles: list[tcpclose.ClosingHandle] = []
+
+    def serve() -> None:
+        with tcpclose.closing(server, "graceful", on_error="abort") as handle:
+            handles.append(handle)
+            _close_inside(server, how)
+            raise RuntimeError("handler failed")
+
+    with pytest.raises(RuntimeError, match="handler failed") as caught:
+        serve()
+    assert caught.value.__context__ is None  # nothing of ours in its chain
+    assert handles[0].report is None
+    client.close()
+
+
+@pytest.mark.parametrize("how", ["close", "detach", "os.close"])
+def test_closing_says_what_happened_when_the_block_succeeded(how: str) -> None:
+    """A block that ends normally after closing the socket itself gets a clear
+    ValueError (the policy could not be applied), not a bare EBADF."""
+    client, server = tcp_pair()
+    with (
+        pytest.raises(ValueError, match="inside the with block") as caught,
+        tcpclose.closing(server, "graceful") as handle,
+    ):
+        _close_inside(server, how)
+    assert not isinstance(caught.value, OSError)
+    assert handle.report is None
+    client.close()
+
+
+def test_closing_does_not_close_a_reused_fd_number() -> None:
+    """The block closed the fd, and the number came to name another socket before the
+    block ended: that socket is not ours to shut down or close."""
+    client, server = tcp_pair()
+    other_client, other = tcp_pair()
+    fd = server.detach()
+    handles: list[tcpclose.ClosingHandle] = []
+
+    def serve() -> None:
+        with tcpclose.closing(fd) as handle:
+            handles.append(handle)
+            os.close(fd)
+            os.dup2(other.fileno(), fd)  # the number now names the other connection
+
+    with pytest.raises(ValueError, match="inside the with block"):
+        serve()
+    assert handles[0].report is None
+    os.fstat(fd)  # still open: left to its owner
+    other.sendall(b"still ours")  # and not shut down: no FIN went to its peer
+    assert other_client.recv(100) == b"still ours"
+    other_client.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        other_client.recv(100)
+    os.close(fd)
+    for sock in (other, other_client, client):
+        sock.close()
