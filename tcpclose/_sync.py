@@ -93,8 +93,8 @@ def close(
         log.info("closed: %s", report)   # e.g. "peer-first peer-eof ... now CLOSED ..."
     """
     resolved = as_policy(policy)
-    owned = _take_socket(sock)
-    driver = _Driver(owned, resolved, report=report, allow_data_loss=allow_data_loss)
+    owned, state = _take_socket(sock)
+    driver = _Driver(owned, resolved, report=report, allow_data_loss=allow_data_loss, state=state)
     result = driver.run()
     _observe.emit_findings(driver.findings, stacklevel=2)
     return result
@@ -230,7 +230,7 @@ def closing(
     """
     resolved = as_policy(policy)
     resolved_on_error = as_policy(on_error) if on_error is not None else None
-    owned = _take_socket(sock)
+    owned, _ = _take_socket(sock)
     return ClosingHandle(
         owned,
         resolved,
@@ -240,20 +240,24 @@ def closing(
     )
 
 
-def _take_socket(obj: object) -> socket.socket:
-    """A ``socket.socket`` for ``obj`` that the close may shut down and close.
+def _take_socket(obj: object) -> tuple[socket.socket, TcpState]:
+    """A ``socket.socket`` for ``obj`` that the close may shut down and close, and
+    its TCP state now (``UNKNOWN`` where the platform cannot tell).
 
     A ``socket.socket`` is used as it is; any other object is wrapped around its fd
     (``socket.socket(fileno=...)``), so closing closes that fd.
 
     Raises:
         NotTcpSocketError: not a TCP socket.
-        ValueError: closed, or listening.
+        ValueError: closed, listening, connecting, or never connected.
     """
     with borrow(obj) as view:  # type: ignore[arg-type]
-        if view.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            raise ValueError("expected a connected TCP socket, got a listening socket")
+        # (The state answers "listening?" too, where the platform gives it.)
         state = read_tcp_state(view)
+        if state is TcpState.LISTEN or (
+            state is TcpState.UNKNOWN and view.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        ):
+            raise ValueError("expected a connected TCP socket, got a listening socket")
         if state is TcpState.SYN_SENT:
             raise ValueError("expected a connected TCP socket, got one still connecting")
         if state is TcpState.CLOSE and _never_connected(view):
@@ -262,13 +266,13 @@ def _take_socket(obj: object) -> socket.socket:
                 "(nothing to close but the fd: use sock.close())"
             )
     if isinstance(obj, socket.socket):
-        return obj
+        return obj, state
     # asyncio's TransportSocket wraps a real socket: close that one, so that it does
     # not linger as an object holding a stale fd number.
     inner = getattr(obj, "_sock", None)
     if isinstance(inner, socket.socket) and inner.fileno() == fileno_of(obj):
-        return inner
-    return socket.socket(fileno=fileno_of(obj))
+        return inner, state
+    return socket.socket(fileno=fileno_of(obj)), state
 
 
 def _never_connected(view: socket.socket) -> bool:
@@ -311,6 +315,7 @@ class _Driver:
         allow_data_loss: bool,
         trigger: str = "close",
         clock: Clock = time.monotonic,
+        state: TcpState = TcpState.UNKNOWN,
     ) -> None:
         self._sock = sock
         self._clock = clock
@@ -318,7 +323,9 @@ class _Driver:
         self._allow_data_loss = allow_data_loss
         self._trigger = trigger
         self._pending: Event | None = None  # an error met after data, fed next time
-        self._seen = _observe.Watch(sock, report=report)
+        # (A state read just now answers the watch's "did the peer close first?")
+        peer_fin = None if state is TcpState.UNKNOWN else state is TcpState.CLOSE_WAIT
+        self._seen = _observe.Watch(sock, report=report, peer_fin=peer_fin)
         self._plan = ClosePlan(
             policy, clock(), peer_eof=self._seen.peer_fin_first, label=self._seen.label
         )
