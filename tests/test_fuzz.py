@@ -52,6 +52,7 @@ from tcpclose._kernel._procfs import address_hex, parse_tcp_line
 from tcpclose._kernel._tcpinfo import TCP_INFO_MIN_SIZE, TCP_INFO_SIZE, decode_tcp_info
 from tcpclose._plan import ClosePlan, Event, Finished, PlanStateError
 from tcpclose._policy import as_policy
+from tcpclose._units import MAX_DURATION, MAX_SIZE, UnitError, parse_duration, parse_size
 
 fuzz = settings(max_examples=300, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
 
@@ -258,6 +259,22 @@ def test_numbers_at_any_size_raise_only_policy_error(entry: str, key: str, value
     message = str(error)
     assert key in message or (error.word is not None and error.word in str(value)), message
     assert len(message) < 400, message
+
+
+@fuzz
+@given(st.one_of(_EDGE_VALUE, _ANY))
+def test_unit_parsers_raise_only_unit_error(value: object) -> None:
+    """The parsers under every policy entry point: a value in range, or UnitError
+    (which the policy turns into PolicyError) with a message of bounded length."""
+    for parse in (parse_duration, parse_size):
+        message = ""
+        try:
+            result = parse(value)
+        except UnitError as exc:
+            message = str(exc)
+        else:
+            assert 0 <= result <= (MAX_DURATION if parse is parse_duration else MAX_SIZE)
+        assert len(message) < 300
 
 
 # -- sock_diag replies and /proc/net/tcp lines from the same random socket ---------------------
