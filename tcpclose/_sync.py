@@ -85,7 +85,8 @@ def close(
     Raises:
         PolicyError: ``policy`` is invalid (the socket is left untouched).
         TypeError: ``sock`` is not a TCP socket (:class:`NotTcpSocketError`).
-        ValueError: ``sock`` is listening or already closed.
+        ValueError: ``sock`` is listening, already closed, still connecting, or
+            never connected (the socket is left untouched).
 
     Example::
 
@@ -460,9 +461,9 @@ _local: Final = threading.local()
 def _scratch() -> memoryview:
     """This thread's buffer for bytes a drain discards, made on its first drain.
 
-    One per thread rather than one per close: a 64 KiB allocation per drain cost
-    2,000 drains 131 MB of allocations. Its content is never read, so sharing it
-    between the closes of one thread is safe, even nested ones.
+    One per thread rather than one per close: a 64 KiB allocation per drain made
+    2,000 drains allocate 135 MB (tracemalloc; 4.2 MB with this one). Its content is
+    never read, so the closes of one thread may share it, even nested ones.
     """
     try:
         view: memoryview = _local.view
