@@ -340,13 +340,7 @@ class _Driver:
         sock = self._sock
         plan = self._plan
         try:
-            # Linux's close() blocks under SO_LINGER with a non-zero time, O_NONBLOCK or
-            # not: turn it off so that the policy's bounds hold, and warn (TC201) where
-            # the socket was meant not to block.
-            disarm_linger(
-                self._seen, sock, plan.policy.mode, nonblocking=sock.gettimeout() is not None
-            )
-            sock.setblocking(False)
+            self._prepare()
             while True:
                 action = plan.next_action()
                 if isinstance(action, Finished):
@@ -355,9 +349,24 @@ class _Driver:
         finally:
             if sock.fileno() != -1:  # an exception escaped mid-plan: still release the fd
                 sock.close()
+        return self._finish(action)
+
+    def _prepare(self) -> None:
+        """Before the first step (also used by the background closer's driver)."""
+        sock = self._sock
+        # Linux's close() blocks under SO_LINGER with a non-zero time, O_NONBLOCK or
+        # not: turn it off so that the policy's bounds hold, and warn (TC201) where
+        # the socket was meant not to block.
+        disarm_linger(
+            self._seen, sock, self._plan.policy.mode, nonblocking=sock.gettimeout() is not None
+        )
+        sock.setblocking(False)
+
+    def _finish(self, action: Finished) -> CloseReport:
+        """The report, once the plan is finished and the fd closed."""
         kernel_state = self._seen.after_close()
         observed = self._seen.observed(trigger=self._trigger, kernel_state=kernel_state)
-        return build_report(plan.policy, action.result, observed)
+        return build_report(self._plan.policy, action.result, observed)
 
     def _step(
         self, action: Flush | ShutdownWrite | Receive | MeasureUnacked | SetLingerZero | Close
@@ -415,6 +424,12 @@ class _Driver:
         poller.register(sock.fileno(), _POLL_IN)
         if not poller.poll(_poll_ms(wait)):
             return Event.TIMEOUT, 0
+        return self._read_ready(action)
+
+    def _read_ready(self, action: Receive) -> tuple[Event, int]:
+        """Read and discard what a readable socket holds, within the action's bounds
+        (never blocks; also used by the background closer's driver)."""
+        sock = self._sock
         view = _scratch()
         total = 0
         limit = action.max_bytes
