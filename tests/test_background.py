@@ -341,3 +341,15 @@ def test_the_process_wide_closer() -> None:
     client.close()
     wait_until(lambda: reports, 10, message="the report")
     assert reports[0].outcome is Outcome.PEER_EOF
+
+
+def test_public_names_exported_typed_and_documented() -> None:
+    import inspect
+
+    for name in ("BackgroundCloser", "close_in_background"):
+        assert name in tcpclose.__all__
+        obj = getattr(tcpclose, name)
+        assert inspect.getdoc(obj), name
+    assert "return" in inspect.get_annotations(tcpclose.close_in_background)
+    assert inspect.getdoc(BackgroundCloser.close)
+    assert "return" in inspect.get_annotations(BackgroundCloser.close)
