@@ -34,6 +34,7 @@ import selectors
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Final, Self, TypeAlias
@@ -157,6 +158,11 @@ class _Job(_Driver):
         if self._sock.fileno() != -1:
             self._sock.close()
 
+    def drop_copy(self) -> None:
+        """In a forked child: close this process's copy of the fd, nothing else."""
+        if self._sock.fileno() != -1:
+            self._sock.close()
+
     def unregister(self) -> None:
         if self.registered:
             self.registered = False
@@ -228,6 +234,8 @@ class BackgroundCloser:
             collections.deque()
         )
         self._thread: threading.Thread | None = None
+        self._worker: _Worker | None = None
+        _closers.add(self)
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._signalled = False
@@ -352,6 +360,7 @@ class BackgroundCloser:
 
     def _start(self) -> None:
         # (under _lock)
+        self._worker = _Worker(self)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -371,7 +380,9 @@ class BackgroundCloser:
 
     def _run(self) -> None:
         try:
-            _Worker(self).run()
+            worker = self._worker
+            assert worker is not None
+            worker.run()
         except BaseException:
             logger.exception("the background closer's thread failed")
             raise
@@ -386,6 +397,30 @@ class BackgroundCloser:
             self._held -= 1
             if self._held == 0:
                 self._idle.notify_all()
+
+    def _after_fork_in_child(self) -> None:
+        """In a child of ``fork()``: the closer's thread did not come along. Drop the
+        child's copies of every socket the parent's closer held (the parent closes the
+        connections; a copy held here would keep them open), and start afresh on the
+        next hand-over."""
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            for job in worker.jobs:
+                job.drop_copy()
+            worker.jobs.clear()
+            worker.selector.close()
+        while self._queue:
+            fd, *_ = self._queue.popleft()
+            os.close(fd)
+        for wake in (self._wake_r, self._wake_w):
+            if wake is not None:
+                wake.close()
+        self._wake_r = self._wake_w = None
+        self._thread = None
+        self._signalled = False
+        self._held = 0
 
 
 class _Worker:
@@ -532,6 +567,22 @@ def _emit_here(findings: list[_checks.Finding]) -> None:
         except Warning as exc:
             logger.warning("tcpclose warning raised as an error in the background: %s", exc)
 
+
+#: Every closer, for the fork handler.
+_closers: Final[weakref.WeakSet[BackgroundCloser]] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _default
+    for closer in list(_closers):
+        closer._after_fork_in_child()
+    # The process-wide closer of the parent is not this process's: make a new one on
+    # first use (its exit hook then belongs to this process too).
+    _default = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _default: BackgroundCloser | None = None
 _default_lock: Final = threading.Lock()

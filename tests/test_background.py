@@ -353,3 +353,44 @@ def test_public_names_exported_typed_and_documented() -> None:
     assert "return" in inspect.get_annotations(tcpclose.close_in_background)
     assert inspect.getdoc(BackgroundCloser.close)
     assert "return" in inspect.get_annotations(BackgroundCloser.close)
+
+
+def test_a_forked_child_gets_a_working_closer_and_drops_the_parents_sockets() -> None:
+    """The closer's thread does not survive ``fork()``: the child starts its own on its
+    first hand-over, and closes its copies of the sockets the parent's closer holds
+    (a copy held in the child would keep the parent's connections open)."""
+    import os
+    import warnings
+
+    reports: list[CloseReport] = []
+    with BackgroundCloser(on_close=reports.append) as closer:
+        client, server = tcp_pair()
+        pending_fd = server.fileno()
+        closer.close(server, POLICY)  # the client stays silent: the close is pending
+        wait_until(lambda: closer.held == 1, message="the hand-over")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # (fork with threads, 3.12+)
+            pid = os.fork()
+        if pid == 0:  # the child
+            status = 1
+            try:
+                try:
+                    os.fstat(pending_fd)
+                except OSError:
+                    dropped = True
+                else:
+                    dropped = False
+                child_client, child_server = tcp_pair()
+                child_client.close()
+                taken = closer.close(child_server, "graceful")
+                idle = closer.wait_idle(5)
+                status = 0 if (dropped and taken and idle and closer.held == 0) else 3
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert closer.held == 1  # the parent's close is still its own
+        client.close()
+        assert closer.wait_idle(LINGER + 5)
+    assert len(reports) == 1
+    assert reports[0].outcome is Outcome.PEER_EOF
