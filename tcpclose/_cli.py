@@ -824,6 +824,55 @@ Run 'tcpclose COMMAND --help' for a command's options and examples.
 )
 
 
+# -- run (issue 15): the zero-code launcher ----------------------------------------------------
+
+_RUN_EPILOG = """\
+Runs COMMAND with the close policy applied in every Python process it starts (worker
+processes included), with no change to its code: asyncio servers (create_server of
+asyncio's loops and uvloop's) and socketserver servers (http.server, wsgiref and the
+servers built on them). The policy comes from --policy, else TCPCLOSE_POLICY, else
+"graceful"; TCPCLOSE_POLICY=off turns the patches off. How it works and what it
+patches: the "Your server" page of the docs.
+
+examples:
+  tcpclose run --policy "peer-first timeout=2s" -- python -m http.server 8000
+  TCPCLOSE_POLICY=graceful tcpclose run --log-reports -- hypercorn app:app
+
+exit status: COMMAND's own; 2 for a bad policy; 127 when COMMAND cannot be run.
+"""
+
+
+def _configure_run(cmd: argparse.ArgumentParser) -> None:
+    cmd.formatter_class = argparse.RawDescriptionHelpFormatter
+    cmd.epilog = _RUN_EPILOG
+    cmd.add_argument("--policy", metavar="TEXT", help="the close policy (default: TCPCLOSE_POLICY)")
+    cmd.add_argument("--log-reports", action="store_true", help="log one line per close on stderr")
+    cmd.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    cmd.set_defaults(handler=_run_run)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from ._launcher import command_environment, exec_command
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError("run", "expected a command after --")
+    try:
+        env = command_environment(args.policy, log_reports=args.log_reports)
+    except TcpCloseError as exc:
+        raise UsageError("run", str(exc)) from exc
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        exec_command(command, env)
+    except OSError as exc:
+        print(f"{PROG} run: cannot run {command[0]}: {exc.strerror or exc}", file=sys.stderr)
+        return 127
+    return 0  # (not reached: the command replaced this process)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``tcpclose`` argument parser (errors raise :class:`UsageError`)."""
     parser = _Parser(
@@ -839,12 +888,14 @@ def build_parser() -> argparse.ArgumentParser:
         "states": _configure_states,
         "lookup": _configure_lookup,
         "audit": _configure_audit,
+        "run": _configure_run,
     }
     for name, help_text in (
         ("demo", "run every close policy over loopback connections and compare the results"),
         ("states", "count TCP sockets by state; TIME_WAIT by port and destination"),
         ("lookup", "show one 4-tuple's kernel state, timer and queues"),
         ("audit", "check sysctls and the socket table for risky close/reuse settings"),
+        ("run", "run a command with a close policy in every Python server it starts"),
     ):
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         configure[name](cmd)

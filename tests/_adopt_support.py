@@ -33,10 +33,15 @@ class Outcome:
     error: str | None
 
 
-def curl_post(url: str, body: bytes = REQUEST_BODY, timeout: float = 20) -> Outcome:
-    """curl posts ``body``; whole when it exits 0 with the answer's exact bytes."""
+def curl_post(
+    url: str, body: bytes = REQUEST_BODY, timeout: float = 20, method: str = "POST"
+) -> Outcome:
+    """curl sends ``body``; whole when it exits 0 with the answer's exact bytes."""
     proc = subprocess.run(
-        ["curl", "-sS", "--max-time", str(timeout), "-H", "Expect:", "--data-binary", "@-", url],
+        [
+            *("curl", "-sS", "--max-time", str(timeout), "-H", "Expect:", "-X", method),
+            *("--data-binary", "@-", url),
+        ],
         input=body,
         capture_output=True,
         timeout=timeout + 10,
@@ -48,14 +53,18 @@ def curl_post(url: str, body: bytes = REQUEST_BODY, timeout: float = 20) -> Outc
 
 
 def checksum_post(
-    port: int, path: str = "/", body: bytes = REQUEST_BODY, timeout: float = 20
+    port: int,
+    path: str = "/",
+    body: bytes = REQUEST_BODY,
+    timeout: float = 20,
+    method: str = "POST",
 ) -> Outcome:
     """A client that sends the request and body on one thread while it reads the answer
     on another, as a browser would, and checks the answer's length and digest. It
     stops at the end of the answer (Content-Length) and closes."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
         "Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
     ).encode()
 
