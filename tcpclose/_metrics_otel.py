@@ -139,6 +139,7 @@ class OpenTelemetrySink(CloseTally):
                 description="Time a close took, from the policy's start to the fd's release",
                 explicit_bucket_boundaries_advisory=list(self.bounds),
             )
+            self._also = self._record_duration
         per_close = _ALL
         for name, unit, text, attribute, fields in (
             ("tcpclose.closes", "{close}", "TCP closes", "closes", per_close),
@@ -185,13 +186,9 @@ class OpenTelemetrySink(CloseTally):
             description="Warnings issued by closes, by code",
         )
 
-    def __call__(self, report: CloseReport) -> None:
-        """Count one close (and record its duration when ``histogram=True``)."""
-        CloseTally.__call__(self, report)
-        histogram = self._histogram
-        if histogram is not None:
-            key = _key_of(report)
-            histogram.record(report.duration, self._attrs(key, _ALL))
+    def _record_duration(self, report: CloseReport) -> None:
+        assert self._histogram is not None
+        self._histogram.record(report.duration, self._attrs(_key_of(report), _ALL))
 
     def _attrs(self, key: CloseKey, fields: tuple[str, ...]) -> dict[str, str]:
         cached = self._attribute_cache.get((key, fields))
