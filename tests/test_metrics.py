@@ -422,3 +422,58 @@ def test_public_module_exports_every_name_typed_and_documented() -> None:
             assert "return" in inspect.get_annotations(obj), name
         elif isinstance(obj, type):
             assert inspect.getdoc(obj), name
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["tcpclose._metrics", "tcpclose._hostview", "tcpclose.metrics", "tcpclose._report"],
+)
+def test_docstring_examples(module: str) -> None:
+    import doctest
+    import importlib
+
+    failures, _ = doctest.testmod(importlib.import_module(module))
+    assert failures == 0
+
+
+def test_host_view_sorts_a_constructed_table() -> None:
+    """The pure sort, on a table made by hand: a listener's TIME_WAIT, outgoing ones,
+    one on a bound port, a CLOSE_WAIT, against a 10-port ephemeral range."""
+    from tcpclose._checks import Counters, Sysctls
+    from tcpclose._hostview import HostView
+    from tcpclose.kernel import KernelState
+
+    def tw(local: tuple[str, int], peer: tuple[str, int], left: float) -> KernelState:
+        return KernelState(TcpState.TIME_WAIT, "test", local, peer, seconds_left=left)
+
+    entries = [
+        KernelState(TcpState.LISTEN, "test", ("0.0.0.0", 80), ("0.0.0.0", 0)),
+        tw(("10.0.0.1", 80), ("10.0.0.9", 40001), 30.0),
+        tw(("10.0.0.1", 80), ("10.0.0.8", 40002), 50.0),
+        tw(("10.0.0.1", 40003), ("10.0.0.5", 443), 10.0),
+        tw(("10.0.0.1", 40004), ("10.0.0.5", 443), 20.0),
+        KernelState(TcpState.ESTABLISHED, "test", ("10.0.0.1", 40005), ("10.0.0.5", 443)),
+        tw(("10.0.0.1", 5000), ("10.0.0.6", 22), 5.0),
+        KernelState(TcpState.CLOSE_WAIT, "test", ("10.0.0.1", 80), ("10.0.0.7", 40006)),
+    ]
+    view = HostView.build(
+        entries,
+        listening_ports={80},
+        sysctls=Sysctls(ip_local_port_range=(40000, 40009), tcp_max_tw_buckets=10),
+        counters=Counters(time_wait=5, time_wait_overflows=0),
+        source="test",
+        taken=0.0,
+    )
+    assert dict(view.time_wait_by_side) == {"accepted": 2, "outgoing": 2, "bound": 1}
+    (listener_port,) = view.time_wait_by_listener.items()
+    assert listener_port[0] == 80
+    assert (listener_port[1].count, listener_port[1].min_left, listener_port[1].max_left) == (
+        2,
+        30.0,
+        50.0,
+    )
+    assert list(view.time_wait_by_destination) == [("10.0.0.5", 443)]
+    assert dict(view.ephemeral_by_destination) == {("10.0.0.5", 443): 3}
+    assert view.ephemeral_share(3) == 0.3
+    assert view.time_wait_fill == 0.5
+    assert len(view.close_wait) == 1
