@@ -13,8 +13,8 @@ Pure: no I/O, no engine imported here.
 
 from __future__ import annotations
 
-import bisect
 import threading
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -187,8 +187,10 @@ class CloseTally:
             None if local is None else ":" in local[0],
         )
         # (where the duration falls: the bucket found once, made cumulative on read)
-        slot = _BUCKETS + bisect.bisect_left(self._bounds, duration)
-        with self._lock:
+        slot = _BUCKETS + bisect_left(self._bounds, duration)
+        lock = self._lock
+        lock.acquire()
+        try:
             totals = self._by_key.get(key)
             if totals is None:
                 totals = self._by_key[key] = [0] * self._width
@@ -206,6 +208,8 @@ class CloseTally:
             if report.warnings:
                 for code in report.warnings:
                     self._warnings[code] = self._warnings.get(code, 0) + 1
+        finally:
+            lock.release()
         if self._also is not None:
             self._also(report)
 

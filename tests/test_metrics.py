@@ -477,3 +477,32 @@ def test_host_view_sorts_a_constructed_table() -> None:
     assert view.ephemeral_share(3) == 0.3
     assert view.time_wait_fill == 0.5
     assert len(view.close_wait) == 1
+
+
+def test_dashboard_queries_name_metrics_the_sinks_expose(
+    server_time_wait: tuple[int, int, int],
+) -> None:
+    """docs/dashboards/tcpclose.json: valid JSON whose every metric name is one that
+    PrometheusSink or PrometheusHostCollector exposes after real closes."""
+    import json
+    import re
+    from pathlib import Path
+
+    registry = prometheus_client.CollectorRegistry()
+    sink = PrometheusSink(registry)
+    PrometheusHostCollector().register(registry)
+    for report in close_each_mode(1):
+        sink(report)
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    exposed = {
+        family.name + suffix
+        for family in registry.collect()
+        for suffix in suffixes.get(family.type, ("",))
+    }
+    path = Path(__file__).resolve().parent.parent / "docs" / "dashboards" / "tcpclose.json"
+    dashboard = json.loads(path.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert exprs
+    used = {name for expr in exprs for name in re.findall(r"\btcpclose_[a-z_]+", expr)}
+    assert used - exposed == set()
+    assert {"tcpclose_closes_total", "tcpclose_host_time_wait_sockets"} <= used
