@@ -238,7 +238,9 @@ def _key_of(report: CloseReport) -> CloseKey:
     )
 
 
-def register_host_gauges(meter_provider: MeterProvider | None = None, *, top: int = 10) -> None:
+def register_host_gauges(
+    meter_provider: MeterProvider | None = None, *, top: int = 10, port: int | None = None
+) -> None:
     """Observable gauges of the host's socket table, read when the SDK collects.
 
     ``tcpclose.host.time_wait`` (attribute ``tcpclose.side``: ``accepted``,
@@ -247,7 +249,8 @@ def register_host_gauges(meter_provider: MeterProvider | None = None, *, top: in
     ``server.port``: the ``top`` largest destinations), ``tcpclose.host.ephemeral_ports``,
     ``tcpclose.host.time_wait_table.used`` and ``.limit``, ``tcpclose.host.close_wait``
     and, as an observable counter, ``tcpclose.host.time_wait_table.overflows``. One read
-    of the kernel serves every gauge of a collection.
+    of the kernel serves every gauge of a collection. ``port`` keeps only the sockets
+    whose local or peer port it is (one service's); the table's figures stay the host's.
     """
     from opentelemetry.metrics import Observation
 
@@ -265,7 +268,7 @@ def register_host_gauges(meter_provider: MeterProvider | None = None, *, top: in
 
         cached = latest.get("view")
         if cached is None or time.monotonic() - cached.taken > 1.0:
-            cached = latest["view"] = collect_host_view()
+            cached = latest["view"] = collect_host_view(port=port)
         return cached
 
     def by_side(options: CallbackOptions) -> Iterator[Observation]:

@@ -202,14 +202,19 @@ class PrometheusHostCollector:
 
     Args:
         top: series kept for the per-port and per-destination gauges.
+        port: only the sockets whose local or peer port is ``port`` (one service's);
+            the TIME_WAIT table's figures stay the host's.
         namespace: the metric names' prefix.
     """
 
-    def __init__(self, *, top: int = 10, namespace: str = "tcpclose") -> None:
+    def __init__(
+        self, *, top: int = 10, port: int | None = None, namespace: str = "tcpclose"
+    ) -> None:
         _require()
         if top < 1:
             raise ValueError(f"top: expected at least 1, got {top}")
         self.top = top
+        self.port = port
         self.namespace = namespace
 
     def register(self, registry: CollectorRegistry | None = None) -> PrometheusHostCollector:
@@ -227,7 +232,7 @@ class PrometheusHostCollector:
 
         from ._hostview import collect_host_view
 
-        view = collect_host_view()
+        view = collect_host_view(port=self.port)
         ns = f"{self.namespace}_host"
         sides = GaugeMetricFamily(
             f"{ns}_time_wait_sockets", "TIME_WAIT sockets by who closed first", labels=["side"]

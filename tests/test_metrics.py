@@ -323,7 +323,7 @@ def server_time_wait() -> Iterator[tuple[int, int, int]]:
 def test_prometheus_host_gauges_on_scrape(server_time_wait: tuple[int, int, int]) -> None:
     port, server_side, client_side = server_time_wait
     registry = prometheus_client.CollectorRegistry()
-    PrometheusHostCollector(top=10_000).register(registry)
+    PrometheusHostCollector(port=port).register(registry)
     sample = registry.get_sample_value
     assert sample("tcpclose_host_listener_time_wait_sockets", {"port": str(port)}) == server_side
     used = sample("tcpclose_host_ephemeral_ports_used", {"destination": f"127.0.0.1:{port}"})
@@ -340,7 +340,7 @@ def test_prometheus_host_gauges_on_scrape(server_time_wait: tuple[int, int, int]
 def test_opentelemetry_host_gauges(server_time_wait: tuple[int, int, int]) -> None:
     port, server_side, client_side = server_time_wait
     reader, provider = _otel()
-    tcpclose.metrics.register_host_gauges(provider, top=10_000)
+    tcpclose.metrics.register_host_gauges(provider, port=port)
     points = _points(reader)
     (listener_point,) = [
         p for p in points["tcpclose.host.listener.time_wait"] if p.attributes["server.port"] == port
