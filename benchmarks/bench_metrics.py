@@ -13,7 +13,11 @@ Measured:
 * **collection**: what one scrape (``generate_latest``) or one OpenTelemetry
   collection costs with every mode and outcome counted.
 * **in the loop**: a ``tcpclose.aio`` server on asyncio and on uvloop, ``on_close``
-  timed from inside the loop with ``perf_counter_ns`` around the sink, per close.
+  timed from inside the loop around the sink, per close.
+
+Times are the thread's CPU time (``time.thread_time_ns``): what the work costs, not the
+moments the thread waited for a CPU that other processes held (the machines this runs on
+are shared). ``--wall`` times with ``perf_counter_ns`` instead.
 
 Runs in a private network namespace when root (the closes leave TIME_WAIT entries).
 
@@ -31,6 +35,7 @@ import platform
 import socket
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +63,8 @@ from tcpclose.metrics import (  # noqa: E402
 )
 
 RESULTS = Path(__file__).parent / "results" / "metrics.json"
+#: The clock every figure is taken with (``--wall`` switches it).
+CLOCK = time.thread_time_ns
 BUDGET_US = 2.0
 
 Sink = Callable[[CloseReport], object]
@@ -91,10 +98,10 @@ def call_us(
     batch = (reports * (calls // len(reports) + 1))[:calls]
     rounds = []
     for _ in range(repeats):
-        start = time.perf_counter_ns()
+        start = CLOCK()
         for report in batch:
             sink(report)
-        rounds.append((time.perf_counter_ns() - start) / calls / 1000)
+        rounds.append((CLOCK() - start) / calls / 1000)
     return min(rounds), statistics.median(rounds)
 
 
@@ -187,9 +194,9 @@ def micro(reports: list[CloseReport], calls: int, repeats: int) -> dict[str, Any
     def collect_ms(action: Callable[[], object]) -> float:
         times = []
         for _ in range(repeats):
-            start = time.perf_counter_ns()
+            start = CLOCK()
             action()
-            times.append((time.perf_counter_ns() - start) / 1e6)
+            times.append((CLOCK() - start) / 1e6)
         return round(statistics.median(times), 3)
 
     collection = {
@@ -202,6 +209,19 @@ def micro(reports: list[CloseReport], calls: int, repeats: int) -> dict[str, Any
     return {"sinks": table, "collection": collection}
 
 
+class _Floor:
+    """The least a counting sink can do: one counter under a lock, keyed by mode."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: dict[object, int] = {}
+
+    def __call__(self, report: CloseReport) -> None:
+        mode = report.policy.mode
+        with self.lock:
+            self.counts[mode] = self.counts.get(mode, 0) + 1
+
+
 def in_loop(loop_name: str, connections: int) -> dict[str, Any]:
     """A server on ``loop_name`` with each sink; the sink's time per close, measured in
     the loop."""
@@ -209,6 +229,7 @@ def in_loop(loop_name: str, connections: int) -> dict[str, Any]:
     provider = MeterProvider(metric_readers=[reader])
     candidates: dict[str, Sink] = {
         "noop": lambda report: None,
+        "floor: one count under a lock": _Floor(),
         "prometheus": PrometheusSink(prometheus_client.CollectorRegistry()),
         "opentelemetry": OpenTelemetrySink(provider),
     }
@@ -217,9 +238,9 @@ def in_loop(loop_name: str, connections: int) -> dict[str, Any]:
         spent: list[int] = []
 
         def timed(report: CloseReport, sink: Sink = sink, spent: list[int] = spent) -> None:
-            start = time.perf_counter_ns()
+            start = CLOCK()
             sink(report)
-            spent.append(time.perf_counter_ns() - start)
+            spent.append(CLOCK() - start)
 
         async def handle(reader_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await reader_.readline()
@@ -271,7 +292,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls (CI)")
     parser.add_argument("--json", type=Path, default=RESULTS, help="where to write results")
+    parser.add_argument("--wall", action="store_true", help="wall-clock times, not CPU time")
     args = parser.parse_args()
+    global CLOCK
+    if args.wall:
+        CLOCK = time.perf_counter_ns
     calls, repeats, connections = (2_000, 3, 320) if args.quick else (20_000, 7, 1000)
 
     reports = real_reports()
@@ -283,6 +308,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "namespace": _session_netns.status,
         "budget_us": BUDGET_US,
+        "clock": "perf_counter_ns (wall)" if args.wall else "thread_time_ns (CPU time)",
         "calls_per_round": calls,
         "rounds": repeats * 3,
         "how": "micro: fastest of the rounds (interleaved across sinks) minus the no-op's; "
@@ -309,6 +335,9 @@ def main() -> None:
         for name in loops
         for sink in ("prometheus", "opentelemetry")
     )
+    result["floor_added_us_in_loop"] = max(
+        result["loops"][name]["floor: one count under a lock"]["added_us"] for name in loops
+    )
     result["worst_added_us_micro"] = worst
     result["worst_added_us_in_loop"] = in_loops
     result["within_budget"] = worst <= BUDGET_US and in_loops <= BUDGET_US
@@ -322,7 +351,7 @@ def main() -> None:
     for loop_name, rows in result["loops"].items():
         for name, row in rows.items():
             print(
-                f"{loop_name:<8} {name:<14} sink mean {row['sink_mean_us']:.3f} us "
+                f"{loop_name:<8} {name:<30} sink mean {row['sink_mean_us']:.3f} us "
                 f"(+{row['added_us']:.3f}), median {row['sink_median_us']:.3f} "
                 f"(+{row['median_added_us']:.3f})"
             )
