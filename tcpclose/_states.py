@@ -15,6 +15,7 @@ from typing import Any, Final
 from ._hostview import SIDES, HostView, Timers, owners_by_inode
 from ._kernel._types import Address, KernelState, TcpState
 from ._report import format_address
+from ._warnings import DOCS_URL
 
 __all__ = (
     "DOCS",
@@ -26,7 +27,8 @@ __all__ = (
     "view_as_dict",
 )
 
-DOCS: Final = "https://tcpclose.readthedocs.io/en/latest/"
+#: The documentation's root (the warnings' links point below it too).
+DOCS: Final = DOCS_URL.removesuffix("warnings/")
 #: A destination is worth a word when its sockets hold this share of the ephemeral range
 #: (the TC303 warning's threshold).
 DESTINATION_SHARE: Final = 0.5

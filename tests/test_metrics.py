@@ -506,3 +506,25 @@ def test_dashboard_queries_name_metrics_the_sinks_expose(
     used = {name for expr in exprs for name in re.findall(r"\btcpclose_[a-z_]+", expr)}
     assert used - exposed == set()
     assert {"tcpclose_closes_total", "tcpclose_host_time_wait_sockets"} <= used
+
+
+def test_tally_counts_every_close_from_several_threads() -> None:
+    import threading
+
+    (report,) = [r for r in close_each_mode(1) if r.policy.mode.value == "graceful"]
+    tally = tcpclose.metrics.CloseTally()
+
+    def hammer() -> None:
+        for _ in range(5000):
+            tally(report)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    snap = tally.snapshot()
+    assert snap.total() == 20_000 == snap.total(mode="graceful", outcome="peer-eof")
+    (totals,) = snap.by_key.values()
+    assert totals.buckets[-1] == 20_000
+    assert totals.seconds == pytest.approx(report.duration * 20_000)
