@@ -312,9 +312,9 @@ def main() -> None:
         "calls_per_round": calls,
         "rounds": repeats * 3,
         "how": "micro: fastest of the rounds (interleaved across sinks) minus the no-op's; "
-        "median_* beside it. In the loop: each close's on_close timed with perf_counter_ns "
-        "inside the event loop, mean minus the no-op's mean (the mean includes the closes "
-        "that count a whole batch); medians beside it.",
+        "median_* beside it. In the loop: each close's on_close timed with the clock "
+        "above inside the event loop, mean minus the no-op's mean (the mean includes the "
+        "closes that count a whole batch); medians beside it.",
         "reports": [str(r) for r in reports],
         "micro": micro(reports, calls, repeats),
         "loops": {},

@@ -13,10 +13,11 @@
 * :func:`tee` -- several sinks as one ``on_close``
 * :func:`format_report`, :func:`report_fields` -- a report as one line, as log fields
 
-Per close, each metrics sink only updates a tally (0.7 us called in a row, 1.5 to 2.3 us
-inside an event loop, where its caches are cold); the engines read it when they collect,
-and the host gauges read the kernel's socket table then too. "Watching closes in
-production" in the docs shows them at work, with the measurements and a dashboard.
+Per close, each metrics sink only updates a tally (0.7 us called in a row, 1 to 3 us
+inside an event loop on a shared machine, where its caches are cold); the engines read it
+when they collect, and the host gauges read the kernel's socket table then too.
+"Watching closes in production" in the docs shows them at work, with the measurements
+and a dashboard.
 """
 
 from __future__ import annotations
