@@ -139,37 +139,61 @@ def test_destination_share_of_a_narrow_ephemeral_range(
         assert line.endswith("warnings/#tc303")
 
 
+def overflows() -> int:
+    """``TCPTimeWaitOverflow`` of this namespace (``/proc/net/netstat``)."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            fields = dict(zip(names.split()[1:], values.split()[1:], strict=True))
+            return int(fields["TCPTimeWaitOverflow"])
+    raise AssertionError("no TcpExt line in /proc/net/netstat")
+
+
 def test_time_wait_table_full_shows_the_overflow(
     capsys: pytest.CaptureFixture[str], sysctl: Callable[[str, str], None]
 ) -> None:
     """tcp_max_tw_buckets set low: the kernel keeps no more TIME_WAIT, counts the rest
-    in TCPTimeWaitOverflow, and states says so."""
+    in TCPTimeWaitOverflow, and states says so.
+
+    The limit is set 2 above the namespace's TIME_WAIT count; other tests' entries may
+    expire meanwhile and make room, so the figures are checked against what ss and the
+    kernel's counter say, not against a fixed 2 kept."""
+    closes = 10
     with listener(socket.AF_INET) as lst:
         port = addr(lst)[1]
         before = json.loads(states(capsys, "--port", str(port), "--json"))["time_wait_table"]
-        used = before["used"]
-        sysctl("tcp_max_tw_buckets", str(used + 2))
-        for _ in range(5):
+        counted_before = overflows()
+        limit = before["used"] + 2
+        sysctl("tcp_max_tw_buckets", str(limit))
+        for _ in range(closes):
             close_first(lst, server_first=True)
-        wait_until(lambda: ss_time_wait("sport", port) == 2, message="2 TIME_WAIT kept")
+
+        def kept_once_settled() -> int | None:
+            """Our TIME_WAIT count once each close is either kept or counted skipped."""
+            kept = ss_time_wait("sport", port)
+            return kept if kept and kept + overflows() - counted_before == closes else None
+
+        kept = wait_until(kept_once_settled, message="each close kept or counted skipped")
+        skipped = overflows() - counted_before
+        assert skipped >= 1
+        assert kept == closes - skipped
+
         view = json.loads(states(capsys, "--port", str(port), "--json"))
         table = view["time_wait_table"]
-        assert table["limit"] == used + 2
-        assert table["used"] == used + 2
-        assert table["fill"] == 1.0
-        assert table["overflows"] - before["overflows"] == 3  # the 3 the kernel skipped
-        assert view["time_wait"]["by_side"]["accepted"] == 2 == ss_time_wait("sport", port)
+        assert table["limit"] == limit
+        assert table["overflows"] - before["overflows"] == skipped
+        assert table["fill"] >= 0.8
+        assert view["time_wait"]["by_side"]["accepted"] == kept == ss_time_wait("sport", port)
         assert any(a.endswith("warnings/#tc308") for a in view["advice"])
 
         text = states(capsys, "--port", str(port))
-        assert re.search(
-            rf"^TIME_WAIT table: {used + 2} of {used + 2} \(net\.ipv4\.tcp_max_tw_buckets\), "
-            r"100\.0% full; skipped since boot: \d+ \(TCPTimeWaitOverflow\) "
-            r"-- FULL: closes now skip TIME_WAIT$",
-            text,
-            re.M,
-        )
-        assert "advice: TIME_WAIT table 100.0% full" in text
+        line = re.search(rf"^TIME_WAIT table: (\d+) of {limit} .*$", text, re.M)
+        assert line is not None
+        assert "(net.ipv4.tcp_max_tw_buckets)" in line.group(0)
+        assert f"skipped since boot: {table['overflows']} (TCPTimeWaitOverflow)" in line.group(0)
+        if int(line.group(1)) >= limit:
+            assert line.group(0).endswith("-- FULL: closes now skip TIME_WAIT")
+        assert re.search(r"^advice: TIME_WAIT table [\d.]+% full", text, re.M)
 
 
 def test_leaked_close_wait_with_its_process(capsys: pytest.CaptureFixture[str]) -> None:
