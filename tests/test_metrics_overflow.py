@@ -8,6 +8,7 @@ session's private namespace only (never the host's), and restore it.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -129,11 +130,14 @@ def test_demo_says_time_wait_was_skipped(
     )
     out = capsys.readouterr().out
     assert code == 0
-    # peer-first: the client's TIME_WAIT were skipped; graceful: the server's
-    assert (
-        "note: peer-first, cooperating: the kernel skipped TIME_WAIT 5 times "
-        "(TCPTimeWaitOverflow rose; 0 at the server by its reports)"
-    ) in out
+    # peer-first: the client's TIME_WAIT were skipped (the server's reports flag none,
+    # unless a close fell back to graceful); graceful: the server's, each report says so
+    assert re.search(
+        r"^note: peer-first, cooperating: the kernel skipped TIME_WAIT 5 times "
+        r"\(TCPTimeWaitOverflow rose; \d at the server by its reports\)",
+        out,
+        re.M,
+    )
     assert (
         "note: graceful, cooperating: the kernel skipped TIME_WAIT 5 times "
         "(TCPTimeWaitOverflow rose; 5 at the server by its reports)"
