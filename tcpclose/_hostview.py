@@ -15,7 +15,7 @@ import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final
 
 from . import _kernel
 from ._audit import read_counters, read_sysctls
@@ -66,6 +66,23 @@ def side_of(local_port: int, listening_ports: Collection[int], sysctls: Sysctls)
     if local_port in listening_ports:
         return "accepted"
     return "bound" if sysctls.is_ephemeral(local_port) is False else "outgoing"
+
+
+def _add(groups: dict[Any, list[Any]], key: object, seconds_left: float | None) -> None:
+    group = groups.get(key)
+    if group is None:
+        groups[key] = [1, seconds_left, seconds_left]
+        return
+    group[0] += 1
+    if seconds_left is not None:
+        if group[1] is None or seconds_left < group[1]:
+            group[1] = seconds_left
+        if group[2] is None or seconds_left > group[2]:
+            group[2] = seconds_left
+
+
+def _timers(groups: dict[Any, list[Any]]) -> dict[Any, Timers]:
+    return {key: Timers(count, low, high) for key, (count, low, high) in groups.items()}
 
 
 def _sorted(counts: Mapping[object, int] | Mapping[object, Timers]) -> Mapping[object, object]:
@@ -123,35 +140,39 @@ class HostView:
         taken: float,
     ) -> HostView:
         """Sort ``entries`` (a dump). Pure."""
+        # (plain lists and per-port answers while counting: a table can hold 100,000
+        # sockets, and a frozen value per socket would cost more than the dump)
         by_state: dict[TcpState, int] = {}
         sides = dict.fromkeys(SIDES, 0)
-        by_listener: dict[int, Timers] = {}
-        by_destination: dict[Address, Timers] = {}
+        by_listener: dict[int, list[Any]] = {}
+        by_destination: dict[Address, list[Any]] = {}
         ephemeral: dict[Address, int] = {}
         close_wait: list[KernelState] = []
         listening = frozenset(listening_ports)
+        side_by_port: dict[int, str] = {}
+        time_wait, listen, closing_wait = TcpState.TIME_WAIT, TcpState.LISTEN, TcpState.CLOSE_WAIT
         total = 0
         for entry in entries:
             total += 1
             state = entry.state
             by_state[state] = by_state.get(state, 0) + 1
             local, peer = entry.local, entry.peer
-            if state is TcpState.CLOSE_WAIT:
+            if state is closing_wait:
                 close_wait.append(entry)
-            if local is None or peer is None or state is TcpState.LISTEN:
+            if local is None or peer is None or state is listen:
                 continue
             port = local[1]
-            if peer[1] != 0 and port not in listening and sysctls.is_ephemeral(port):
+            side = side_by_port.get(port)
+            if side is None:
+                side = side_by_port[port] = side_of(port, listening, sysctls)
+            if side == "outgoing" and peer[1] != 0 and sysctls.ip_local_port_range is not None:
                 ephemeral[peer] = ephemeral.get(peer, 0) + 1
-            if state is TcpState.TIME_WAIT:
-                side = side_of(port, listening, sysctls)
+            if state is time_wait:
                 sides[side] += 1
                 if side == "accepted":
-                    by_listener[port] = by_listener.get(port, Timers()).add(entry.seconds_left)
+                    _add(by_listener, port, entry.seconds_left)
                 elif side == "outgoing":
-                    by_destination[peer] = by_destination.get(peer, Timers()).add(
-                        entry.seconds_left
-                    )
+                    _add(by_destination, peer, entry.seconds_left)
         return cls(
             source=source,
             taken=taken,
@@ -159,8 +180,8 @@ class HostView:
             by_state=_sorted(by_state),  # type: ignore[arg-type]
             listening_ports=listening,
             time_wait_by_side=MappingProxyType(sides),
-            time_wait_by_listener=_sorted(by_listener),  # type: ignore[arg-type]
-            time_wait_by_destination=_sorted(by_destination),  # type: ignore[arg-type]
+            time_wait_by_listener=_sorted(_timers(by_listener)),  # type: ignore[arg-type]
+            time_wait_by_destination=_sorted(_timers(by_destination)),  # type: ignore[arg-type]
             ephemeral_by_destination=_sorted(ephemeral),  # type: ignore[arg-type]
             close_wait=tuple(close_wait),
             sysctls=sysctls,
