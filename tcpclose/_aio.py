@@ -95,6 +95,8 @@ _RESET_ERRNOS: Final = frozenset(
 _PEER_FIN_STATES: Final = frozenset(
     {TcpState.CLOSE_WAIT, TcpState.LAST_ACK, TcpState.CLOSING, TcpState.TIME_WAIT}
 )
+#: Where a socket that closed second ends: it has nothing to keep (CLOSED: no socket).
+_PASSIVE_END_STATES: Final = frozenset({TcpState.LAST_ACK, TcpState.CLOSED})
 #: Discarded data lands here (shared: nobody ever reads it).
 _SCRATCH: Final = memoryview(bytearray(256 * 1024))
 #: The most a TCP transport hands to ``data_received`` at once: asyncio's selector
@@ -302,6 +304,7 @@ class _Closer:
         "_sink",
         "_slot",
         "_timer",
+        "_tls",
         "_trigger",
         "_wait",
         "_waiters",
@@ -333,6 +336,7 @@ class _Closer:
         self._conn = conn
         self._trigger = trigger
         self._allow_data_loss = allow_data_loss
+        self._tls = conn.ssl
         #: While True (``write_eof()`` under peer-first, before the protocol's own
         #: close) data and EOF still reach the application's protocol.
         self.deliver = deliver
@@ -835,6 +839,17 @@ class _Closer:
         if result.peer_eof and not result.peer_closed_first and not self._fin_sent:
             # The peer's FIN came before ours, but while our buffer drained, where the
             # plan does not take it: the peer closed first.
+            result = dataclasses.replace(result, peer_closed_first=True)
+        elif (
+            self._tls
+            and result.peer_eof
+            and not result.peer_closed_first
+            and self._kernel_state is not None
+            and self._kernel_state.state in _PASSIVE_END_STATES
+        ):
+            # Over TLS our FIN waits for the peer's answer to our close_notify (the
+            # TLS layer sends it); a peer that closes its socket once it has answered
+            # sends its FIN first, as the kernel's passive-close state shows.
             result = dataclasses.replace(result, peer_closed_first=True)
         if self._linger_zero and not result.linger_zero:
             # The close itself reset the connection (a bounded flush gave up).
