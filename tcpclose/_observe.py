@@ -39,6 +39,10 @@ __all__ = ("SocketLike", "Watch", "emit_findings")
 _log = logging.getLogger("tcpclose")
 
 _LINGER = struct.Struct("ii")  # struct linger {int l_onoff; int l_linger;}
+#: From offset 56 of ``struct tcp_info`` (linux/tcp.h): tcpi_last_ack_recv (ms),
+#: tcpi_pmtu, tcpi_rcv_ssthresh, tcpi_rtt (us). Read without decoding the rest.
+_ACK_VIEW = struct.Struct("=I8xI")
+_ACK_VIEW_OFFSET = 56
 
 
 class SocketLike(Protocol):
@@ -124,6 +128,21 @@ class Watch:
             return read_outgoing(self._sock.fileno())
         except (OSError, ValueError):
             return None
+
+    def acked(self) -> tuple[int, float, float] | None:
+        """For ``peer-first``: our bytes not yet acknowledged (SIOCOUTQ), the smoothed
+        RTT and the seconds since the peer's last ACK (TCP_INFO), or None when the
+        kernel cannot tell."""
+        sock = self._sock
+        try:
+            outgoing = read_outgoing(sock.fileno())
+            raw = read_tcp_info_bytes(sock)
+        except (OSError, ValueError, TypeError):
+            return None
+        if raw is None:
+            return None
+        since_ack_ms, rtt_us = _ACK_VIEW.unpack_from(raw, _ACK_VIEW_OFFSET)
+        return outgoing, rtt_us / 1e6, since_ack_ms / 1e3
 
     def before_abort(self, *, allow_data_loss: bool, buffered: int = 0) -> None:
         """Measure what an abort will discard: the kernel's send queue plus

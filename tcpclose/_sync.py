@@ -27,6 +27,7 @@ from ._plan import (
     Event,
     Finished,
     Flush,
+    MeasureAcked,
     MeasureUnacked,
     Receive,
     SetLingerZero,
@@ -257,7 +258,14 @@ class _Driver:
         return build_report(plan.policy, action.result, observed)
 
     def _step(
-        self, action: Flush | ShutdownWrite | Receive | MeasureUnacked | SetLingerZero | Close
+        self,
+        action: Flush
+        | ShutdownWrite
+        | Receive
+        | MeasureAcked
+        | MeasureUnacked
+        | SetLingerZero
+        | Close,
     ) -> None:
         plan = self._plan
         sock = self._sock
@@ -269,6 +277,14 @@ class _Driver:
         elif isinstance(action, Receive):
             event, nbytes = self._receive(action)
             plan.feed(event, self._clock(), nbytes=nbytes)
+        elif isinstance(action, MeasureAcked):
+            acked = self._seen.acked()
+            if acked is None:
+                plan.feed(Event.ERROR, self._clock())
+            else:
+                unacked, rtt, since_ack = acked
+                event = Event.UNACKED_SOME if unacked else Event.ACKED
+                plan.feed(event, self._clock(), rtt=rtt, since_ack=since_ack)
         elif isinstance(action, MeasureUnacked):
             outgoing = self._seen.outgoing()
             if outgoing is None:
