@@ -40,13 +40,15 @@ Bounds:
   silence, or once ``max_drain_bytes`` have been read and discarded.
 * ``peer-first``: the peer gets the first chance to close for as long as waiting
   costs nothing, and no longer. Our writes are flushed, then the driver asks the
-  kernel whether our bytes are acknowledged (SIOCOUTQ, with TCP_INFO's smoothed RTT
-  and the time since the peer's last ACK); while they are not (a slow reader), it
-  asks again every RTT or so. Both waits end by ``timeout``. Once everything is
-  acknowledged the peer gets ``grace``, counted from its last ACK: a prompt peer's
-  FIN follows the ACK of our last byte by its own reaction time (the round trip is
-  already behind), and a connection whose last ACK is older than ``grace`` (idle:
-  keep-alive expiry, server shutdown) is not waited on at all. Silence is not a
+  kernel whether our bytes are acknowledged (SIOCOUTQ, with TCP_INFO's round trip
+  and the time since our last data segment left); while they are not (a slow
+  reader), it asks again every RTT or so. Both waits end by ``timeout``. Once
+  everything is acknowledged, a prompt peer's FIN is due one round trip after our
+  last segment left, plus the peer's own reaction time: the wait ends ``grace``
+  after that, and at most ``grace`` from now. (Counted from our last segment, not
+  from the peer's ACK, so that a delayed ACK, 40 ms on Linux, is not added to every
+  wait.) A connection whose last segment left longer ago (idle: keep-alive expiry,
+  server shutdown) is not waited on at all. Silence is not a
   reason to stop waiting, but the byte budget is. Then the fallback: ``graceful``
   (the default) runs a whole graceful close (flush, FIN, drain) with a fresh
   ``linger_time`` (so the worst case is ``timeout + linger_time``), ``abort``
@@ -289,9 +291,9 @@ class MeasureUnacked:
 @dataclass(frozen=True, slots=True)
 class MeasureAcked:
     """Ask the kernel whether every byte of ours is acknowledged (SIOCOUTQ = 0), with
-    TCP_INFO's smoothed RTT and the time since the peer's last ACK. Feed ``ACKED`` or
-    ``UNACKED_SOME`` with ``rtt`` and ``since_ack`` in seconds (``ERROR`` when the
-    kernel cannot tell)."""
+    TCP_INFO's round-trip time and the time since our last data segment left. Feed
+    ``ACKED`` or ``UNACKED_SOME`` with ``rtt`` and ``since_sent`` in seconds
+    (``ERROR`` when the kernel cannot tell)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,8 +368,8 @@ Action = (
     | Finished
 )
 
-#: While our bytes are not yet acknowledged, ask the kernel again after one smoothed
-#: RTT, within these bounds (seconds): an ACK comes about one RTT after the data left.
+#: While our bytes are not yet acknowledged, ask the kernel again after one RTT,
+#: within these bounds (seconds): an ACK comes about one RTT after the data left.
 ACK_POLL_MIN_S: Final = 0.001
 ACK_POLL_MAX_S: Final = 0.05
 
@@ -460,7 +462,7 @@ class ClosePlan:
         "_peer_eof",
         "_phase",
         "_rtt",
-        "_since_ack",
+        "_since_sent",
         "_started",
         "_trace",
         "_wait_until",
@@ -493,7 +495,7 @@ class ClosePlan:
         self._wait_until = now
         #: peer-first: the kernel's last answer (seconds).
         self._rtt = 0.0
-        self._since_ack = 0.0
+        self._since_sent = 0.0
         self._fin_sent = False
         self._linger_zero = False
         self._fallback: Fallback | None = None
@@ -579,13 +581,13 @@ class ClosePlan:
         *,
         nbytes: int = 0,
         rtt: float = 0.0,
-        since_ack: float = 0.0,
+        since_sent: float = 0.0,
     ) -> None:
         """Tell the plan what happened at monotonic time ``now``.
 
         ``nbytes`` goes with ``DATA``: how many bytes were read and discarded.
-        ``rtt`` and ``since_ack`` go with ``ACKED`` and ``UNACKED_SOME``: the kernel's
-        smoothed round-trip time and the time since the peer's last ACK, in seconds.
+        ``rtt`` and ``since_sent`` go with ``ACKED`` and ``UNACKED_SOME``: the kernel's
+        round-trip time and the time since our last data segment left, in seconds.
 
         Raises:
             PlanStateError: the event does not fit the current phase (a driver bug).
@@ -595,7 +597,7 @@ class ClosePlan:
         # the others are what the table is keyed on.
         if event is _EVENT_ACKED or event is _EVENT_UNACKED_SOME:
             self._rtt = rtt
-            self._since_ack = since_ack
+            self._since_sent = since_sent
         if (
             event is _EVENT_DATA
             or event is _EVENT_TIMEOUT
@@ -628,8 +630,9 @@ class ClosePlan:
                 return _EVENT_PEER_TIMEOUT
             if self._peer_eof:
                 return event  # the FIN is here: the wait ends at once
-            # The peer's grace runs from its last ACK: over already on an idle one.
-            if self._since_ack >= self.policy.grace:
+            # The peer's FIN was due a round trip after our last segment left, give or
+            # take its grace: long over on an idle connection.
+            if self._since_sent >= self._rtt + self.policy.grace:
                 return _EVENT_IDLE
             return event
         waiting_for_peer = (
@@ -708,7 +711,9 @@ class ClosePlan:
             poll = min(max(self._rtt, ACK_POLL_MIN_S), ACK_POLL_MAX_S)
             return min(now + poll, self._deadline)
         if event is _EVENT_ACKED and not self._peer_eof:
-            return min(now - self._since_ack + self.policy.grace, self._deadline)
+            grace = self.policy.grace
+            due = now - self._since_sent + self._rtt + grace
+            return min(due, now + grace, self._deadline)
         if event is _EVENT_ERROR:
             return min(now + self.policy.grace, self._deadline)  # cannot tell: from now
         return self._deadline

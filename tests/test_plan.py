@@ -123,13 +123,13 @@ def test_graceful_flush_too_slow() -> None:
     assert not result.fin_sent
 
 
-def peer_first_to_grace(policy: str, *, since_ack: float = 0.0, now: float = 0.0) -> ClosePlan:
+def peer_first_to_grace(policy: str, *, since_sent: float = 0.0, now: float = 0.0) -> ClosePlan:
     """A peer-first plan whose data is flushed and acknowledged: in the peer's grace."""
     plan = ClosePlan(ClosePolicy.parse(policy), now)
     assert isinstance(plan.next_action(), Flush)
     plan.feed(Event.FLUSHED, now)
     assert plan.next_action() == MeasureAcked()
-    plan.feed(Event.ACKED, now, rtt=0.001, since_ack=since_ack)
+    plan.feed(Event.ACKED, now, rtt=0.001, since_sent=since_sent)
     return plan
 
 
@@ -138,7 +138,7 @@ def test_peer_first_cooperating_peer() -> None:
     assert plan.next_action() == Flush(deadline=5.0)
     plan.feed(Event.FLUSHED, 0.0)
     assert plan.next_action() == MeasureAcked()
-    plan.feed(Event.ACKED, 0.0, rtt=0.0001, since_ack=0.0)
+    plan.feed(Event.ACKED, 0.0, rtt=0.0001, since_sent=0.0)
     # The peer's grace runs from the ACK of our last byte.
     assert plan.next_action() == Receive(deadline=0.05, idle_timeout=None, max_bytes=1 << 20)
     plan.feed(Event.PEER_EOF, 0.003)
@@ -156,12 +156,21 @@ def test_peer_first_defaults() -> None:
     assert (policy.fallback, policy.grace, policy.timeout) == (Fallback.GRACEFUL, 0.05, 5.0)
 
 
-def test_peer_first_grace_counts_from_the_last_ack() -> None:
-    """Issue 14: the ACK came 30 ms before the close: 20 ms of grace are left."""
-    plan = peer_first_to_grace("peer-first grace=50ms", since_ack=0.03, now=10.0)
+def test_peer_first_grace_counts_from_our_last_segment() -> None:
+    """Issue 14: our last segment left 30 ms before the close, the round trip is 1 ms:
+    the peer's FIN was due at -29 ms, give or take 50 ms of grace: 21 ms are left. (Not
+    from the peer's ACK: a delayed ACK would add its 40 ms to every wait.)"""
+    plan = peer_first_to_grace("peer-first grace=50ms", since_sent=0.03, now=10.0)
     action = plan.next_action()
     assert isinstance(action, Receive)
-    assert action.deadline == pytest.approx(10.02)
+    assert action.deadline == pytest.approx(10.021)
+
+
+def test_peer_first_wait_is_at_most_grace() -> None:
+    plan = ClosePlan(ClosePolicy.parse("peer-first grace=50ms"), 0.0)
+    plan.feed(Event.FLUSHED, 0.0)
+    plan.feed(Event.ACKED, 0.0, rtt=0.2, since_sent=0.0)
+    assert plan.next_action() == Receive(deadline=0.05, idle_timeout=None, max_bytes=1 << 20)
 
 
 def test_peer_first_slow_reader_waits_for_the_ack_then_grace() -> None:
@@ -169,18 +178,18 @@ def test_peer_first_slow_reader_waits_for_the_ack_then_grace() -> None:
     until then the plan looks at the kernel again about every RTT, bounded by timeout."""
     plan = ClosePlan(ClosePolicy.parse("peer-first timeout=5s grace=100ms"), 0.0)
     plan.feed(Event.FLUSHED, 0.0)
-    plan.feed(Event.UNACKED_SOME, 0.0, rtt=0.02, since_ack=0.0)
+    plan.feed(Event.UNACKED_SOME, 0.0, rtt=0.02, since_sent=0.0)
     assert plan.phase is Phase.AWAIT_ACK
     assert plan.next_action() == Receive(deadline=0.02, idle_timeout=None, max_bytes=1 << 20)
     plan.feed(Event.DATA, 0.01, nbytes=10)  # the peer may talk meanwhile
     assert plan.phase is Phase.AWAIT_ACK
     plan.feed(Event.TIMEOUT, 0.02)
     assert plan.next_action() == MeasureAcked()
-    plan.feed(Event.UNACKED_SOME, 0.02, rtt=1.0, since_ack=0.0)  # capped at 50 ms
+    plan.feed(Event.UNACKED_SOME, 0.02, rtt=1.0, since_sent=0.0)  # capped at 50 ms
     left = (1 << 20) - 10
     assert plan.next_action() == Receive(deadline=0.07, idle_timeout=None, max_bytes=left)
     plan.feed(Event.TIMEOUT, 0.07)
-    plan.feed(Event.ACKED, 3.0, rtt=0.02, since_ack=0.0)
+    plan.feed(Event.ACKED, 3.0, rtt=0.02, since_sent=0.0)
     assert plan.next_action() == Receive(deadline=3.1, idle_timeout=None, max_bytes=left)
     plan.feed(Event.TIMEOUT, 3.1)
     assert plan.next_action() == Flush(deadline=33.1)  # the graceful fallback
@@ -190,7 +199,7 @@ def test_peer_first_slow_reader_waits_for_the_ack_then_grace() -> None:
 def test_peer_first_slow_reader_bounded_by_timeout() -> None:
     plan = ClosePlan(ClosePolicy.parse("peer-first timeout=1s"), 0.0)
     plan.feed(Event.FLUSHED, 0.0)
-    plan.feed(Event.UNACKED_SOME, 0.0, rtt=0.05, since_ack=0.0)
+    plan.feed(Event.UNACKED_SOME, 0.0, rtt=0.05, since_sent=0.0)
     plan.feed(Event.TIMEOUT, 1.0)
     assert plan.next_action() == Flush(deadline=31.0)
     assert plan.result().fallback is Fallback.GRACEFUL
@@ -201,7 +210,7 @@ def test_peer_first_idle_connection_is_not_waited_on() -> None:
     its grace, so no FIN is waited for; the fallback runs at once."""
     plan = ClosePlan(ClosePolicy.parse("peer-first"), 0.0)
     plan.feed(Event.FLUSHED, 0.0)
-    plan.feed(Event.ACKED, 0.0, rtt=0.0001, since_ack=5.0)
+    plan.feed(Event.ACKED, 0.0, rtt=0.0001, since_sent=5.0)
     assert plan.next_action() == Flush(deadline=30.0)
     plan.feed(Event.FLUSHED, 0.0)
     assert plan.next_action() == ShutdownWrite()
@@ -270,7 +279,7 @@ def test_half_close_always_falls_back_to_our_fin(fallback: str) -> None:
     half-close and wait for the client, which waits for our TCP close)."""
     plan = ClosePlan(ClosePolicy.parse(f"peer-first fallback={fallback}"), 0.0, half_close=True)
     plan.feed(Event.FLUSHED, 0.0)
-    plan.feed(Event.ACKED, 0.0, rtt=0.0001, since_ack=0.0)
+    plan.feed(Event.ACKED, 0.0, rtt=0.0001, since_sent=0.0)
     plan.feed(Event.TIMEOUT, 0.05)
     assert plan.next_action() == Flush(deadline=30.05)
     plan.feed(Event.FLUSHED, 0.05)
@@ -288,7 +297,7 @@ def test_half_close_always_falls_back_to_our_fin(fallback: str) -> None:
 def test_peer_first_fallback_auto(measured: Event, mode: CloseMode, first: object) -> None:
     plan = ClosePlan(ClosePolicy.parse("peer-first timeout=1s grace=1s fallback=auto"), 0.0)
     plan.feed(Event.FLUSHED, 0.0)
-    plan.feed(Event.ACKED, 0.0, rtt=0.0001, since_ack=0.0)
+    plan.feed(Event.ACKED, 0.0, rtt=0.0001, since_sent=0.0)
     plan.feed(Event.TIMEOUT, 1.0)
     assert plan.next_action() == MeasureUnacked()
     plan.feed(measured, 1.0)
@@ -331,7 +340,7 @@ def test_known_peer_eof_before_start(policy: str) -> None:
     plan = ClosePlan(ClosePolicy.parse(policy), 0.0, peer_eof=True)
     plan.feed(Event.FLUSHED, 0.0)
     if plan.next_action() == MeasureAcked():
-        plan.feed(Event.ACKED, 0.0, rtt=0.0001, since_ack=60.0)  # idle, yet the FIN is here
+        plan.feed(Event.ACKED, 0.0, rtt=0.0001, since_sent=60.0)  # idle, yet the FIN is here
     if plan.next_action() == ShutdownWrite():
         plan.feed(Event.DONE, 0.0)  # graceful sends its FIN after the peer's
     plan.feed(Event.PEER_EOF, 0.0)
@@ -410,7 +419,7 @@ def test_every_close_ends_within_bounds(
         elif isinstance(action, MeasureAcked):
             since = next(kernel, 0.0)
             event = Event.UNACKED_SOME if since < 0 else Event.ACKED
-            plan.feed(event, now, rtt=0.05, since_ack=max(since, 0.0))
+            plan.feed(event, now, rtt=0.05, since_sent=max(since, 0.0))
         else:
             plan.feed(Event.DONE, now)
     else:
