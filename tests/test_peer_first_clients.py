@@ -42,8 +42,9 @@ RECOMMENDED = "peer-first timeout=5s grace=50ms fallback=graceful"
 GRACE_S = 0.05
 #: The issue's allowance on top of the grace.
 SLACK_S = 0.05
-#: The old rule: wait the whole timeout for the peer's FIN, then auto (1 s, not 5 s).
-OLD = "peer-first timeout=1s grace=1s fallback=auto"
+#: The old rule: wait the whole timeout for the peer's FIN, then auto (1 s, not 5 s;
+#: a grace longer than the timeout leaves the timeout alone to end the wait).
+OLD = "peer-first timeout=1s grace=1h fallback=auto"
 
 BODY = payload(20_000, seed=14)
 DRIVERS = ("sync", "asyncio", "uvloop")
