@@ -476,9 +476,9 @@ class _Closer:
                 if acked is None:
                     plan.feed(_EVENT_ERROR, now)
                 else:
-                    unacked, rtt, since_sent = acked
+                    unacked, rtt, since_sent, since_recv = acked
                     event = _EVENT_UNACKED_SOME if unacked else _EVENT_ACKED
-                    plan.feed(event, now, rtt=rtt, since_sent=since_sent)
+                    plan.feed(event, now, rtt=rtt, since_sent=since_sent, since_recv=since_recv)
             else:
                 assert isinstance(action, MeasureUnacked)
                 # Ours and unacknowledged: the kernel's queue (SIOCOUTQ) and what the

@@ -47,8 +47,10 @@ Bounds:
   last segment left, plus the peer's own reaction time: the wait ends ``grace``
   after that, and at most ``grace`` from now. (Counted from our last segment, not
   from the peer's ACK, so that a delayed ACK, 40 ms on Linux, is not added to every
-  wait.) A connection whose last segment left longer ago (idle: keep-alive expiry,
-  server shutdown) is not waited on at all. Silence is not a
+  wait.) When the peer's own data came later (a client closing once it has the
+  response), the grace counts from that. A connection on which nothing was sent or
+  received for longer (idle: keep-alive expiry, server shutdown) is not waited on at
+  all. Silence is not a
   reason to stop waiting, but the byte budget is. Then the fallback: ``graceful``
   (the default) runs a whole graceful close (flush, FIN, drain) with a fresh
   ``linger_time`` (so the worst case is ``timeout + linger_time``), ``abort``
@@ -63,6 +65,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -292,8 +295,9 @@ class MeasureUnacked:
 class MeasureAcked:
     """Ask the kernel whether every byte of ours is acknowledged (SIOCOUTQ = 0), with
     TCP_INFO's round-trip time and the time since our last data segment left. Feed
-    ``ACKED`` or ``UNACKED_SOME`` with ``rtt`` and ``since_sent`` in seconds
-    (``ERROR`` when the kernel cannot tell)."""
+    ``ACKED`` or ``UNACKED_SOME`` with ``rtt``, ``since_sent`` and ``since_recv`` (the
+    time since the peer's last data arrived) in seconds (``ERROR`` when the kernel
+    cannot tell)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,6 +466,7 @@ class ClosePlan:
         "_peer_eof",
         "_phase",
         "_rtt",
+        "_since_recv",
         "_since_sent",
         "_started",
         "_trace",
@@ -496,6 +501,7 @@ class ClosePlan:
         #: peer-first: the kernel's last answer (seconds).
         self._rtt = 0.0
         self._since_sent = 0.0
+        self._since_recv = math.inf
         self._fin_sent = False
         self._linger_zero = False
         self._fallback: Fallback | None = None
@@ -582,12 +588,14 @@ class ClosePlan:
         nbytes: int = 0,
         rtt: float = 0.0,
         since_sent: float = 0.0,
+        since_recv: float = math.inf,
     ) -> None:
         """Tell the plan what happened at monotonic time ``now``.
 
         ``nbytes`` goes with ``DATA``: how many bytes were read and discarded.
-        ``rtt`` and ``since_sent`` go with ``ACKED`` and ``UNACKED_SOME``: the kernel's
-        round-trip time and the time since our last data segment left, in seconds.
+        ``rtt``, ``since_sent`` and ``since_recv`` go with ``ACKED`` and
+        ``UNACKED_SOME``: the kernel's round-trip time, the time since our last data
+        segment left and since the peer's last data arrived, in seconds.
 
         Raises:
             PlanStateError: the event does not fit the current phase (a driver bug).
@@ -598,6 +606,7 @@ class ClosePlan:
         if event is _EVENT_ACKED or event is _EVENT_UNACKED_SOME:
             self._rtt = rtt
             self._since_sent = since_sent
+            self._since_recv = since_recv
         if (
             event is _EVENT_DATA
             or event is _EVENT_TIMEOUT
@@ -630,9 +639,8 @@ class ClosePlan:
                 return _EVENT_PEER_TIMEOUT
             if self._peer_eof:
                 return event  # the FIN is here: the wait ends at once
-            # The peer's FIN was due a round trip after our last segment left, give or
-            # take its grace: long over on an idle connection.
-            if self._since_sent >= self._rtt + self.policy.grace:
+            # Nothing sent or received for longer than the grace: idle.
+            if self._quiet() >= self.policy.grace:
                 return _EVENT_IDLE
             return event
         waiting_for_peer = (
@@ -712,11 +720,16 @@ class ClosePlan:
             return min(now + poll, self._deadline)
         if event is _EVENT_ACKED and not self._peer_eof:
             grace = self.policy.grace
-            due = now - self._since_sent + self._rtt + grace
-            return min(due, now + grace, self._deadline)
+            return min(now - self._quiet() + grace, now + grace, self._deadline)
         if event is _EVENT_ERROR:
             return min(now + self.policy.grace, self._deadline)  # cannot tell: from now
         return self._deadline
+
+    def _quiet(self) -> float:
+        """How long the peer has had nothing to answer: our last segment reached it
+        about a round trip after it left (its ACK or FIN takes the way back), and its
+        own last data, if later, shows it was still busy then."""
+        return min(self._since_sent - self._rtt, self._since_recv)
 
     def _log(self, message: str, *args: object) -> None:
         logger.debug("close %s: " + message, self._label or "-", *args)

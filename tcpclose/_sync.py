@@ -282,9 +282,15 @@ class _Driver:
             if acked is None:
                 plan.feed(Event.ERROR, self._clock())
             else:
-                unacked, rtt, since_sent = acked
+                unacked, rtt, since_sent, since_recv = acked
                 event = Event.UNACKED_SOME if unacked else Event.ACKED
-                plan.feed(event, self._clock(), rtt=rtt, since_sent=since_sent)
+                plan.feed(
+                    event,
+                    self._clock(),
+                    rtt=rtt,
+                    since_sent=since_sent,
+                    since_recv=since_recv,
+                )
         elif isinstance(action, MeasureUnacked):
             outgoing = self._seen.outgoing()
             if outgoing is None:

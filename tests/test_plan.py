@@ -217,6 +217,20 @@ def test_peer_first_idle_connection_is_not_waited_on() -> None:
     assert (Phase.CHECK_ACKED, Event.IDLE) in plan.result().trace
 
 
+def test_peer_first_recent_data_from_the_peer_is_not_idle() -> None:
+    """Issue 14, client side: our request left 2 s ago, the server's response arrived
+    just now; the server's FIN may follow it: the grace counts from its data."""
+    plan = ClosePlan(ClosePolicy.parse("peer-first grace=50ms"), 0.0)
+    plan.feed(Event.FLUSHED, 0.0)
+    plan.feed(Event.ACKED, 0.0, rtt=0.001, since_sent=2.0, since_recv=0.01)
+    assert plan.next_action() == Receive(deadline=0.04, idle_timeout=None, max_bytes=1 << 20)
+    # nothing sent or received for a while: idle
+    plan = ClosePlan(ClosePolicy.parse("peer-first grace=50ms"), 0.0)
+    plan.feed(Event.FLUSHED, 0.0)
+    plan.feed(Event.ACKED, 0.0, rtt=0.001, since_sent=2.0, since_recv=0.5)
+    assert plan.next_action() == Flush(deadline=30.0)
+
+
 def test_peer_first_kernel_cannot_tell_grace_from_now() -> None:
     plan = ClosePlan(ClosePolicy.parse("peer-first grace=20ms"), 0.0)
     plan.feed(Event.FLUSHED, 1.0)
