@@ -501,3 +501,69 @@ def test_slow_reader_gets_every_byte_sync() -> None:
     assert sha256(b"".join(received)) == sha256(LARGE)
     assert not report.rst_sent
     assert report.fallback is Fallback.GRACEFUL
+
+
+# -- client-side use ---------------------------------------------------------------------------
+
+
+async def _closes_after(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """HTTP/1.1 with Connection: close, the plain asyncio way: answer, close."""
+    await _content_length(reader, writer)
+    writer.close()
+
+
+async def _keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """HTTP/1.1 keep-alive: answer, then wait for the next request (or the end)."""
+    while True:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            break
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY)
+        writer.write(head + BODY)
+    writer.close()
+
+
+@pytest.mark.parametrize("server_closes", [True, False])
+@pytest.mark.parametrize("fallback", ["graceful", "auto"])
+def test_client_side_peer_first(loop_name: str, server_closes: bool, fallback: str) -> None:
+    """A client closing with peer-first once it has a response: a server that closes
+    after each response closes first (TIME_WAIT at the server); a keep-alive server
+    does not, and after the grace the fallback decides: our FIN (TIME_WAIT here) or,
+    with auto, a reset (no TIME_WAIT anywhere; the server had sent everything)."""
+    policy = f"peer-first fallback={fallback}"
+
+    async def main() -> None:
+        handler = _closes_after if server_closes else _keep_alive
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+
+            def client() -> CloseReport:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                data = b""
+                while not data.endswith(BODY):
+                    chunk = sock.recv(65536)
+                    assert chunk
+                    data += chunk
+                return tcpclose.close(sock, policy)
+
+            report = await asyncio.to_thread(client)
+            await asyncio.sleep(0)  # (let the server see the end)
+        if server_closes:
+            assert report.peer_closed_first
+            assert report.fallback is None
+            assert report.state is TcpState.CLOSED
+        elif fallback == "graceful":
+            assert report.fallback is Fallback.GRACEFUL
+            assert report.state is TcpState.TIME_WAIT
+            assert report.duration <= GRACE_S + SLACK_S
+        else:
+            assert report.fallback is Fallback.ABORT
+            assert report.rst_sent
+            assert report.discarded_bytes == 0
+            assert report.state is TcpState.CLOSED
+            assert report.duration <= GRACE_S + SLACK_S
+
+    run(loop_name, main, timeout=30)
