@@ -147,3 +147,65 @@ def test_shutdown_with_idle_clients(loop_name: str, policy: str) -> None:
             assert [ending for ending, _ in results] == ["reset"] * clients
 
     run(loop_name, main, timeout=60)
+
+
+async def ws_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """A WebSocket echo (uvicorn upgrades the HTTP connection with ``set_protocol``)."""
+    assert scope["type"] == "websocket"
+    assert (await receive())["type"] == "websocket.connect"
+    await send({"type": "websocket.accept"})
+    while (message := await receive())["type"] != "websocket.disconnect":
+        await send({"type": "websocket.send", "text": message.get("text")})
+
+
+def test_websocket_upgrade_close(loop_name: str) -> None:
+    """uvicorn's WebSocket upgrade: after the close frames uvicorn closes the transport
+    and the websockets client waits for the server's FIN. The old rule made every close
+    take the whole timeout and end in RST; the new one: the grace, then our FIN."""
+    ws_client = pytest.importorskip("websockets.asyncio.client")
+
+    async def closes(policy: str | None, n: int) -> tuple[list[float], list[CloseReport]]:
+        reports: list[CloseReport] = []
+        http: Any = h11_impl.H11Protocol
+        if policy is not None:
+            http = tcpclose.aio.with_policy(http, policy, on_close=reports.append)
+        config = uvicorn.Config(
+            ws_app,
+            host="127.0.0.1",
+            port=0,
+            http=http,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            log_level="warning",
+        )
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve())
+        took = []
+        try:
+            await wait_for(lambda: server.started or task.done(), 10, "uvicorn to start")
+            port = server.servers[0].sockets[0].getsockname()[1]
+            for _ in range(n):
+                async with ws_client.connect(f"ws://127.0.0.1:{port}/") as ws:
+                    await ws.send("hello")
+                    assert await ws.recv() == "hello"
+                    started = time.monotonic()
+                    await ws.close()
+                    took.append(time.monotonic() - started)
+            if policy is not None:
+                await wait_for(lambda: len(reports) >= n, 10, "the reports")
+        finally:
+            server.should_exit = True
+            await asyncio.wait_for(task, 10)
+        return took, reports
+
+    async def main() -> None:
+        plain, _ = await closes(None, 3)
+        old, reports = await closes(OLD, 1)
+        assert old[0] >= 0.99
+        assert reports[0].rst_sent
+        new, reports = await closes(RECOMMENDED, 3)
+        assert max(new) <= max(plain) + 0.05 + 0.05, (new, plain)
+        assert all(not r.rst_sent and r.fallback is Fallback.GRACEFUL for r in reports)
+
+    run(loop_name, main, timeout=60)
