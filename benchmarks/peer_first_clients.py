@@ -170,6 +170,7 @@ def measure(kind: str, policy: str, n: int, loop_name: str) -> dict[str, Any]:
         if durations
         else None,
         "close_ms_max": round(max(durations) * 1000, 2) if durations else None,
+        "closes_within_50ms": sum(d <= 0.05 for d in durations),
         "time_wait_server": here,
         "time_wait_client": there,
     }

@@ -2,11 +2,11 @@
 
 A policy is written in configuration as one line or as a mapping::
 
-    peer-first timeout=5s fallback=auto
+    peer-first timeout=5s grace=50ms fallback=graceful
     graceful linger_time=30s idle_timeout=5s max_drain_bytes=1MiB
     abort
 
-    {"mode": "peer-first", "timeout": 5, "fallback": "auto"}
+    {"mode": "peer-first", "timeout": 5, "grace": "50ms", "fallback": "graceful"}
 
 Everything here is pure: no sockets, no clocks. The close plan (``_plan.py``) turns a
 policy into steps; the drivers carry them out.
@@ -62,7 +62,7 @@ __all__ = (
 
 #: ``peer-first``'s default ``grace``: how long, once our last byte has reached it, a
 #: prompt peer's FIN may take. Measured (docs/policies.md): curl, h2load and a Python
-#: client sent theirs within 1 ms on an idle machine, 97% of them within 50 ms on an
+#: client sent theirs within 1 ms on an idle machine, nearly all within 50 ms on an
 #: overloaded one; a peer that waits for our FIN pays this much latency instead.
 DEFAULT_GRACE_S: Final = 0.05
 
