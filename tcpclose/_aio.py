@@ -49,6 +49,7 @@ from typing import Any, Final, Protocol, TypeAlias, cast
 from . import _checks, _kernel, _observe
 from ._errors import NotTcpSocketError
 from ._kernel._types import KernelState, TcpState
+from ._linger import disarm_linger
 from ._plan import (
     Close,
     ClosePlan,
@@ -80,7 +81,6 @@ logger = logging.getLogger("tcpclose")
 OnClose: TypeAlias = Callable[[CloseReport], object]
 
 _LINGER_ZERO: Final = struct.pack("ii", 1, 0)
-_LINGER_OFF: Final = struct.pack("ii", 0, 0)
 _ABORT_POLICY: Final = ClosePolicy(mode=CloseMode.ABORT)
 #: How long to wait for ``connection_lost`` after ``close()``/``abort()`` of a
 #: transport with nothing left to send (it normally comes on the next loop turn).
@@ -391,7 +391,14 @@ class _Closer:
 
     def start(self) -> None:
         self._deadlines.active.add(self)
-        self._check_linger()
+        # (SO_LINGER with a time would block the loop in the fd's close: off, TC201.)
+        disarm_linger(
+            self._watch,
+            self._conn.optsock,
+            self._plan.policy.mode,
+            nonblocking=True,
+            event_loop=True,
+        )
         self._advance(self._last_data)  # (the time the close started)
 
     def cut_short(self) -> None:
@@ -755,17 +762,6 @@ class _Closer:
         self._advance()
 
     # -- observations -------------------------------------------------------------------
-
-    def _check_linger(self) -> None:
-        """BlockingCloseWarning for ``SO_LINGER`` with a non-zero time; turn it off
-        (unless aborting), so that the fd's close cannot block the event loop."""
-        if not self._watch.check_linger(nonblocking=True, event_loop=True):
-            return
-        if self._plan.policy.mode is not _MODE_ABORT:
-            try:
-                self._conn.optsock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
-            except OSError as exc:
-                logger.debug("close: could not turn SO_LINGER off: %s", exc)
 
     def _measure_before_close(self) -> None:
         if self._measured:
