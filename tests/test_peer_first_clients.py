@@ -33,7 +33,6 @@ import pytest
 
 import tcpclose
 import tcpclose.aio
-import tcpclose.kernel
 from tcpclose import CloseReport, Fallback, TcpState
 from tests._aio_support import curl, payload, run, sha256, spawn_piped, tls, wait_for
 
@@ -353,14 +352,16 @@ async def _content_length(reader: asyncio.StreamReader, writer: asyncio.StreamWr
     writer.write(head + BODY)
 
 
-def time_wait_on(port: int) -> tuple[int, int]:
-    """TIME_WAIT entries (on the server's side, on the clients') for ``port``."""
+def time_wait_sides(reports: list[CloseReport]) -> tuple[int, int]:
+    """TIME_WAIT entries of these connections: (on the server's side, on the clients'),
+    each 4-tuple looked up in the kernel (stale entries of an earlier server on the
+    same port are not counted)."""
     here = there = 0
-    for state in tcpclose.kernel.dump(states=TcpState.TIME_WAIT):
-        if state.local is not None and state.local[1] == port:
-            here += 1
-        elif state.peer is not None and state.peer[1] == port:
-            there += 1
+    for report in reports:
+        assert report.local is not None
+        assert report.peer is not None
+        here += tcpclose.lookup(report.local, report.peer).state is TcpState.TIME_WAIT
+        there += tcpclose.lookup(report.peer, report.local).state is TcpState.TIME_WAIT
     return here, there
 
 
@@ -421,7 +422,7 @@ def test_prompt_clients_keep_their_time_wait(loop_name: str, kind: str) -> None:
             port = server.sockets[0].getsockname()[1]
             errors = await _run_prompt(kind, port)
             await wait_for(lambda: len(reports) >= PROMPT_N, 20, "the reports")
-        here, there = time_wait_on(port)
+        here, there = time_wait_sides(reports)
         return errors, here, there, reports
 
     async def main() -> None:
