@@ -39,6 +39,13 @@ __all__ = ("SocketLike", "Watch", "emit_findings", "time_wait_table_overflowed")
 _log = logging.getLogger("tcpclose")
 
 _LINGER = struct.Struct("ii")  # struct linger {int l_onoff; int l_linger;}
+#: From ``struct tcp_info`` (linux/tcp.h), read without decoding the rest:
+#: tcpi_last_data_sent (ms, offset 44), tcpi_last_data_recv (ms, 52), tcpi_rtt (us,
+#: 68), and tcpi_min_rtt (us, offset 148, Linux 4.10 and later).
+_SENT_VIEW = struct.Struct("=I4xI12xI")
+_SENT_VIEW_OFFSET = 44
+_MIN_RTT = struct.Struct("=I")
+_MIN_RTT_OFFSET = 148
 
 
 class SocketLike(Protocol):
@@ -123,6 +130,27 @@ class Watch:
             return read_outgoing(self._sock.fileno())
         except (OSError, ValueError):
             return None
+
+    def acked(self) -> tuple[int, float, float, float] | None:
+        """For ``peer-first``: our bytes not yet acknowledged (SIOCOUTQ), the round
+        trip (TCP_INFO's lowest RTT seen, which a peer's delayed ACKs do not inflate;
+        the smoothed RTT on kernels without it), the seconds since our last data
+        segment left and since the peer's last data arrived; None when the kernel
+        cannot tell."""
+        sock = self._sock
+        try:
+            outgoing = read_outgoing(sock.fileno())
+            raw = read_tcp_info_bytes(sock)
+        except (OSError, ValueError, TypeError):
+            return None
+        if raw is None:
+            return None
+        since_sent_ms, since_recv_ms, rtt_us = _SENT_VIEW.unpack_from(raw, _SENT_VIEW_OFFSET)
+        if len(raw) >= _MIN_RTT_OFFSET + _MIN_RTT.size:
+            (min_rtt_us,) = _MIN_RTT.unpack_from(raw, _MIN_RTT_OFFSET)
+            if 0 < min_rtt_us < 0xFFFFFFFF:  # (~0U: no sample yet)
+                rtt_us = min_rtt_us
+        return outgoing, rtt_us / 1e6, since_sent_ms / 1e3, since_recv_ms / 1e3
 
     def unread(self) -> int:
         """Bytes received and not yet read (SIOCINQ); 0 when that cannot be asked."""
