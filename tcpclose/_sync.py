@@ -91,7 +91,7 @@ def close(
 
     Example::
 
-        report = tcpclose.close(conn, "peer-first timeout=2s fallback=auto")
+        report = tcpclose.close(conn, "peer-first timeout=2s grace=50ms")
         log.info("closed: %s", report)   # e.g. "peer-first peer-eof ... now CLOSED ..."
     """
     resolved = as_policy(policy)
