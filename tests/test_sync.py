@@ -25,6 +25,7 @@ from tcpclose._report import format_address
 from tests._support import (
     Peer,
     addr,
+    fill_send_queue,
     listener,
     open_fd_count,
     ss_lookup,
@@ -57,19 +58,6 @@ def read_then_close(sock: socket.socket) -> tuple[bytes, str]:
     result = read_all(sock)
     sock.close()
     return result
-
-
-def fill_send_queue(sock: socket.socket) -> int:
-    """Send until the kernel refuses more (the peer is not reading); return bytes sent."""
-    sock.setblocking(False)
-    chunk = b"x" * 65536
-    sent = 0
-    for _ in range(10_000):
-        try:
-            sent += sock.send(chunk)
-        except BlockingIOError:
-            return sent
-    raise AssertionError("the send queue never filled")
 
 
 def linger_zero(sock: socket.socket) -> None:
