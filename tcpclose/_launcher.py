@@ -56,8 +56,6 @@ DEFAULT_POLICY: Final = "graceful"
 #: The one method of ``socketserver.TCPServer`` the launcher replaces.
 _SHUTDOWN_REQUEST: Final = "shutdown_request"
 
-report_logger = logging.getLogger("tcpclose.reports")
-
 _state: dict[str, Any] = {}
 
 
@@ -101,12 +99,7 @@ def activate(environ: Mapping[str, str] | None = None) -> bool:
     policy = ClosePolicy.from_env(POLICY_ENV, DEFAULT_POLICY, environ=env)
     on_close: Callable[[CloseReport], object] | None = None
     if env.get(LOG_REPORTS_ENV, "") not in ("", "0"):
-        on_close = _log_report
-        if not report_logger.handlers:
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("tcpclose: %(message)s"))
-            report_logger.addHandler(handler)
-            report_logger.setLevel(logging.INFO)
+        on_close = _report_sink()
     from ._loop_adapter import install_policy
 
     _state["installation"] = install_policy(policy, on_close=on_close)
@@ -123,8 +116,21 @@ def deactivate() -> None:
     setattr(socketserver.TCPServer, _SHUTDOWN_REQUEST, _state.pop("shutdown_request"))
 
 
-def _log_report(report: CloseReport) -> None:
-    report_logger.info("%s", report, extra={"tcpclose": report.as_dict()})
+def _report_sink() -> Callable[[CloseReport], object]:
+    """The built-in per-close log line (:class:`tcpclose.metrics.LogSink`, logger
+    ``tcpclose.close``), on stderr as ``tcpclose: <report>``: the logger gets a handler
+    of its own and does not propagate, so that a handler the program puts on the root
+    logger later does not print each line twice."""
+    from ._logsink import LogSink
+
+    sink = LogSink()
+    if not sink.logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("tcpclose: %(message)s"))
+        sink.logger.addHandler(handler)
+        sink.logger.setLevel(logging.INFO)
+        sink.logger.propagate = False
+    return sink
 
 
 def _shutdown_request_with(
