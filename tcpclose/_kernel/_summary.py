@@ -64,6 +64,24 @@ class Summary:
             _frozen(by_destination),  # type: ignore[arg-type]
         )
 
+    @classmethod
+    def from_counts(
+        cls,
+        source: Source,
+        by_state: Counter[TcpState],
+        time_wait_by_local_port: Counter[int],
+        time_wait_by_destination: Counter[Address],
+    ) -> Summary:
+        """A summary of counts made elsewhere (the netlink view counts a dump without
+        decoding each socket); ``total`` is the sum of ``by_state``."""
+        return cls(
+            source,
+            sum(by_state.values()),
+            _frozen(+by_state),  # type: ignore[arg-type]
+            _frozen(+time_wait_by_local_port),  # type: ignore[arg-type]
+            _frozen(+time_wait_by_destination),  # type: ignore[arg-type]
+        )
+
     def count(self, state: TcpState) -> int:
         """Sockets in ``state`` (0 when none)."""
         return self.by_state.get(state, 0)
