@@ -23,7 +23,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Final
 
 from tcpclose._errors import KernelViewError
@@ -132,7 +132,18 @@ class NetlinkChannel:
         """
         self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
         pack_lookup_request(self.request_bytes, four, cookie, seq)
-        return self._exchange(self.request_bytes, seq)
+        sock = self._sock
+        if sock is None:
+            raise ValueError("netlink channel is closed")
+        sock.send(self.request_bytes)
+        # The usual case inline (one datagram, our seq); the rest in _receive.
+        try:
+            size = sock.recv_into(self.buffer)
+        except BlockingIOError:
+            raise TimeoutError("no answer from sock_diag within the receive timeout") from None
+        if size >= NLMSG_HDRLEN and NLMSG_SEQ.unpack_from(self.buffer, 8)[0] == seq:
+            return size
+        return self._receive(seq, size)
 
     def exchange(self, request: bytes) -> int:
         """Send ``request`` (its ``nlmsg_seq`` is replaced by the channel's next one)
@@ -147,16 +158,28 @@ class NetlinkChannel:
         if sock is None:
             raise ValueError("netlink channel is closed")
         sock.send(message)
+        return self._receive(seq)
+
+    def _receive(self, seq: int, size: int | None = None) -> int:
+        """Receive until the reply with ``seq`` (``size``: a datagram already received
+        into :attr:`buffer` that is not it)."""
+        sock = self._sock
+        if sock is None:
+            raise ValueError("netlink channel is closed")
         buffer = self.buffer
         for _ in range(_MAX_STALE_REPLIES):
-            try:
-                size = sock.recv_into(buffer)
-            except BlockingIOError:
-                raise TimeoutError("no answer from sock_diag within the receive timeout") from None
+            if size is None:
+                try:
+                    size = sock.recv_into(buffer)
+                except BlockingIOError:
+                    raise TimeoutError(
+                        "no answer from sock_diag within the receive timeout"
+                    ) from None
             if size < NLMSG_HDRLEN:
                 reply_seq(buffer, size)  # raises, describing the runt
             if NLMSG_SEQ.unpack_from(buffer, 8)[0] == seq:
                 return size
+            size = None
         raise KernelViewError(f"no sock_diag reply with seq {seq} among stale replies")
 
     def lookup(self, four: FourTuple, cookie: int | None = None) -> KernelState | None:
@@ -282,7 +305,7 @@ class NetlinkBackend:
         """
         try:
             chan = _per_thread.channel
-            if chan is None or chan.forks != _forks[0] or chan.closed:
+            if chan is None or chan.forks != _forks[0] or chan._sock is None:
                 chan = channel()
             size = chan.request(four, cookie)
             return decode_lookup_state(chan.buffer, size, four, chan.request_bytes)
@@ -293,13 +316,14 @@ class NetlinkBackend:
 
     @staticmethod
     def _requests(
-        states: Collection[TcpState], port: int | None, families: Collection[int]
+        state_sets: Iterable[Collection[TcpState]], port: int | None, families: Collection[int]
     ) -> list[bytes]:
-        mask = states_mask(states)
+        """One request per family and per set of states (empty sets skipped)."""
+        masks = [mask for mask in map(states_mask, state_sets) if mask]
         bytecode = port_filter_bytecode(port) if port is not None else b""
         return [
             encode_dump_request(family, mask, bytecode=bytecode, seq=seq)
-            for seq, family in enumerate(families, start=1)
+            for seq, (mask, family) in enumerate(itertools.product(masks, families), start=1)
         ]
 
     def dump(
@@ -313,7 +337,7 @@ class NetlinkBackend:
             TimeoutError: the kernel stopped answering.
             KernelViewError: the kernel rejected the request or answered garbage.
         """
-        results = dump_chunks(self._requests(states, port, families))
+        results = dump_chunks(self._requests([states], port, families))
         return itertools.chain.from_iterable(decode_dump(chunks) for chunks in results)
 
     def summary(
@@ -324,7 +348,11 @@ class NetlinkBackend:
         Raises:
             TimeoutError, KernelViewError: as :meth:`dump`.
         """
-        return count_dump(dump_chunks(self._requests(states, port, families)))
+        # TIME_WAIT asked for on its own: its datagrams are then all TIME_WAIT messages
+        # of one length, which count_dump counts without a Python loop.
+        time_wait = {TcpState.TIME_WAIT} & set(states)
+        requests = self._requests([time_wait, set(states) - time_wait], port, families)
+        return count_dump(dump_chunks(requests))
 
 
 def probe() -> bool:
