@@ -55,6 +55,31 @@ class FourTuple(NamedTuple):
     scope_id: int = 0
 
 
+#: Literal hosts already converted by :func:`_host`, to ``(family, raw)`` with IPv4
+#: mapping removed (``inet_pton`` parses its arguments the slow way on Python 3.11: it
+#: was a third of a lookup's address parsing).
+_HOSTS: Final[dict[str, tuple[int, bytes]]] = {}
+_HOSTS_MAX: Final = 1024
+_NOT_A_HOST: Final = (0, b"")
+
+
+def _host(host: str) -> tuple[int, bytes]:
+    """``(family, raw)`` of a literal address without a scope, remembered; ``(0, b"")``
+    for anything else (the caller then takes the general path)."""
+    try:
+        found = (_AF_INET, _inet_pton(_AF_INET, host))
+    except OSError:
+        try:
+            raw = _inet_pton(_AF_INET6, host)
+        except OSError:
+            return _NOT_A_HOST
+        found = (_AF_INET, raw[12:]) if raw[:12] == MAPPED_PREFIX else (_AF_INET6, raw)
+    if len(_HOSTS) >= _HOSTS_MAX:
+        _HOSTS.clear()
+    _HOSTS[host] = found
+    return found
+
+
 def unmap(family: int, raw: bytes) -> tuple[int, bytes]:
     """Remove IPv4 mapping: ``(AF_INET6, ::ffff:a.b.c.d)`` becomes ``(AF_INET, a.b.c.d)``.
 
@@ -193,14 +218,11 @@ peer=b'\\x7f\\x00\\x00\\x01', peer_port=51000, scope_id=0)
             and type(lhost) is str
             and type(phost) is str
         ):
-            try:
-                fields = (_AF_INET, _inet_pton(_AF_INET, lhost), lport,
-                          _inet_pton(_AF_INET, phost), pport, 0)  # fmt: skip
-            except OSError:
-                pass
-            else:
+            lfam, lraw = _HOSTS.get(lhost) or _host(lhost)
+            pfam, praw = _HOSTS.get(phost) or _host(phost)
+            if lfam == pfam != 0:
                 # tuple.__new__ skips FourTuple's generated __new__: 0.4 us of a lookup.
-                return tuple.__new__(FourTuple, fields)
+                return tuple.__new__(FourTuple, (lfam, lraw, lport, praw, pport, 0))
     lfam, lraw, lport, lscope = parse_endpoint(local, "local_addr")
     pfam, praw, pport, pscope = parse_endpoint(peer, "peer_addr")
     if lfam != pfam:

@@ -387,24 +387,67 @@ def reply_seq(data: bytes | bytearray | memoryview, size: int | None = None) -> 
 
 # -- inet_diag_msg --------------------------------------------------------------------------
 
-#: Formatted hosts of recent lookup replies, per family; cleared when one grows past
-#: :data:`_HOSTS_MAX` (a dump uses caches of its own).
-_LOOKUP_HOSTS: Final[tuple[dict[bytes, str], dict[bytes, str]]] = ({}, {})
-_HOSTS_MAX: Final = 4096
+
+class _Ports(dict[int, Address]):
+    """The ``(host, port)`` tuples made for one address, by port as unpacked (network
+    order); ``host`` is the address as text."""
+
+    __slots__ = ("host",)
+
+    def __init__(self, host: str) -> None:
+        super().__init__()
+        self.host = host
+
+
+class Endpoints:
+    """``(host, port)`` tuples already made, per family and raw address, so that each
+    distinct endpoint is formatted and allocated once: a dump of 50,000 TIME_WAIT
+    sockets on eight listening ports then shares eight local tuples, which also spares
+    the garbage collector (15% of a dump's time, measured at 50,000).
+
+    Bounded: an address past ``max_addresses``, or a port past ``max_ports`` for one
+    address, clears that level first.
+    """
+
+    __slots__ = ("max_addresses", "max_ports", "v4", "v6")
+
+    def __init__(self, max_addresses: int, max_ports: int) -> None:
+        self.v4: dict[bytes, _Ports] = {}
+        self.v6: dict[bytes, _Ports] = {}
+        self.max_addresses = max_addresses
+        self.max_ports = max_ports
+
+    def address(self, addresses: dict[bytes, _Ports], family: int, raw: bytes) -> _Ports:
+        if len(addresses) >= self.max_addresses:
+            addresses.clear()
+        ports = addresses[raw] = _Ports(format_host(family, raw))
+        return ports
+
+    def endpoint(self, ports: _Ports, port: int) -> Address:
+        if len(ports) >= self.max_ports:
+            ports.clear()
+        endpoint = ports[port] = (ports.host, (port & 0xFF) << 8 | port >> 8 if _SWAP else port)
+        return endpoint
+
+
+#: The lookups' cache: the close path asks about one 4-tuple several times.
+_LOOKUP_ENDPOINTS: Final = Endpoints(max_addresses=256, max_ports=64)
+#: A dump's cache lives as long as the dump: no bound needed.
+_UNBOUNDED: Final = 1 << 62
 
 
 def decode_message(
     data: bytes | bytearray | memoryview,
     offset: int,
-    hosts: tuple[dict[bytes, str], dict[bytes, str]] = _LOOKUP_HOSTS,
+    endpoints: Endpoints = _LOOKUP_ENDPOINTS,
 ) -> KernelState:
     """The :class:`KernelState` the ``inet_diag_msg`` of the message at ``offset``
     describes (``source="netlink"``). The one decoder of the struct.
 
     The caller has checked the framing: a ``SOCK_DIAG_BY_FAMILY`` message at least
     ``16 + 72`` bytes long. ``seconds_left`` is ``idiag_expires`` in seconds when a
-    timer runs, else None; an unknown state number is ``UNKNOWN``. ``hosts`` caches
-    formatted addresses, IPv4 then IPv6, keyed by the 16 raw bytes.
+    timer runs, else None; an unknown state number is ``UNKNOWN``. ``endpoints``
+    caches the ``local`` and ``peer`` tuples.
 
     Worked example, an ESTABLISHED IPv4 socket (124 bytes; attributes after byte 88)::
 
@@ -439,25 +482,28 @@ def decode_message(
         inode,
     ) = _unpack_msg(data, offset + _HDR_LEN)
     if family == _AF_INET:
-        cache = hosts[0]
+        addresses = endpoints.v4
     elif family == _AF_INET6:
-        cache = hosts[1]
+        addresses = endpoints.v6
     else:
         raise KernelViewError(f"inet_diag_msg with unknown family {family}")
-    local = cache.get(src)
+    ports = addresses.get(src)
+    if ports is None:
+        ports = endpoints.address(addresses, family, src)
+    local = ports.get(sport)
     if local is None:
-        local = _remember(cache, family, src)
-    peer = cache.get(dst)
+        local = endpoints.endpoint(ports, sport)
+    ports = addresses.get(dst)
+    if ports is None:
+        ports = endpoints.address(addresses, family, dst)
+    peer = ports.get(dport)
     if peer is None:
-        peer = _remember(cache, family, dst)
-    if _SWAP:
-        sport = (sport & 0xFF) << 8 | sport >> 8
-        dport = (dport & 0xFF) << 8 | dport >> 8
+        peer = endpoints.endpoint(ports, dport)
     return new_kernel_state(
         _STATE_OF[state],
         "netlink",
-        (local, sport),
-        (peer, dport),
+        local,
+        peer,
         _TIMER_OF[timer],
         expires / 1000 if timer else None,
         retrans,
@@ -467,13 +513,6 @@ def decode_message(
         inode,
         cookie0 | cookie1 << 32,
     )
-
-
-def _remember(cache: dict[bytes, str], family: int, raw: bytes) -> str:
-    if len(cache) >= _HOSTS_MAX:
-        cache.clear()
-    text = cache[raw] = format_host(family, raw)
-    return text
 
 
 def _first_socket_message(data: bytes | bytearray | memoryview, size: int, context: str) -> bool:
@@ -666,7 +705,7 @@ def decode_dump(chunks: Iterable[bytes | bytearray | memoryview]) -> Iterator[Ke
     """
     unpack_header = _LEN_AND_TYPE.unpack_from
     decode = decode_message
-    hosts: tuple[dict[bytes, str], dict[bytes, str]] = ({}, {})
+    endpoints = Endpoints(_UNBOUNDED, _UNBOUNDED)
     for data in chunks:
         size = len(data)
         offset = 0
@@ -674,7 +713,7 @@ def decode_dump(chunks: Iterable[bytes | bytearray | memoryview]) -> Iterator[Ke
             if size - offset >= _MSG_END:
                 length, kind = unpack_header(data, offset)
                 if kind == SOCK_DIAG_BY_FAMILY and _MSG_END <= length <= size - offset:
-                    yield decode(data, offset, hosts)
+                    yield decode(data, offset, endpoints)
                     offset += (length + 3) & ~3
                     continue
             length = _not_a_socket(data, offset, size)
