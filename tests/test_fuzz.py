@@ -342,6 +342,30 @@ def test_netlink_codec_gives_back_the_fields(facts: SocketFacts, attributes: byt
 
 
 @fuzz
+@given(
+    st.lists(socket_facts(), min_size=1, max_size=12),
+    st.sampled_from([socket.AF_INET, socket.AF_INET6, None]),
+    st.booleans(),
+    st.sampled_from([b"", bytes(8)]),
+)
+def test_counting_a_dump_equals_counting_its_decoded_states(
+    sockets: list[SocketFacts], family: int | None, all_time_wait: bool, attributes: bytes
+) -> None:
+    """Datagrams of TIME_WAIT messages of one family and one length are counted without a
+    Python loop; any other datagram message by message. Both must count what decoding
+    the same datagrams gives."""
+    if all_time_wait:
+        sockets = [dataclasses.replace(f, state=int(TcpState.TIME_WAIT)) for f in sockets]
+    if family is not None:
+        sockets = [f for f in sockets if f.family == family]
+    datagram = b"".join(diag_reply(f, attributes) for f in sockets)
+    done = NLMSGHDR.pack(NLMSGHDR.size + 4, NLMSG_DONE, 2, 7, 0) + bytes(4)
+    decoded = Summary.from_states(decode_dump([datagram, datagram, done]), "netlink")
+    assert count_dump([[datagram, datagram, done]]) == decoded
+    assert count_dump([[datagram, done], [datagram, done]]) == decoded
+
+
+@fuzz
 @given(socket_facts())
 def test_procfs_and_netlink_describe_a_socket_alike(facts: SocketFacts) -> None:
     line = proc_line(facts)

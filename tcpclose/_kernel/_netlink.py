@@ -348,11 +348,10 @@ class NetlinkBackend:
         Raises:
             TimeoutError, KernelViewError: as :meth:`dump`.
         """
-        # TIME_WAIT asked for on its own: its datagrams are then all TIME_WAIT messages
-        # of one length, which count_dump counts without a Python loop.
-        time_wait = {TcpState.TIME_WAIT} & set(states)
-        requests = self._requests([time_wait, set(states) - time_wait], port, families)
-        return count_dump(dump_chunks(requests))
+        # One request per family, as for dump(): asking for TIME_WAIT apart (so that
+        # every datagram is a run count_dump counts without a Python loop) costs a
+        # second walk of the kernel's hash table, more than it saves (10 ms at 50,000).
+        return count_dump(dump_chunks(self._requests([states], port, families)))
 
 
 def probe() -> bool:
