@@ -40,6 +40,7 @@ import struct
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from itertools import repeat
 from typing import Final
 
 from tcpclose._errors import KernelViewError
@@ -693,10 +694,32 @@ def _not_a_socket(data: bytes | bytearray | memoryview, offset: int, size: int) 
     return length
 
 
+def _run_length(data: bytes | bytearray | memoryview) -> int:
+    """``length`` when ``data`` is nothing but socket messages of that one length (a
+    multiple of 4, so they follow each other unpadded), else 0.
+
+    Checked without a Python loop: ``data[k::length]`` holds byte ``k`` of every
+    message, so six extended slices compare every ``nlmsg_len`` and ``nlmsg_type``.
+    """
+    size = len(data)
+    if size < _MSG_END or not isinstance(data, bytes):
+        return 0
+    length, kind = _LEN_AND_TYPE.unpack_from(data)
+    if kind != SOCK_DIAG_BY_FAMILY or length < _MSG_END or length % 4:
+        return 0
+    messages, rest = divmod(size, length)
+    if rest or any(
+        data[k::length] != data[k : k + 1] * messages for k in range(_LEN_AND_TYPE.size)
+    ):
+        return 0
+    return int(length)
+
+
 def decode_dump(chunks: Iterable[bytes | bytearray | memoryview]) -> Iterator[KernelState]:
     """Decode the datagrams of one dump into :class:`KernelState` values, lazily.
 
-    Stops at ``NLMSG_DONE``. Addresses are formatted once per distinct address.
+    Stops at ``NLMSG_DONE``. Addresses are formatted once per distinct address, and
+    each ``(host, port)`` made once (see :class:`Endpoints`).
 
     Raises:
         KernelErrorReply: an error in the stream (``NLMSG_ERROR``, or ``NLMSG_DONE``
@@ -708,6 +731,10 @@ def decode_dump(chunks: Iterable[bytes | bytearray | memoryview]) -> Iterator[Ke
     endpoints = Endpoints(_UNBOUNDED, _UNBOUNDED)
     for data in chunks:
         size = len(data)
+        length = _run_length(data)
+        if length:  # the usual datagram: its messages decoded with no Python loop around
+            yield from map(decode, repeat(data), range(0, size, length), repeat(endpoints))
+            continue
         offset = 0
         while offset < size:
             if size - offset >= _MSG_END:
@@ -747,27 +774,21 @@ def _count_time_wait_run(
     ports: Counter[int],
     peers: _PeerCounts,
 ) -> bool:
-    """Count ``data`` if it is a run of TIME_WAIT socket messages of one family, all of
-    one length (a multiple of 4, so they follow each other unpadded), filling it
-    exactly; False, with nothing counted, otherwise.
-
-    The run is checked with extended slices (``data[k::length]`` holds byte ``k`` of
-    every message) and counted with ``struct.iter_unpack`` and ``Counter``: no Python
-    code runs per message.
-    """
-    size = len(data)
-    if size < _MSG_END or not isinstance(data, bytes):
+    """Count ``data`` if it is a run (:func:`_run_length`) of TIME_WAIT messages of one
+    family; False, with nothing counted, otherwise. Checked with extended slices and
+    counted with ``struct.iter_unpack`` and ``Counter``: no Python code runs per
+    message."""
+    length = _run_length(data)
+    if not length or not isinstance(data, bytes):
         return False
-    length, kind, family, state, *_ = _COUNTED.unpack_from(data)
-    if kind != SOCK_DIAG_BY_FAMILY or state != _TIME_WAIT or length < _MSG_END or length % 4:
+    messages = len(data) // length
+    family = data[_FAMILY_AT]
+    if family not in peers or data[_STATE_AT] != _TIME_WAIT:
         return False
-    messages, rest = divmod(size, length)
-    if rest or family not in peers:
-        return False
-    same = {k: data[k : k + 1] * messages for k in range(6)}  # nlmsg_len, nlmsg_type
-    same[_FAMILY_AT] = data[_FAMILY_AT : _FAMILY_AT + 1] * messages
-    same[_STATE_AT] = _TIME_WAIT_BYTE * messages
-    if any(data[k::length] != expected for k, expected in same.items()):
+    if (
+        data[_FAMILY_AT::length] != data[_FAMILY_AT : _FAMILY_AT + 1] * messages
+        or data[_STATE_AT::length] != _TIME_WAIT_BYTE * messages
+    ):
         return False
     layouts = _RUN_LAYOUTS.get(length)
     if layouts is None:
