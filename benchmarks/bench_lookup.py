@@ -421,6 +421,11 @@ def main(argv: list[str] | None = None) -> int:
         "bare_round_trip_us_at_max": last["bare_round_trip_us"],
         "lookup_over_bare_round_trip_at_max": last["lookup_over_bare_round_trip"],
         "lookup_growth_0_to_max": last["lookup_us"] / first["lookup_us"],
+        # the same, each lookup taken relative to the round trip measured beside it: what
+        # is left when the machine's speed changed between the populations (load)
+        "lookup_over_bare_growth_0_to_max": (
+            last["lookup_over_bare_round_trip"] / first["lookup_over_bare_round_trip"]
+        ),
         "psutil_over_lookup_at_max": (
             last["psutil_us"] / last["lookup_us"] if "psutil_us" in last else None
         ),

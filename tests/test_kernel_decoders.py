@@ -10,8 +10,10 @@ the state the script drove each socket into, and ``ss``'s own decoding. Besides,
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
+import pickle
 import re
 import socket
 import struct
@@ -47,6 +49,7 @@ from tcpclose._kernel._diag import (
 from tcpclose._kernel._procfs import ProcfsBackend, parse_tcp_line, parse_tcp_table
 from tcpclose._kernel._summary import Summary
 from tcpclose._kernel._tcpinfo import TCP_INFO_MIN_SIZE, TCP_INFO_SIZE, decode_tcp_info
+from tcpclose._kernel._types import new_kernel_state
 
 DATA = Path(__file__).parent / "data"
 INET_DIAG_SHUTDOWN = 8
@@ -85,6 +88,21 @@ SOCKET_CASES = [
 MISS_CASES = [
     name for name, case in manifest()["sock_diag"].items() if case["expect"]["state"] == "ENOENT"
 ]
+
+
+def test_the_fast_constructor_makes_ordinary_frozen_kernel_states() -> None:
+    fields = (
+        TcpState.TIME_WAIT, "netlink", ("127.0.0.1", 8080), ("127.0.0.1", 51000),
+        TimerKind.TIMEWAIT, 59.5, 0, 1, 2, 3, 4, 5,
+    )  # fmt: skip
+    made = new_kernel_state(*fields)
+    assert type(made) is KernelState
+    assert made == KernelState(*fields)
+    assert hash(made) == hash(KernelState(*fields))
+    assert pickle.loads(pickle.dumps(made)) == made
+    assert dataclasses.replace(made, uid=7).uid == 7
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.uid = 7  # type: ignore[misc]
 
 
 def test_struct_sizes_match_the_kernel_headers() -> None:

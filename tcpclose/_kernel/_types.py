@@ -174,7 +174,7 @@ class _Unfrozen:
         "state",
         "timer",
         "uid",
-    )  # fmt: skip
+    )
 
     def __init__(
         self,
