@@ -116,7 +116,7 @@ BC_OP: Final = struct.Struct("=BBH")
 INET_DIAG_REQUEST: Final = struct.Struct("=IHHIIBBBBIHH16s16sIII")
 #: ``struct inet_diag_msg``, 72 bytes: family, state, timer, retrans, sockid (sport,
 #: dport, src, dst, if, cookie[2]), expires (ms), rqueue, wqueue, uid, inode. Ports are
-#: network order: pass them through ``socket.ntohs``.
+#: network order: swapped back when decoded (see ``_SWAP``).
 INET_DIAG_MSG: Final = struct.Struct("=BBBBHH16s16sIIIIIIII")
 _unpack_msg: Final = INET_DIAG_MSG.unpack_from
 #: The first two fields of ``nlmsghdr`` (len, type): all a message walk needs.
@@ -145,7 +145,6 @@ _TIMERS: Final = {int(t): t for t in TimerKind}
 #: ``idiag_state`` and ``idiag_timer`` (one byte each) to our enums, by indexing.
 _STATE_OF: Final = tuple(_STATES.get(n, TcpState.UNKNOWN) for n in range(256))
 _TIMER_OF: Final = tuple(_TIMERS.get(n) for n in range(256))
-_ntohs: Final = socket.ntohs
 #: ``idiag_sport``/``idiag_dport`` are big-endian and unpacked as native ``H``: on a
 #: little-endian host the two bytes are swapped back with arithmetic, a tenth of the
 #: cost of ``socket.ntohs`` (Python 3.11 parses its arguments the slow way), which
