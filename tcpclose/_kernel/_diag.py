@@ -606,10 +606,12 @@ def reply_matches(data: bytes | bytearray | memoryview, four: FourTuple, offset:
 
 
 _CLOSED: Final = KernelState(TcpState.CLOSED, "netlink")
+#: ``nlmsg_len``, ``nlmsg_type`` and ``idiag_family`` of a reply, in one unpack.
+_REPLY_HEAD: Final = struct.Struct("=IH10xB")
 
 
 def decode_lookup_state(
-    data: bytes | bytearray | memoryview,
+    data: bytes | bytearray,
     size: int,
     four: FourTuple,
     request: bytes | bytearray | None = None,
@@ -618,8 +620,8 @@ def decode_lookup_state(
     and for a reply describing another socket (the listener trap).
 
     ``request``, the 72 bytes sent, lets the usual case be checked with one comparison:
-    the reply's family and ``inet_diag_sockid`` ports and addresses are then byte for
-    byte the request's. Anything else (a mapped reply, another socket) goes through
+    the reply's ``inet_diag_sockid`` ports and addresses are then byte for byte the
+    request's. Anything else (a mapped reply, another socket) goes through
     :func:`reply_matches`.
 
     Raises:
@@ -627,19 +629,18 @@ def decode_lookup_state(
         KernelViewError: the bytes are not a well-formed reply.
     """
     if size >= _MSG_END:
-        length, kind = _LEN_AND_TYPE.unpack_from(data)
-        well_formed = kind == SOCK_DIAG_BY_FAMILY and _MSG_END <= length <= size
-    else:
-        well_formed = False
-    if not well_formed and not _first_socket_message(data, size, "lookup"):
+        length, kind, family = _REPLY_HEAD.unpack_from(data)
+        if kind == SOCK_DIAG_BY_FAMILY and _MSG_END <= length <= size:
+            if (
+                request is not None
+                and family == four.family
+                and data.startswith(request[24:60], _SPORT_AT)
+            ) or reply_matches(data, four):
+                return decode_message(data, 0)
+            return _CLOSED
+    if not _first_socket_message(data, size, "lookup"):
         return _CLOSED
-    if (
-        request is not None
-        and data[_FAMILY_AT] == request[_FAMILY_AT]
-        and data[_SPORT_AT : _SRC_AT + 32] == request[24:60]
-    ) or reply_matches(data, four):
-        return decode_message(data, 0)
-    return _CLOSED
+    return decode_message(data, 0) if reply_matches(data, four) else _CLOSED
 
 
 # -- dumps ----------------------------------------------------------------------------------
