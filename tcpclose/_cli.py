@@ -416,7 +416,9 @@ def _parse_address(text: str) -> tuple[str, int]:
         raise ValueError(f"expected a port from 1 to 65535, got {port}")
     try:
         parse_endpoint((host, port), "address")
-    except ValueError:
+    except ValueError as exc:
+        if "%" in host:  # a scope: the kernel view says what is wrong with it
+            raise ValueError(str(exc)) from None
         raise ValueError(
             f"expected a literal IPv4 or IPv6 address (host names are not resolved), got {host!r}"
         ) from None
