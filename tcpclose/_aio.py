@@ -1588,7 +1588,7 @@ def with_policy(
     ``pause_reading``, ``set_protocol`` ... keep working). This is how a server that
     takes a protocol class or factory adopts a policy.
 
-    Semantics (see ``ADOPTION.md``): a second ``close()`` is a no-op; ``abort()``
+    Semantics (docs: asyncio API, #semantics): a second ``close()`` is a no-op; ``abort()``
     during a pending close does not cut it short; ``write_eof()`` under ``peer-first``
     sends no FIN but starts the peer's timer while data still reaches the protocol;
     while the policy drains, reading is resumed and what arrives is discarded; the
