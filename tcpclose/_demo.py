@@ -278,6 +278,11 @@ class ClientProcess:
                 # A thread reads the reply; if this wait is abandoned, close() ends
                 # the process and so the read.
                 line = await asyncio.to_thread(proc.stdout.readline)
+        except asyncio.CancelledError:
+            # Ctrl-C: asyncio.run() waits for the reader thread before it returns, and
+            # the thread waits for the client's answer: end the client, and so the read.
+            proc.kill()
+            raise
         except TimeoutError:
             raise DemoError(f"the client process did not answer within {timeout:.0f} s") from None
         except OSError as exc:
