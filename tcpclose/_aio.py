@@ -5,10 +5,9 @@ transport, with every wait going through the event loop:
 
 * ``Flush``: wait until the transport's write buffer is empty (polled with a short
   back-off and woken early by ``resume_writing``), bounded by the plan's deadline.
-* ``ShutdownWrite``: ``transport.write_eof()``. Over TLS: the TLS transport's
-  ``close()`` sends close_notify; the TCP transport underneath then gets
-  ``write_eof()`` so that the FIN follows the close_notify at once (uvloop's is found
-  through ``gc.get_referents``: see :func:`_tcp_transport_under`).
+* ``ShutdownWrite``: ``transport.write_eof()``. Over TLS: once nothing the peer sent
+  is left unread, the TLS transport's ``close()`` sends close_notify; the TLS layer
+  sends our FIN when the peer has answered it (see :meth:`_Closer._quiet`).
 * ``Receive``: what the peer sends arrives through the protocol callbacks of
   :class:`PolicyProtocol`, which stands between the transport and the application's
   protocol; while the policy drains, data is counted and discarded, never delivered.
@@ -41,9 +40,10 @@ import logging
 import socket
 import struct
 import time
+import weakref
 from asyncio import constants as _asyncio_constants
 from asyncio import transports as _asyncio_transports
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any, Final, Protocol, TypeAlias, cast
 
 from . import _checks, _kernel, _observe
@@ -84,9 +84,6 @@ _ABORT_POLICY: Final = ClosePolicy(mode=CloseMode.ABORT)
 #: How long to wait for ``connection_lost`` after ``close()``/``abort()`` of a
 #: transport with nothing left to send (it normally comes on the next loop turn).
 _CLOSE_GRACE_S: Final = 1.0
-#: The same for mode ``default``, where the transport itself flushes its buffer and,
-#: over TLS, waits for the peer's close_notify (asyncio's ssl_shutdown_timeout is 30 s).
-_DEFAULT_CLOSE_WAIT_S: Final = 35.0
 #: Flush polling: first interval and the cap of its doubling.
 _FLUSH_POLL_FIRST_S: Final = 0.002
 _FLUSH_POLL_MAX_S: Final = 0.05
@@ -131,6 +128,7 @@ class _TransportLike(Protocol):
 class _Wait(enum.Enum):
     NONE = "none"
     FLUSH = "flush"
+    QUIET = "quiet"  # over TLS, before close_notify: until nothing more is readable
     RECEIVE = "receive"
     CLOSE = "close"
     DONE = "done"
@@ -154,6 +152,7 @@ _WAIT_CLOSE = _Wait.CLOSE
 _WAIT_DONE = _Wait.DONE
 _WAIT_FLUSH = _Wait.FLUSH
 _WAIT_NONE = _Wait.NONE
+_WAIT_QUIET = _Wait.QUIET
 _WAIT_RECEIVE = _Wait.RECEIVE
 
 
@@ -170,10 +169,25 @@ _SLOTS_PER_S: Final = 200
 _DEADLINES_ATTR: Final = "_tcpclose_deadlines"
 
 
-class _Deadlines:
-    """The deadline slots of one event loop's closes (see :data:`_SLOT_S`)."""
+#: How long the end of a loop waits for the closes it cut short to be reported.
+_LOOP_END_WAIT_S: Final = 1.0
 
-    __slots__ = ("_loop", "_slots", "clock")
+
+class _Deadlines:
+    """The deadline slots of one event loop's closes (see :data:`_SLOT_S`), and the
+    closes under way on it, so that they end cleanly with the loop.
+
+    When ``asyncio.run()`` (or any ``asyncio.Runner``, uvloop's too) ends while closes
+    are still waiting for peers, those closes are cut short instead of leaving open
+    transports to a closed loop ("unclosed transport" ResourceWarnings): their
+    transports are aborted (the fd is closed at once: a FIN, or RST where input is
+    unread), each report says ``error="RuntimeError: event loop closing"`` and
+    ``on_close`` gets it. The hook is an async generator the loop knows (its
+    ``shutdown_asyncgens()``, which runners call, closes it): no task, no per-close cost
+    but a set entry.
+    """
+
+    __slots__ = ("_loop", "_loop_end", "_slots", "active", "clock")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -184,6 +198,10 @@ class _Deadlines:
         )
         #: slot number -> the closes waiting in it (a dict: ordered, like the heap)
         self._slots: dict[int, dict[_Closer, None]] = {}
+        #: The closes under way on this loop.
+        self.active: set[_Closer] = set()
+        self._loop_end = _at_loop_end(self)
+        _start_async_generator(self._loop_end)
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> _Deadlines:
@@ -217,6 +235,36 @@ class _Deadlines:
             for closer in waiting:
                 closer.on_deadline(slot)
 
+    async def end_all(self) -> None:
+        """The loop is ending: cut every close under way short and wait (bounded) for
+        their reports."""
+        closers = list(self.active)
+        for closer in closers:
+            closer.cut_short()
+        waiting = [closer.wait() for closer in closers if not closer.done]
+        if waiting:
+            await asyncio.wait(waiting, timeout=_LOOP_END_WAIT_S)
+
+
+async def _at_loop_end(deadlines: _Deadlines) -> AsyncGenerator[None, None]:
+    """Suspended for the loop's lifetime; its ``finally`` runs when the loop's
+    ``shutdown_asyncgens()`` closes it."""
+    try:
+        yield
+    finally:
+        await deadlines.end_all()
+
+
+def _start_async_generator(agen: AsyncGenerator[None, None]) -> None:
+    """Run ``agen`` to its first ``yield`` now (it awaits nothing before it). Its first
+    step calls the running loop's ``firstiter`` hook, which registers it with the loop."""
+    step = agen.asend(None)
+    try:
+        step.send(None)
+    except StopIteration:
+        return
+    raise RuntimeError("the loop-end hook did not stop at its yield")  # pragma: no cover
+
 
 # -- the driver ---------------------------------------------------------------------------
 
@@ -247,6 +295,7 @@ class _Closer:
         "_pending_bytes",
         "_plan",
         "_poll",
+        "_quiet_deadline",
         "_receiving",
         "_report",
         "_resumed",
@@ -302,6 +351,7 @@ class _Closer:
         self._last_data = now
         self._deadline = now
         self._poll = _FLUSH_POLL_FIRST_S
+        self._quiet_deadline = now
         self._wait = _WAIT_NONE
         self._timer: asyncio.TimerHandle | None = None
         self._slot: int | None = None
@@ -335,8 +385,19 @@ class _Closer:
         return self._report
 
     def start(self) -> None:
+        self._deadlines.active.add(self)
         self._check_linger()
         self._advance(self._last_data)  # (the time the close started)
+
+    def cut_short(self) -> None:
+        """The loop is ending: stop waiting for the peer; the transport is aborted now
+        and the close ends when it reports ``connection_lost``."""
+        if self.done or self._wait is _WAIT_DONE:
+            return
+        self._forced = True
+        self._lost_exc = RuntimeError("event loop closing")
+        with contextlib.suppress(Exception):
+            self._conn.real.abort()
 
     def wait(self) -> asyncio.Future[CloseReport]:
         """A future resolved with the report; cancelling it leaves the close running."""
@@ -387,7 +448,8 @@ class _Closer:
 
     def on_lost(self, exc: BaseException | None) -> None:
         """The transport called ``connection_lost``: its fd is closed right after."""
-        self._lost_exc = exc
+        if exc is not None or self._lost_exc is None:  # (else cut_short() said why)
+            self._lost_exc = exc
         self._measure_before_close()  # the fd is still open inside connection_lost
         wait = self._wait
         if wait is _WAIT_RECEIVE or wait is _WAIT_FLUSH:
@@ -434,6 +496,8 @@ class _Closer:
                     self._sleep(_WAIT_FLUSH, min(action.deadline, now + self._poll), precise=True)
                     return
             elif kind is ShutdownWrite:
+                if conn.ssl and not self._quiet(now):
+                    return
                 if not conn.peer_eof:
                     self._fin_sent = True
                 plan.feed(self._shutdown_write(), now)
@@ -490,6 +554,27 @@ class _Closer:
             deadline = min(deadline, self._last_data + action.idle_timeout)
         return deadline
 
+    def _quiet(self, now: float) -> bool:
+        """Over TLS, before our close_notify: True once nothing the peer sent is left
+        unread (else wait for it, reading for the drain, and return False).
+
+        A TLS layer that has sent close_notify refuses application data behind it
+        (OpenSSL: "application data after close notify") and ends the connection at
+        once; the FIN that follows then cut uvloop TLS clients' responses short. So
+        what has already arrived (an unread request body, say) is read and
+        discarded first; the wait is bounded by the drain's idle bound.
+        """
+        conn = self._conn
+        if conn.peer_eof or conn.lost:
+            return True
+        if self._wait is not _WAIT_QUIET:  # the first look: start reading
+            self._quiet_deadline = now + self._plan.policy.idle_timeout
+            self._resume_reading()
+        elif now >= self._quiet_deadline or not self._watch.unread():
+            return True
+        self._sleep(_WAIT_QUIET, now + _FLUSH_POLL_FIRST_S, precise=True)
+        return False
+
     def _shutdown_write(self) -> Event:
         conn = self._conn
         real = conn.real
@@ -498,19 +583,11 @@ class _Closer:
         try:
             if conn.ssl:
                 if not real.is_closing():
-                    raw = conn.raw_under_tls()
-                    # Corked, the close_notify waits in the kernel for the FIN and both
-                    # leave in one segment: a peer answering the close_notify at once
-                    # cannot get its FIN out before ours (it did, 1 run in 4, when the
-                    # two left apart with Python code between them).
-                    corked = raw is not None and _set_cork(conn.socket(), True)
-                    try:
-                        real.close()  # the TLS layer flushes, then sends close_notify
-                        if raw is not None and not raw.is_closing():
-                            self._fin_after_close_notify(real, raw)
-                    finally:
-                        if corked:
-                            _set_cork(conn.socket(), False)
+                    # close_notify only: the TLS layer sends our FIN once the peer has
+                    # answered it (or the drain's bounds end and the close aborts).
+                    # A FIN right behind the close_notify made uvloop's TLS client end
+                    # the stream before it handed over data it had already received.
+                    real.close()
                 # else: the TLS layer is already shutting down (the peer's close_notify)
             elif real.can_write_eof():
                 real.write_eof()
@@ -523,32 +600,6 @@ class _Closer:
             self._watch.error = f"{type(exc).__name__}: {exc}"
             return _EVENT_ERROR
         return _EVENT_DONE
-
-    def _fin_after_close_notify(self, tls: _TransportLike, raw: _TransportLike) -> None:
-        """Send our FIN behind the close_notify the TLS layer just wrote to ``raw``.
-
-        asyncio's ``write_eof()`` shuts the socket down at once when nothing is
-        buffered. uvloop's only asks libuv, which shuts it down on a later loop turn:
-        by then a peer answering the close_notify at once may have sent its FIN, and
-        ours would be the second (it was, 3 runs in 40). So on a socket that is not a
-        ``socket.socket`` (uvloop's refuses ``shutdown()``), with nothing buffered
-        above the kernel, a duplicate of the fd is shut down here instead.
-        """
-        sock = self._conn.optsock
-        if (
-            not isinstance(sock, socket.socket)
-            and tls.get_write_buffer_size() == 0
-            and raw.get_write_buffer_size() == 0
-        ):
-            try:
-                duplicate = socket.fromfd(sock.fileno(), sock.family, sock.type)
-            except (OSError, AttributeError, TypeError, ValueError):
-                pass
-            else:
-                with duplicate:
-                    duplicate.shutdown(socket.SHUT_WR)
-                return
-        raw.write_eof()  # (behind what is still buffered)
 
     def _set_linger_zero(self) -> Event:
         conn = self._conn
@@ -569,7 +620,6 @@ class _Closer:
         self._measure_before_close()
         self.closed_transport = True
         default = self._plan.policy.mode is _MODE_DEFAULT
-        grace = _DEFAULT_CLOSE_WAIT_S if default else _CLOSE_GRACE_S
         # A TCP transport with nothing buffered calls connection_lost on the next loop
         # turn after close() or abort() (asyncio's and uvloop's alike): no timer then.
         certain = False
@@ -608,8 +658,16 @@ class _Closer:
             certain = False
         if certain:
             self._wait = _WAIT_CLOSE
+        elif default:
+            # Mode default is the transport's own close, and no wait for the program:
+            # the transport goes on flushing its buffer (to a peer that may never
+            # read) and, over TLS, waiting for the peer's close_notify (asyncio's
+            # ssl_shutdown_timeout: 30 s) on its own. The report says what the kernel
+            # holds now.
+            self._plan.feed(_EVENT_DONE, now)
+            self._advance(now)
         else:
-            self._sleep(_WAIT_CLOSE, now + grace)
+            self._sleep(_WAIT_CLOSE, now + _CLOSE_GRACE_S)
 
     def _close_timed_out(self) -> None:
         if not self._forced:
@@ -677,6 +735,8 @@ class _Closer:
         elif wait is _WAIT_CLOSE:
             self._close_timed_out()
             return
+        elif wait is _WAIT_QUIET:
+            self._wait = _WAIT_QUIET  # (_quiet() tells the first look from the next)
         else:  # pragma: no cover - a cancelled timer never runs
             return
         self._advance()
@@ -786,6 +846,7 @@ class _Closer:
         return result
 
     def _complete(self) -> None:
+        self._deadlines.active.discard(self)
         watch = self._watch
         try:
             kernel_state = watch.after_close()
@@ -838,15 +899,6 @@ class _Addressed:
 
     def getpeername(self) -> object:
         return self._transport.get_extra_info("peername") or self._sock.getpeername()
-
-
-def _set_cork(sock: Any, on: bool) -> bool:
-    """``TCP_CORK`` on or off; False when the socket refuses it."""
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if on else 0)
-    except (OSError, AttributeError, TypeError):
-        return False
-    return True
 
 
 #: ``PolicyProtocol._raw_tls`` before the first look.
@@ -911,16 +963,21 @@ class PolicyProtocol(asyncio.Protocol):
     """
 
     __slots__ = (
+        "__weakref__",  # (a TLS server's registry holds connections in handshake weakly)
+        "_by_server",
         "_close_requested",
         "_closer",
         "_eof_by_policy",
         "_inner",
         "_inner_buffered",
         "_inner_lost",
+        "_lost_reason",
         "_on_close",
         "_policy",
         "_raw_tls",
         "_report",
+        "_shutdown_done",
+        "_shutdown_timer",
         "eof_read",
         "lost",
         "optsock",
@@ -964,6 +1021,15 @@ class PolicyProtocol(asyncio.Protocol):
         self.lost = False
         self.ssl = False
         self._raw_tls: object = _NOT_LOOKED_UP
+        #: Server shutdown: resolved once this connection is finished; the timer that
+        #: resets it if the application has not finished within the policy's bound.
+        self._shutdown_done: asyncio.Future[None] | None = None
+        self._shutdown_timer: asyncio.TimerHandle | None = None
+        #: What the application's protocol is told in connection_lost when the close
+        #: was not its own choice (a shutdown that cut its response short).
+        self._lost_reason: Exception | None = None
+        #: The close was the server's (a shutdown), not the application's choice.
+        self._by_server = False
 
     def __repr__(self) -> str:
         return f"<PolicyProtocol {self._policy} around {self._inner!r}>"
@@ -1027,6 +1093,7 @@ class PolicyProtocol(asyncio.Protocol):
 
     def close_finished(self, closer: _Closer) -> None:
         """Called by the closer once it is over."""
+        self._shutdown_over()
         if self.registry is not None:
             self.registry.conns.discard(self)
         on_close = self._on_close
@@ -1109,6 +1176,80 @@ class PolicyProtocol(asyncio.Protocol):
             return
         self.real.write_eof()
 
+    # -- server shutdown ---------------------------------------------------------------------
+
+    def shut_down(self, trigger: str) -> None:
+        """The server is shutting down: close now if the application has nothing in
+        flight (:meth:`idle`); else let it finish its response and close as usual,
+        within the policy's ``linger_time``, and reset the connection at that bound.
+
+        A shutdown never ends a response it cut short with a FIN, which to a
+        close-delimited protocol says "complete": the client sees every byte, or a reset.
+        """
+        if self.lost or self._close_requested or self._closer is not None:
+            return
+        if self._policy.mode is _MODE_ABORT or self.idle():
+            self._by_server = True
+            self.start_close(self._policy, trigger=trigger)
+            return
+        if self._shutdown_done is not None:
+            return  # already waiting for the application
+        registry = self.registry
+        loop = registry.loop if registry is not None and registry.loop else None
+        loop = loop or asyncio.get_running_loop()
+        self._shutdown_done = loop.create_future()
+        self._shutdown_timer = loop.call_later(
+            self._policy.linger_time, self._shutdown_overdue, trigger
+        )
+
+    def idle(self) -> bool:
+        """Nothing of the application's in flight: nothing buffered to send and, for an
+        ``asyncio.start_server`` handler, the handler waiting to read (between requests).
+        Any other protocol counts as idle once its writes are flushed."""
+        if self.buffered():
+            return False
+        inner = self._inner
+        if isinstance(inner, asyncio.StreamReaderProtocol):
+            reader = getattr(inner, "_stream_reader", None)
+            return getattr(reader, "_waiter", None) is not None
+        return True
+
+    def _shutdown_overdue(self, trigger: str) -> None:
+        self._shutdown_timer = None
+        if self.lost or self._close_requested or self._closer is not None:
+            return
+        logger.warning(
+            "server shutdown: %r still had its response in flight after %gs: reset",
+            self._inner,
+            self._policy.linger_time,
+        )
+        self._lost_reason = ConnectionAbortedError(
+            errno.ECONNABORTED,
+            f"reset by server shutdown: the response was not finished within "
+            f"linger_time={self._policy.linger_time:g}s",
+        )
+        self._by_server = True
+        self.start_close(_ABORT_POLICY, trigger=trigger, allow_data_loss=True)
+
+    def shutdown_pending(self) -> asyncio.Future[None] | None:
+        """While the shutdown waits for the application: a future resolved when the
+        connection is finished."""
+        done = self._shutdown_done
+        return done if done is not None and not done.done() else None
+
+    def _shutdown_over(self) -> None:
+        timer, self._shutdown_timer = self._shutdown_timer, None
+        if timer is not None:
+            timer.cancel()
+        done = self._shutdown_done
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    @property
+    def cut_by_server(self) -> bool:
+        """The close was the server's (a shutdown), not the application's choice."""
+        return self._by_server and not self._close_requested
+
     @property
     def eof_by_policy(self) -> bool:
         """``write_eof()`` was taken by the policy: writing is over."""
@@ -1130,11 +1271,13 @@ class PolicyProtocol(asyncio.Protocol):
         registry = self.registry
         if registry is not None:
             registry.conns.add(self)
+            if registry.handshaking is not None:
+                registry.handshaking.discard(self)
         # (The proxy is not kept here: it refers to us, and a cycle would leave every
         # finished connection to the cyclic garbage collector.)
         self._inner.connection_made(PolicyTransport(self, real))
         if registry is not None and registry.closing and not self.lost:
-            self.start_close(self._policy, trigger=registry.trigger)
+            self.shut_down(registry.trigger)
 
     def data_received(self, data: bytes) -> None:
         closer = self._closer
@@ -1183,12 +1326,17 @@ class PolicyProtocol(asyncio.Protocol):
         try:
             # None when the close was asked for on our side: what ended it (a reset
             # during the drain, say) is in the report, not the protocol's business.
-            self._call_inner_lost(None if self._close_requested else exc)
+            if self._lost_reason is not None:
+                self._call_inner_lost(self._lost_reason)
+            else:
+                self._call_inner_lost(None if self._close_requested else exc)
         finally:
             if closer is not None:
                 closer.on_lost(exc)
-            elif self.registry is not None:
-                self.registry.discard(self)
+            else:
+                self._shutdown_over()
+                if self.registry is not None:
+                    self.registry.discard(self)
 
     def _call_inner_lost(self, exc: Exception | None) -> None:
         if self._inner_lost:
@@ -1406,7 +1554,9 @@ class PolicyTransport(_asyncio_transports._FlowControlMixin):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         conn = self._conn
         if conn.closing:
-            return  # the close is under way: like a closing TLS transport, drop it
+            if conn.cut_by_server:
+                raise _server_closed(conn)
+            return  # the application's own close is under way: like TLS, drop it
         if conn.eof_by_policy:
             raise RuntimeError("Cannot call write() after write_eof()")
         self._real.write(data)
@@ -1414,6 +1564,8 @@ class PolicyTransport(_asyncio_transports._FlowControlMixin):
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         conn = self._conn
         if conn.closing:
+            if conn.cut_by_server:
+                raise _server_closed(conn)
             return
         if conn.eof_by_policy:
             raise RuntimeError("Cannot call writelines() after write_eof()")
@@ -1463,16 +1615,63 @@ class PolicyTransport(_asyncio_transports._FlowControlMixin):
         return self._conn
 
 
+def _transports_in_handshake(conns: list[PolicyProtocol]) -> list[asyncio.Transport]:
+    """The TCP transports under TLS handshakes whose application protocols are
+    ``conns``. Neither CPython's nor uvloop's TLS layer lets a protocol reach it before
+    the handshake is over; the TLS protocol object that holds ours also holds the TCP
+    transport (CPython names it ``_transport``; uvloop keeps it in a C-level field,
+    which ``gc.get_referents`` reaches). One ``gc.get_referrers`` pass, at shutdown only.
+    """
+    if not conns:
+        return []
+    found: list[asyncio.Transport] = []
+    holders = gc.get_referrers(*conns)
+    # (CPython's SSLProtocol keeps ours in its instance dict: the dict refers to ours.)
+    dicts = [h for h in holders if type(h) is dict]
+    if dicts:
+        holders += gc.get_referrers(*dicts)
+    for holder in holders:
+        if type(holder).__name__ != "SSLProtocol":
+            continue
+        raw = getattr(holder, "_transport", None)
+        candidates = [raw] if raw is not None else gc.get_referents(holder)
+        for candidate in candidates:
+            if (
+                candidate is not None
+                and not isinstance(candidate, PolicyProtocol)
+                and callable(getattr(candidate, "abort", None))
+                and callable(getattr(candidate, "get_extra_info", None))
+            ):
+                found.append(cast(asyncio.Transport, candidate))
+                break
+    return found
+
+
+def _server_closed(conn: PolicyProtocol) -> ConnectionAbortedError:
+    """What a write after the server closed the connection raises: it was not sent."""
+    reason = conn._lost_reason
+    if reason is not None:
+        return ConnectionAbortedError(*reason.args)
+    return ConnectionAbortedError(
+        errno.ECONNABORTED, "closed by server shutdown: this write was not sent"
+    )
+
+
 # -- servers' bookkeeping -----------------------------------------------------------------------
 
 
 class ConnectionRegistry:
     """The open connections of one server, so that its shutdown can close them."""
 
-    __slots__ = ("closing", "conns", "loop", "trigger")
+    __slots__ = ("closing", "conns", "handshaking", "loop", "trigger")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None, *, tls: bool = False) -> None:
         self.conns: set[PolicyProtocol] = set()
+        #: TLS servers: connections accepted whose handshake is not over (their
+        #: protocol has no transport yet), held weakly: a failed handshake just goes.
+        self.handshaking: weakref.WeakSet[PolicyProtocol] | None = (
+            weakref.WeakSet() if tls else None
+        )
         self.closing = False
         self.trigger = "server-shutdown"
         #: The server's loop (its closes need not ask for the running loop: on
@@ -1486,23 +1685,35 @@ class ConnectionRegistry:
         self.conns.discard(conn)
 
     def close_all(self, *, abort: bool = False) -> None:
-        """Start the policy's close (or an abort) on every open connection."""
+        """Close every open connection: with the policy once the application has
+        nothing in flight (see :meth:`PolicyProtocol.shut_down`), or abort them."""
         self.closing = True
+        if self.handshaking:
+            # No response can be in flight before the handshake: end them now (else
+            # they would live on until the loop's ssl_handshake_timeout, 60 s).
+            for transport in _transports_in_handshake(list(self.handshaking)):
+                with contextlib.suppress(Exception):
+                    transport.abort()
         for conn in list(self.conns):
             if conn.lost:
                 continue
             if abort:
                 conn.request_abort()
             else:
-                conn.start_close(conn._policy, trigger=self.trigger)
+                conn.shut_down(self.trigger)
 
-    def pending(self) -> list[asyncio.Future[CloseReport]]:
-        """Futures of the closes still running."""
-        futures = []
+    def pending(self) -> list[asyncio.Future[Any]]:
+        """Futures of the closes still running, and of the connections whose
+        application the shutdown is waiting for."""
+        futures: list[asyncio.Future[Any]] = []
         for conn in list(self.conns):
             closer = conn.closer
             if closer is not None and not closer.done:
                 futures.append(closer.wait())
+            else:
+                waiting = conn.shutdown_pending()
+                if waiting is not None:
+                    futures.append(waiting)
         return futures
 
 
@@ -1551,7 +1762,11 @@ class PolicyProtocolFactory:
 
     def __call__(self, *args: Any, **kwargs: Any) -> PolicyProtocol:
         inner = self.protocol_factory(*args, **kwargs)
-        return _new_wrapper(inner, self.policy, self.on_close, self.report, self._registry)
+        registry = self._registry
+        wrapper = _new_wrapper(inner, self.policy, self.on_close, self.report, registry)
+        if registry is not None and registry.handshaking is not None:
+            registry.handshaking.add(wrapper)
+        return wrapper
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in PolicyProtocolFactory.__slots__:

@@ -210,7 +210,7 @@ async def create_server(
     """
     policy = as_policy(close_policy)
     loop = asyncio.get_running_loop()
-    registry = ConnectionRegistry(loop)
+    registry = ConnectionRegistry(loop, tls=kwargs.get("ssl") is not None)
     factory = PolicyProtocolFactory(
         protocol_factory, policy, on_close, report=report, registry=registry
     )

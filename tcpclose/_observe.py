@@ -99,9 +99,9 @@ class Watch:
                 self.label = f"{format_address(self.local)}->{format_address(self.peer)}"
 
     def check_linger(self, *, nonblocking: bool, event_loop: bool = False) -> bool:
-        """Record TC201 when ``SO_LINGER`` is on with a non-zero time on a socket that
-        must not block (``close()`` would then wait up to that time). Returns True when
-        it is (the caller may turn it off)."""
+        """Whether ``SO_LINGER`` is on with a non-zero time (``close()`` may then wait up
+        to that time, whatever ``O_NONBLOCK`` says); the caller may turn it off. Records
+        TC201 when the socket must not block (non-blocking, or an event loop's)."""
         try:
             raw = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER.size)
             on, seconds = _LINGER.unpack(raw)
@@ -113,9 +113,8 @@ class Watch:
         finding = _checks.blocking_linger(
             linger_on=bool(on), linger_time=seconds, nonblocking=nonblocking, event_loop=event_loop
         )
-        if finding is None:
-            return False
-        self.findings.append(finding)
+        if finding is not None:
+            self.findings.append(finding)
         return True
 
     def outgoing(self) -> int | None:
@@ -124,6 +123,13 @@ class Watch:
             return read_outgoing(self._sock.fileno())
         except (OSError, ValueError):
             return None
+
+    def unread(self) -> int:
+        """Bytes received and not yet read (SIOCINQ); 0 when that cannot be asked."""
+        try:
+            return read_unread(self._sock.fileno())
+        except (OSError, ValueError):
+            return 0
 
     def before_abort(self, *, allow_data_loss: bool, buffered: int = 0) -> None:
         """Measure what an abort will discard: the kernel's send queue plus

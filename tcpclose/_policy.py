@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Self
 
 from ._errors import PolicyError
-from ._units import UnitError, format_duration, format_size, parse_duration, parse_size
+from ._units import UnitError, format_duration, format_size, parse_duration, parse_size, shown
 
 __all__ = ("DEFAULT_POLICY", "CloseMode", "ClosePolicy", "Fallback", "PolicyLike", "as_policy")
 
@@ -201,24 +201,24 @@ class ClosePolicy:
             if not sep:
                 if key.lower() in _MODE_WORDS:
                     raise PolicyError(
-                        f"a second mode {word!r}: a policy has one mode, then key=value words",
+                        f"a second mode {shown(word)}: a policy has one mode, then key=value words",
                         word=word,
                         position=pos,
                     )
                 raise PolicyError(
-                    f"expected key=value after the mode, got {word!r}",
+                    f"expected key=value after the mode, got {shown(word)}",
                     word=word,
                     position=pos,
                     accepted=tuple(f"{name}=..." for name in allowed),
                 )
             _check_key(key, mode, pos)
             if key in values:
-                raise PolicyError(f"parameter {key!r} given twice", word=key, position=pos)
+                raise PolicyError(f"parameter {shown(key)} given twice", word=key, position=pos)
             try:
                 values[key] = _parse_value(key, raw)
             except UnitError as exc:
                 raise PolicyError(
-                    f"bad value {raw!r} for {key!r}: {exc}",
+                    f"bad value {shown(raw)} for {shown(key)}: {exc}",
                     word=raw,
                     position=pos + len(key) + 1,
                     accepted=exc.accepted,
@@ -275,7 +275,9 @@ class ClosePolicy:
                 values[key] = _parse_value(key, raw)
             except UnitError as exc:
                 raise PolicyError(
-                    f"bad value {raw!r} for {key!r}: {exc}", word=key, accepted=exc.accepted
+                    f"bad value {shown(raw)} for {shown(key)}: {exc}",
+                    word=key,
+                    accepted=exc.accepted,
                 ) from None
         return cls._build(mode, values)
 
@@ -351,7 +353,8 @@ class ClosePolicy:
         return cls(
             mode=CloseMode.PEER_FIRST,
             timeout=timeout,
-            fallback=Fallback(fallback),
+            # (a string is checked with the others, so that a bad one is a PolicyError)
+            fallback=fallback,  # type: ignore[arg-type]
             idle_timeout=idle_timeout,
             linger_time=linger_time,
             max_drain_bytes=max_drain_bytes,
@@ -375,7 +378,7 @@ class ClosePolicy:
         for key in changes:
             if key not in ClosePolicy.DEFAULTS and key != "mode":
                 raise PolicyError(
-                    f"unknown parameter {key!r}", word=key, accepted=("mode", *_PARAM_ORDER)
+                    f"unknown parameter {shown(key)}", word=key, accepted=("mode", *_PARAM_ORDER)
                 )
         return dataclasses.replace(self, **changes)
 
@@ -445,7 +448,7 @@ def _mode_from_word(word: str, position: int | None) -> CloseMode:
         return CloseMode(word)
     except ValueError:
         raise PolicyError(
-            f"unknown close mode {word!r}", word=word, position=position, accepted=_MODE_WORDS
+            f"unknown close mode {shown(word)}", word=word, position=position, accepted=_MODE_WORDS
         ) from None
 
 
@@ -479,7 +482,7 @@ def _check_key(key: str, mode: CloseMode, position: int | None) -> None:
     if key in _PARAM_ORDER:
         raise _not_for_mode(key, mode, position)
     raise PolicyError(
-        f"unknown parameter {key!r} for mode {mode.value!r}",
+        f"unknown parameter {shown(key)} for mode {mode.value!r}",
         word=key,
         position=position,
         accepted=_PARAMS_BY_MODE[mode],
@@ -500,7 +503,7 @@ def _parse_value(key: str, raw: object) -> object:
     try:
         return Fallback(raw.strip().lower())
     except ValueError:
-        raise UnitError(f"unknown fallback {raw!r}", accepted) from None
+        raise UnitError(f"unknown fallback {shown(raw)}", accepted) from None
 
 
 def _coerce_param(name: str, value: object) -> object:
@@ -508,7 +511,7 @@ def _coerce_param(name: str, value: object) -> object:
         return _parse_value(name, value)
     except UnitError as exc:
         raise PolicyError(
-            f"bad value {value!r} for {name!r}: {exc}", word=name, accepted=exc.accepted
+            f"bad value {shown(value)} for {name!r}: {exc}", word=name, accepted=exc.accepted
         ) from None
 
 

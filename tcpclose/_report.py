@@ -71,7 +71,9 @@ class CloseReport:
         peer_closed_first: the peer's FIN came before ours: TIME_WAIT is at the peer.
         peer_eof: the peer's FIN was received at all.
         fin_sent: we sent a FIN before closing.
-        rst_sent: the close sent RST (abort, or unread bytes at close).
+        rst_sent: the close sent RST (abort, or unread bytes at close). False when
+            the lookup after the close found the socket still held by another fd
+            (e.g. a forked child): the RST waits for the last holder's close.
         tcp_info_bytes: ``TCP_INFO`` just before the close, as the kernel returned it
             (None when not measured); :attr:`tcp_info` decodes it.
         kernel_state: the 4-tuple's kernel state just after the close, or None when
@@ -180,7 +182,12 @@ class CloseReport:
 
 def build_report(policy: ClosePolicy, result: PlanResult, seen: Observed) -> CloseReport:
     """Combine the plan's result and what the driver saw into a report."""
-    rst_sent = result.linger_zero or bool(seen.unread_bytes)
+    # SO_LINGER {1, 0} or unread bytes make the *last* close of a socket send RST. When
+    # another process still holds it (a fork), the lookup after our close finds the
+    # same socket still owned by a file (inode != 0): nothing was sent yet.
+    state = seen.kernel_state
+    still_open = state is not None and state.exists and bool(state.inode)
+    rst_sent = (result.linger_zero or bool(seen.unread_bytes)) and not still_open
     # (positionally, in field order: see _new_report)
     return _new_report(
         policy,

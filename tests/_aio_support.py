@@ -433,9 +433,9 @@ class TlsClient:
                 if not chunk:
                     break
             result.extra["close_notify"] = True
-            # Before we answer it: the server's FIN must follow its close_notify on its
-            # own (CLOSE_WAIT here), not wait for our answer.
-            result.extra["fin_before_answer"] = _wait_for_state(tls_sock, TcpState.CLOSE_WAIT, 2.0)
+            # Before we answer it: did the server's FIN follow its close_notify on its
+            # own (CLOSE_WAIT here), or does it wait for our answer?
+            result.extra["fin_before_answer"] = _wait_for_state(tls_sock, TcpState.CLOSE_WAIT, 0.3)
             plain = tls_sock.unwrap()  # answer it; then the TCP stream must end
             with plain:
                 plain.settimeout(5)

@@ -441,3 +441,32 @@ def test_uvloop_socket_wrapper_refuses_shutdown() -> None:
 
     pytest.importorskip("uvloop")
     run("uvloop", main)
+
+
+def test_default_does_not_wait_for_a_peer_that_never_reads(loop_name: str) -> None:
+    """Mode default is the transport's own close, with no wait for the program: aclose()
+    returns at once even while the transport still has 8 MiB to send to a peer that
+    reads nothing (it waited up to 35 s, issue 20). The transport carries on by itself,
+    and ends once the peer goes."""
+    big = payload(8 * 1024 * 1024, seed=4)
+
+    async def main() -> None:
+        server, made, addr = await holder_server(big)
+        client = Client(expect=0, after="hold")
+        task = asyncio.ensure_future(client.run(addr))
+        proto = await made.get()
+        assert proto.transport.get_write_buffer_size() > 0  # the peer reads nothing
+        started = time.monotonic()
+        report = await tcpclose.aio.aclose(proto.transport, "default")
+        took = time.monotonic() - started
+        assert took < 0.5, took
+        assert report.outcome is Outcome.CLOSED
+        assert report.state is TcpState.ESTABLISHED  # still flushing, as plain close() is
+        assert proto.lost == []
+        client.release.set()
+        await task
+        await wait_for(lambda: proto.lost, 10, "the transport's own end")
+        server.close()
+        await server.wait_closed()
+
+    run(loop_name, main)

@@ -33,11 +33,16 @@ def test_bench_aio_quick(tmp_path: Path) -> None:
         assert run["samples"][0]["ok"] == total, run["name"]
         if run["reports"] and not run["name"].startswith("asyncio"):  # (by hand: no reports)
             assert run["samples"][0]["reports_received"] == total, run["name"]
-    # Whoever closes first keeps the TIME_WAIT: the by-hand graceful close keeps one
-    # per connection on the server, peer-first none. (Less the client ports that repeat
-    # within the run: a new SYN from a repeated port takes the old TIME_WAIT entry over.
-    # A CI run saw 499 of 500.)
-    assert runs["asyncio, graceful by hand"]["server_time_wait"] >= total * 0.95
+    # Whoever closes first keeps the TIME_WAIT: the by-hand graceful close sends its FIN
+    # first and keeps it on the server, peer-first never. Every by-hand connection
+    # leaves one somewhere (less the client ports that repeat within the run: a new SYN
+    # from a repeated port takes the old entry over; a CI run saw 499 of 500). Most are
+    # on the server; on a loaded machine the client, which closes once it has the whole
+    # response, sometimes sends its FIN first (seen: 213 of 500 on the server with five
+    # other test runs on the 2 cores).
+    by_hand = runs["asyncio, graceful by hand"]
+    assert by_hand["server_time_wait"] + by_hand["client_time_wait"] >= total * 0.95
+    assert by_hand["server_time_wait"] > 0
     assert runs["peer-first, reports off"]["server_time_wait"] == 0
     assert runs["peer-first, reports on"]["server_time_wait"] == 0
     assert document["summary"]["peer_first_leaves_no_time_wait"] is True

@@ -52,6 +52,7 @@ from tcpclose._kernel._procfs import address_hex, parse_tcp_line
 from tcpclose._kernel._tcpinfo import TCP_INFO_MIN_SIZE, TCP_INFO_SIZE, decode_tcp_info
 from tcpclose._plan import ClosePlan, Event, Finished, PlanStateError
 from tcpclose._policy import as_policy
+from tcpclose._units import MAX_DURATION, MAX_SIZE, UnitError, parse_duration, parse_size
 
 fuzz = settings(max_examples=300, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
 
@@ -62,6 +63,7 @@ _ANY = st.recursive(
         st.none(),
         st.booleans(),
         st.integers(),
+        st.integers(-(10**600), 10**600),  # past float's range (issue 20)
         st.floats(),
         st.text(max_size=20),
         st.binary(max_size=8),
@@ -187,6 +189,92 @@ def test_constructor_raises_only_policy_error(mode: CloseMode, values: dict[str,
     except PolicyError:
         return
     _in_range(policy)
+
+
+# Numbers at and past every limit (issue 20, item 7): ints past float's range and past
+# str()'s 4300 digits, non-finite floats, digit strings of any length with any unit.
+_EDGE_INT = st.one_of(
+    st.integers(),
+    st.integers(-(10**600), 10**600),
+    st.builds(lambda sign, k: sign * 10**k + sign, st.sampled_from([1, -1]), st.integers(0, 6000)),
+    st.sampled_from([2**40, 2**40 + 1, 3600, 3601, 2**63, 2**1024]),
+)
+_EDGE_FLOAT = st.one_of(
+    st.floats(),
+    st.sampled_from([math.inf, -math.inf, math.nan, 1e308, -0.0, 5e-324, 3600.0000001]),
+)
+_EDGE_TEXT = st.builds(
+    lambda sign, digits, frac, exp, unit, pad: f"{pad}{sign}{digits}{frac}{exp}{unit}{pad}",
+    st.sampled_from(["", "", "-", "+"]),
+    st.one_of(
+        st.integers(0, 10**6).map(str),
+        st.integers(1, 6000).map(lambda n: "9" * n),
+        st.integers(1, 6000).map(lambda n: "0" * n + "1"),
+    ),
+    st.sampled_from(["", "", ".5", ".", ".000001"]),
+    st.sampled_from(["", "", "e400", "e-400", "E3", "e+308", "e"]),
+    _UNIT,
+    st.sampled_from(["", " "]),
+)
+_EDGE_VALUE = st.one_of(_EDGE_INT, _EDGE_FLOAT, _EDGE_TEXT)
+_POLICY_ENTRIES = ["from_mapping", "constructor", "graceful", "peer_first", "replace", "parse"]
+
+
+def _make_policy(entry: str, key: str, value: object) -> ClosePolicy:
+    if entry == "from_mapping":
+        return ClosePolicy.from_mapping({"mode": "peer-first", key: value})
+    if entry == "constructor":
+        return ClosePolicy(mode=CloseMode.PEER_FIRST, **_kw(key, value))
+    if entry == "graceful":
+        return ClosePolicy.graceful(**_kw(key, value))
+    if entry == "peer_first":
+        return ClosePolicy.peer_first(**_kw(key, value))
+    if entry == "replace":
+        return ClosePolicy.parse("peer-first").replace(**_kw(key, value))
+    return ClosePolicy.parse(f"peer-first {key}={value}")
+
+
+@fuzz
+@given(
+    st.sampled_from(_POLICY_ENTRIES),
+    st.sampled_from(["idle_timeout", "linger_time", "max_drain_bytes", "timeout"]),
+    _EDGE_VALUE,
+)
+def test_numbers_at_any_size_raise_only_policy_error(entry: str, key: str, value: object) -> None:
+    """Issue 20 (7): huge ints, inf/nan and long digit strings through every way a
+    policy is made give a policy in range or a PolicyError naming the field in a
+    message of bounded length: never OverflowError, nor ValueError from int limits."""
+    if entry == "graceful" and key == "timeout":
+        key = "linger_time"  # (graceful() takes no timeout)
+    if entry == "parse" and not isinstance(value, str):
+        value = str(value) if not isinstance(value, int) or abs(value) < 10**4000 else "9" * 4001
+    try:
+        policy = _make_policy(entry, key, value)
+    except PolicyError as exc:
+        error = exc
+    else:
+        _in_range(policy)
+        assert ClosePolicy.parse(str(policy)) == policy
+        return
+    message = str(error)
+    assert key in message or (error.word is not None and error.word in str(value)), message
+    assert len(message) < 400, message
+
+
+@fuzz
+@given(st.one_of(_EDGE_VALUE, _ANY))
+def test_unit_parsers_raise_only_unit_error(value: object) -> None:
+    """The parsers under every policy entry point: a value in range, or UnitError
+    (which the policy turns into PolicyError) with a message of bounded length."""
+    for parse in (parse_duration, parse_size):
+        message = ""
+        try:
+            result = parse(value)
+        except UnitError as exc:
+            message = str(exc)
+        else:
+            assert 0 <= result <= (MAX_DURATION if parse is parse_duration else MAX_SIZE)
+        assert len(message) < 300
 
 
 # -- sock_diag replies and /proc/net/tcp lines from the same random socket ---------------------
@@ -466,3 +554,7 @@ def test_plan_fed_anything_raises_only_plan_state_error(
         except PlanStateError:
             continue
     plan.next_action()
+
+
+def _kw(key: str, value: object) -> dict[str, Any]:
+    return {key: value}

@@ -349,3 +349,76 @@ def test_from_mapping_raises_only_policy_error(mapping: Any) -> None:
     except PolicyError:
         return
     assert ClosePolicy.from_mapping(policy.as_dict()) == policy
+
+
+# -- out-of-range numbers (issue 20, item 7) ----------------------------------------------------
+
+_HUGE_INT = 10**400  # beyond float: float(_HUGE_INT) raises OverflowError
+_HUGER_INT = 10**5000  # beyond str(): its repr raises ValueError (4300-digit limit)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("linger_time", _HUGE_INT, "at most 1h"),
+        ("linger_time", -_HUGE_INT, "negative"),
+        ("linger_time", _HUGER_INT, "at most 1h"),
+        ("linger_time", float("inf"), "finite"),
+        ("linger_time", float("nan"), "finite"),
+        ("linger_time", "1e400s", "at most 1h"),
+        ("linger_time", "9" * 5000 + "h", "at most 1h"),
+        ("idle_timeout", _HUGE_INT, "at most 1h"),
+        ("max_drain_bytes", _HUGE_INT, "at most 1TiB"),
+        ("max_drain_bytes", _HUGER_INT, "at most 1TiB"),
+        ("max_drain_bytes", -_HUGER_INT, "negative"),
+        ("max_drain_bytes", "1e400KiB", "at most 1TiB"),
+        ("max_drain_bytes", "9" * 5000, "at most 1TiB"),
+        ("max_drain_bytes", "9" * 5000 + ".5MiB", "at most 1TiB"),
+        ("max_drain_bytes", float("inf"), "at most 1TiB"),
+        ("max_drain_bytes", float("nan"), "whole number"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and len(v) < 20 else type(v).__name__,
+)
+def test_huge_and_non_finite_numbers_raise_policy_error_naming_the_field(
+    key: str, value: object, says: str
+) -> None:
+    """Issue 20 (7): ``from_mapping({"mode": "graceful", "linger_time": 10**400})`` and
+    the constructors raised OverflowError (or ValueError from an int too long to print);
+    every way in must give the documented PolicyError naming the field and the range."""
+    entries: list[Any] = [
+        lambda: ClosePolicy.from_mapping({"mode": "graceful", key: value}),
+        lambda: ClosePolicy(mode=CloseMode.GRACEFUL, **_kw(key, value)),
+        lambda: ClosePolicy.graceful(**_kw(key, value)),
+        lambda: ClosePolicy.peer_first(**_kw(key, value)),
+        lambda: ClosePolicy.parse("peer-first").replace(**_kw(key, value)),
+        lambda: tcpclose.ClosePolicy.from_mapping({"mode": "peer-first", key: value}),
+    ]
+    if isinstance(value, str):
+        entries.append(lambda: ClosePolicy.parse(f"graceful {key}={value}"))
+    for make in entries:
+        with pytest.raises(PolicyError) as caught:
+            make()
+        message = str(caught.value)
+        assert key in message
+        assert says in message
+        assert len(message) < 300  # a 5000-digit value is not echoed whole
+
+
+def test_peer_first_constructor_bad_fallback_is_a_policy_error() -> None:
+    """``ClosePolicy.peer_first(fallback="bogus")`` raised a bare ValueError from the
+    enum; it names the field and the accepted words like every other bad value."""
+    with pytest.raises(PolicyError, match="fallback") as caught:
+        ClosePolicy.peer_first(fallback="bogus")
+    assert caught.value.accepted == ("graceful", "abort", "auto")
+    assert ClosePolicy.peer_first(fallback="ABORT").fallback is Fallback.ABORT
+
+
+def test_largest_values_still_parse() -> None:
+    assert ClosePolicy.from_mapping({"mode": "graceful", "linger_time": 3600}).linger_time == 3600
+    assert ClosePolicy.parse("graceful max_drain_bytes=1024GiB").max_drain_bytes == 1 << 40
+    assert ClosePolicy.parse("graceful max_drain_bytes=0.5KiB").max_drain_bytes == 512
+    assert ClosePolicy.graceful(max_drain_bytes=1 << 40).max_drain_bytes == 1 << 40
+
+
+def _kw(key: str, value: object) -> dict[str, Any]:
+    return {key: value}
