@@ -519,8 +519,17 @@ def test_demo_ctrl_c_clears_the_progress_line() -> None:
     the exit status is 130."""
     controller, terminal = pty.openpty()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # As from a shell: SIGINT neither ignored nor blocked, whatever this process
+    # inherited or a library running in it set (both would pass on to the child).
+    start = (
+        "import runpy, signal, sys\n"
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "sys.argv = ['tcpclose', 'demo', '--connections', '5000']\n"
+        "runpy.run_module('tcpclose', run_name='__main__', alter_sys=True)\n"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tcpclose", "demo", "--connections", "5000"],
+        [sys.executable, "-c", start],
         stdout=subprocess.DEVNULL,
         stderr=terminal,
         env=env,
@@ -534,9 +543,13 @@ def test_demo_ctrl_c_clears_the_progress_line() -> None:
             message="a progress line",
         )
         assert b"] " in seen, seen
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        masks = [line for line in status.splitlines() if line.startswith(("SigBlk", "SigIgn"))]
         proc.send_signal(signal.SIGINT)
         wait_until(
-            lambda: not _read_available(controller, seen), timeout=30, message="end of output"
+            lambda: not _read_available(controller, seen),
+            timeout=30,
+            message=f"end of output ({', '.join(masks)})",
         )
         assert proc.wait(timeout=30) == 130
     finally:
