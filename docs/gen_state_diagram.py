@@ -237,7 +237,7 @@ class Diagram:
                 f"{fmt(points[2][0])},{fmt(points[2][1])} "
                 f"{fmt(points[3][0])},{fmt(points[3][1])}"
             )
-            lx = points[1][0] + (8 if edge.loop_side == "right" else -8)
+            lx = points[1][0] + (8 if edge.loop_side == "right" else -8)  # (top: label_at)
             label_at = edge.label_at or (lx, src.y + 4)
             anchor = "start" if edge.loop_side == "right" else "end"
             path = (
@@ -309,6 +309,9 @@ def _label(at: Point, text: str, anchor: str, color: str) -> list[str]:
 
 
 def _self_loop(node: Node, side: str) -> list[Point]:
+    if side == "top":  # (over the right half of the box)
+        top, x = node.y - node.h / 2, node.x + node.w / 4
+        return [(x - 8, top), (x - 30, top - 34), (x + 30, top - 34), (x + 8, top - 2)]
     sign = 1 if side == "right" else -1
     edge_x = node.x + sign * node.w / 2
     return [

@@ -26,15 +26,14 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import IO, Any, Final, NoReturn
+from typing import IO, Final, NoReturn
 
 from . import _kernel
 from ._audit import audit, read_sysctls
-from ._checks import Finding, Severity, Sysctls
+from ._checks import Finding, Severity
 from ._errors import TcpCloseError
 from ._kernel._address import parse_endpoint
-from ._kernel._types import Address, KernelState, TcpState, TimerKind
+from ._kernel._types import KernelState, TcpState, TimerKind
 from ._report import format_address
 from ._version import __version__
 
@@ -241,17 +240,25 @@ def _run_audit(args: argparse.Namespace) -> int:
 
 _STATES_EPILOG = """\
 examples:
-  tcpclose states                          counts by state; TIME_WAIT by port, by destination
+  tcpclose states                          whose TIME_WAIT, which destinations, what to do
   tcpclose states --port 8080              only sockets with local or remote port 8080
   tcpclose states --state time-wait,fin-wait2
-  tcpclose states --watch 2                refresh every 2 s until Ctrl-C
+  tcpclose states --watch 2                refresh every 2 s: changes and rates per second
+  tcpclose states --watch 5 --close-wait-age 60   CLOSE_WAIT held 60 s or more: leaks
   tcpclose states --watch 1 --count 5 --json   five JSON lines, one per second
 
-"ports in use" counts the sockets towards a destination whose local port is in
-the ephemeral range (net.ipv4.ip_local_port_range minus ip_local_reserved_ports):
-connect() needs a free one per destination, so "full" is how close that
-destination is to "Cannot assign requested address" (EADDRNOTAVAIL).
-With --state, only the sockets in those states are counted.
+TIME_WAIT is split by who closed first: "accepted" on a listening port (a server
+here closed first), "outgoing" on an ephemeral port (a client here closed first),
+"bound" on a port bound on purpose with no listener. "ports in use" counts the
+sockets towards a destination whose local port is in the ephemeral range
+(net.ipv4.ip_local_port_range minus ip_local_reserved_ports): connect() needs a
+free one per destination, so "full" is how close that destination is to "Cannot
+assign requested address" (EADDRNOTAVAIL). The TIME_WAIT table line compares the
+kernel's TIME_WAIT count with net.ipv4.tcp_max_tw_buckets: past it the kernel
+closes without TIME_WAIT and counts TCPTimeWaitOverflow. The kernel does not say
+how old a CLOSE_WAIT socket is: --watch remembers since when each was seen.
+Each finding ends in one line of advice with a link. With --state, only the
+sockets in those states are counted.
 
 """
 
@@ -276,221 +283,6 @@ def _parse_states(values: Sequence[str] | None) -> list[TcpState] | None:
             if state not in wanted:
                 wanted.append(state)
     return wanted or None
-
-
-@dataclass(frozen=True, slots=True)
-class _Timers:
-    """Count and the shortest/longest seconds left of a group of TIME_WAIT sockets."""
-
-    count: int = 0
-    min_left: float | None = None
-    max_left: float | None = None
-
-    def add(self, seconds_left: float | None) -> _Timers:
-        low, high = self.min_left, self.max_left
-        if seconds_left is not None:
-            low = seconds_left if low is None else min(low, seconds_left)
-            high = seconds_left if high is None else max(high, seconds_left)
-        return _Timers(self.count + 1, low, high)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "time_wait": self.count,
-            "min_seconds_left": _round(self.min_left),
-            "max_seconds_left": _round(self.max_left),
-        }
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
-
-
-@dataclass(frozen=True, slots=True)
-class StatesView:
-    """What ``tcpclose states`` shows, computed from one kernel dump."""
-
-    source: str
-    total: int
-    by_state: dict[TcpState, int]
-    time_wait_by_port: dict[int, _Timers]
-    time_wait_by_destination: dict[Address, _Timers]
-    in_use_by_destination: dict[Address, int]
-    sysctls: Sysctls
-
-    @classmethod
-    def collect(
-        cls, states: Sequence[TcpState] | None, port: int | None, sysctls: Sysctls
-    ) -> StatesView:
-        """Dump the kernel's sockets (kernel-side filtered) and count them."""
-        entries = list(_kernel.dump(states, port))
-        summary = _kernel.Summary.from_states(entries, _kernel.backend())
-        by_port: dict[int, _Timers] = {}
-        by_destination: dict[Address, _Timers] = {}
-        in_use: dict[Address, int] = {}
-        for entry in entries:
-            local, peer = entry.local, entry.peer
-            if entry.state is TcpState.TIME_WAIT:
-                if local is not None:
-                    by_port[local[1]] = by_port.get(local[1], _Timers()).add(entry.seconds_left)
-                if peer is not None:
-                    by_destination[peer] = by_destination.get(peer, _Timers()).add(
-                        entry.seconds_left
-                    )
-            if (
-                local is not None
-                and peer is not None
-                and peer[1] != 0
-                and entry.state is not TcpState.LISTEN
-                and sysctls.is_ephemeral(local[1])
-            ):
-                in_use[peer] = in_use.get(peer, 0) + 1
-        return cls(
-            source=summary.source,
-            total=summary.total,
-            by_state=dict(summary.by_state),
-            time_wait_by_port=by_port,
-            time_wait_by_destination=by_destination,
-            in_use_by_destination=in_use,
-            sysctls=sysctls,
-        )
-
-    @property
-    def time_wait(self) -> int:
-        return self.by_state.get(TcpState.TIME_WAIT, 0)
-
-    def ports_table(self, top: int) -> list[tuple[int, _Timers]]:
-        items = sorted(self.time_wait_by_port.items(), key=lambda kv: (-kv[1].count, kv[0]))
-        return items[:top]
-
-    def destinations_table(self, top: int) -> list[tuple[Address, int, _Timers]]:
-        """Destinations by ephemeral ports in use, then TIME_WAIT count."""
-        keys = set(self.time_wait_by_destination) | set(self.in_use_by_destination)
-        rows = [
-            (
-                d,
-                self.in_use_by_destination.get(d, 0),
-                self.time_wait_by_destination.get(d, _Timers()),
-            )
-            for d in keys
-        ]
-        rows.sort(key=lambda row: (-row[1], -row[2].count, row[0]))
-        return rows[:top]
-
-    def fullness(self, in_use: int) -> float | None:
-        size = self.sysctls.ephemeral_ports
-        return in_use / size if size else None
-
-    def as_dict(self, top: int) -> dict[str, Any]:
-        sysctls = self.sysctls
-        port_range = sysctls.ip_local_port_range
-        return {
-            "time": round(time.time(), 3),
-            "source": self.source,
-            "total": self.total,
-            "by_state": {state.name: n for state, n in self.by_state.items()},
-            "time_wait": {
-                "total": self.time_wait,
-                "by_local_port": [
-                    {"port": port, **timers.as_dict()} for port, timers in self.ports_table(top)
-                ],
-            },
-            "destinations": [
-                {
-                    "host": dest[0],
-                    "port": dest[1],
-                    "ephemeral_in_use": in_use,
-                    "ephemeral_full": _round(self.fullness(in_use)),
-                    **timers.as_dict(),
-                }
-                for dest, in_use, timers in self.destinations_table(top)
-            ],
-            "ephemeral_range": {
-                "low": port_range[0] if port_range else None,
-                "high": port_range[1] if port_range else None,
-                "reserved": [list(r) for r in sysctls.ip_local_reserved_ports or ()],
-                "ports": sysctls.ephemeral_ports,
-            },
-        }
-
-    def format(self, top: int) -> str:
-        out = [f"{self.total} TCP sockets (kernel view: {self.source})"]
-        if self.by_state:
-            out.append("")
-            out.extend(
-                _table(
-                    ("STATE", "COUNT"),
-                    ((s.name, str(n)) for s, n in self.by_state.items()),
-                    (False, True),
-                )
-            )
-        ports = self.ports_table(top)
-        if ports:
-            out.append("")
-            out.append(
-                _top_title("TIME_WAIT by local port", len(ports), len(self.time_wait_by_port))
-            )
-            out.extend(
-                _table(
-                    ("PORT", "TIME_WAIT", "MIN LEFT", "MAX LEFT"),
-                    (
-                        (
-                            str(p),
-                            str(t.count),
-                            _format_seconds(t.min_left),
-                            _format_seconds(t.max_left),
-                        )
-                        for p, t in ports
-                    ),
-                    (True, True, True, True),
-                )
-            )
-        destinations = self.destinations_table(top)
-        if destinations:
-            every = len(set(self.time_wait_by_destination) | set(self.in_use_by_destination))
-            out.append("")
-            out.append(_top_title("by destination", len(destinations), every))
-            out.extend(
-                _table(
-                    ("DESTINATION", "PORTS IN USE", "FULL", "TIME_WAIT", "MIN LEFT", "MAX LEFT"),
-                    (
-                        (
-                            format_address(d),
-                            str(n),
-                            _format_fraction(self.fullness(n)),
-                            str(t.count),
-                            _format_seconds(t.min_left),
-                            _format_seconds(t.max_left),
-                        )
-                        for d, n, t in destinations
-                    ),
-                    (False, True, True, True, True, True),
-                )
-            )
-        out.append("")
-        out.append(self._range_line())
-        return "\n".join(out)
-
-    def _range_line(self) -> str:
-        sysctls = self.sysctls
-        if sysctls.ip_local_port_range is None:
-            return "ephemeral port range: unknown (net.ipv4.ip_local_port_range unreadable)"
-        low, high = sysctls.ip_local_port_range
-        size = sysctls.ephemeral_ports or 0
-        reserved = high - low + 1 - size
-        return (
-            f"ephemeral port range: {low}-{high}, {reserved} reserved: "
-            f"{size} ports per destination for connect()"
-        )
-
-
-def _top_title(what: str, shown: int, every: int) -> str:
-    return f"{what} (top {shown} of {every})" if shown < every else what
-
-
-def _format_fraction(fraction: float | None) -> str:
-    if fraction is None:
-        return "-"
-    return f"{fraction * 100:.1f}%" if fraction < 0.995 or fraction >= 1 else "99.9%"
 
 
 def _configure_states(cmd: argparse.ArgumentParser) -> None:
@@ -527,10 +319,20 @@ def _configure_states(cmd: argparse.ArgumentParser) -> None:
         metavar="N",
         help="rows per table (default 10)",
     )
+    cmd.add_argument(
+        "--close-wait-age",
+        type=_seconds(0, 86400),
+        default=60.0,
+        metavar="SECONDS",
+        help="with --watch: CLOSE_WAIT seen this long is a leak; shows its process (default 60)",
+    )
     cmd.set_defaults(handler=_run_states)
 
 
 def _run_states(args: argparse.Namespace) -> int:
+    from ._hostview import collect_host_view
+    from ._states import CloseWaitAges, find_leaks, format_view, view_as_dict
+
     states = _parse_states(args.state)
     if args.count is not None and args.watch is None:
         raise UsageError("states", "--count needs --watch")
@@ -539,15 +341,26 @@ def _run_states(args: argparse.Namespace) -> int:
     sysctls = read_sysctls()
     clear = sys.stdout.isatty() and not args.json and args.watch is not None
     refreshes = 0
+    ages = CloseWaitAges()
+    previous = None
     try:
         while True:
             try:
-                view = StatesView.collect(states, args.port, sysctls)
+                view = collect_host_view(states, args.port, sysctls=sysctls)
             except (OSError, TcpCloseError) as exc:
                 return _fail("states", f"kernel view failed: {exc}")
             refreshes += 1
+            seen = ages.update(view.close_wait)
+            leaks = find_leaks(view, seen, args.close_wait_age) if args.watch is not None else []
             if args.json:
-                print(json.dumps(view.as_dict(args.top), indent=None if args.watch else 2))
+                document = view_as_dict(
+                    view,
+                    top=args.top,
+                    leaks=leaks,
+                    previous=previous,
+                    leak_after=args.close_wait_age if args.watch is not None else None,
+                )
+                print(json.dumps(document, indent=None if args.watch else 2))
             else:
                 if clear:
                     sys.stdout.write("\x1b[H\x1b[2J")
@@ -556,8 +369,17 @@ def _run_states(args: argparse.Namespace) -> int:
                         print()
                     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
                     print(f"-- {stamp}, every {args.watch:g} s (Ctrl-C to stop) --")
-                print(view.format(args.top))
+                print(
+                    format_view(
+                        view,
+                        top=args.top,
+                        leaks=leaks,
+                        previous=previous,
+                        leak_after=args.close_wait_age if args.watch is not None else None,
+                    )
+                )
             sys.stdout.flush()
+            previous = view
             if args.watch is None or (args.count is not None and refreshes >= args.count):
                 return 0
             time.sleep(args.watch)

@@ -31,6 +31,7 @@ from ._plan import (
     Event,
     Finished,
     Flush,
+    MeasureAcked,
     MeasureUnacked,
     Receive,
     SetLingerZero,
@@ -90,7 +91,7 @@ def close(
 
     Example::
 
-        report = tcpclose.close(conn, "peer-first timeout=2s fallback=auto")
+        report = tcpclose.close(conn, "peer-first timeout=2s grace=50ms")
         log.info("closed: %s", report)   # e.g. "peer-first peer-eof ... now CLOSED ..."
     """
     resolved = as_policy(policy)
@@ -360,7 +361,14 @@ class _Driver:
         return build_report(plan.policy, action.result, observed)
 
     def _step(
-        self, action: Flush | ShutdownWrite | Receive | MeasureUnacked | SetLingerZero | Close
+        self,
+        action: Flush
+        | ShutdownWrite
+        | Receive
+        | MeasureAcked
+        | MeasureUnacked
+        | SetLingerZero
+        | Close,
     ) -> None:
         plan = self._plan
         sock = self._sock
@@ -372,6 +380,20 @@ class _Driver:
         elif isinstance(action, Receive):
             event, nbytes = self._receive(action)
             plan.feed(event, self._clock(), nbytes=nbytes)
+        elif isinstance(action, MeasureAcked):
+            acked = self._seen.acked()
+            if acked is None:
+                plan.feed(Event.ERROR, self._clock())
+            else:
+                unacked, rtt, since_sent, since_recv = acked
+                event = Event.UNACKED_SOME if unacked else Event.ACKED
+                plan.feed(
+                    event,
+                    self._clock(),
+                    rtt=rtt,
+                    since_sent=since_sent,
+                    since_recv=since_recv,
+                )
         elif isinstance(action, MeasureUnacked):
             outgoing = self._seen.outgoing()
             if outgoing is None:

@@ -53,6 +53,10 @@ DRIVERS: Final[tuple[DriverName, ...]] = ("sync", "asyncio", "uvloop")
 IDLE_S: Final = 0.2
 LINGER_S: Final = 0.6
 TIMEOUT_S: Final = 0.3
+#: peer-first's grace, longer than its timeout: the matrix measures every bound under
+#: faults, so its peer-first waits the whole timeout for the peer's FIN whatever the
+#: kernel shows (the grace itself is tested with real clients in test_peer_first_*).
+GRACE_S: Final = 60.0
 #: Not a multiple of any read or segment size, so that a drain that reads whole
 #: chunks past the cap cannot land on it exactly by chance.
 CAP: Final = 200_003
@@ -60,13 +64,13 @@ _BOUNDS: Final = f"idle_timeout={IDLE_S}s linger_time={LINGER_S}s max_drain_byte
 POLICIES: Final[dict[str, ClosePolicy]] = {
     "graceful": ClosePolicy.parse(f"graceful {_BOUNDS}"),
     "peer-first/graceful": ClosePolicy.parse(
-        f"peer-first timeout={TIMEOUT_S}s fallback=graceful {_BOUNDS}"
+        f"peer-first timeout={TIMEOUT_S}s grace={GRACE_S}s fallback=graceful {_BOUNDS}"
     ),
     "peer-first/abort": ClosePolicy.parse(
-        f"peer-first timeout={TIMEOUT_S}s fallback=abort {_BOUNDS}"
+        f"peer-first timeout={TIMEOUT_S}s grace={GRACE_S}s fallback=abort {_BOUNDS}"
     ),
     "peer-first/auto": ClosePolicy.parse(
-        f"peer-first timeout={TIMEOUT_S}s fallback=auto {_BOUNDS}"
+        f"peer-first timeout={TIMEOUT_S}s grace={GRACE_S}s fallback=auto {_BOUNDS}"
     ),
     "abort": ClosePolicy.abort(),
 }
@@ -566,6 +570,8 @@ class Case:
             f"ended before {min_duration}s: {report}"
         )
         assert report.kernel_state is not None, report
+        if report.kernel_state.state not in states and self._held_by_a_child(report, states):
+            return report  # (see _held_by_a_child: the report said so, the rest followed)
         assert report.kernel_state.state in states, f"expected one of {states}: {report}"
         check_kernel_agrees(self.server, report)
         assert result.warning_codes == warnings_expected, (result.warning_codes, report)
@@ -575,6 +581,28 @@ class Case:
             assert result.tasks_after == result.tasks_before, result
             assert not result.loop_errors, result.loop_errors
         return report
+
+    def _held_by_a_child(self, report: CloseReport, states: set[TcpState]) -> bool:
+        """The harness's own race, not the library's: this process starts ``nft``,
+        ``ip`` and ``ss`` from other threads while a close runs, and a child between
+        its fork and its exec holds a copy of every fd. A close that lands in that
+        window releases nothing yet: the kernel state after it is still ESTABLISHED,
+        owned (inode != 0), and the report says no RST was sent (issue 20). Once the
+        child has exec'd (closing its copies), the 4-tuple must reach an expected state.
+        Seen about 1 case in 200."""
+        state = report.kernel_state
+        if state is None or state.state is not TcpState.ESTABLISHED or not state.inode:
+            return False
+        assert not report.rst_sent, f"ESTABLISHED after the close, yet rst_sent: {report}"
+        assert report.local is not None
+        assert report.peer is not None
+        local, peer = report.local, report.peer
+        wait_until(
+            lambda: ss_state(self.server.ss(local, peer)) in states,
+            2.0,
+            message=f"the 4-tuple to reach {states} once the forked child let go",
+        )
+        return True
 
     def finish(self) -> None:
         """Close what the test left open, then the fd count must be back at the start."""
