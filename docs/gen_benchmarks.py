@@ -13,11 +13,21 @@ without touching this script:
   list of facts under the file's heading;
 * every list of objects (at the top level or inside an object) becomes a table, one
   column per key in first-seen order;
+* non-scalar columns (the raw ``samples`` of each round) stay in the JSON: a table
+  shows the medians;
 * a table with a key column (text, else its first column) and a number column that
-  varies also gets a bar chart (``docs/img/bench_<file>_<n>.svg``) of the number whose
-  name says it is the headline (``median``, ``p50``, ``per_s``, ``ratio``, ``lost``,
-  ``_us``, ...), else of the first such column; not when the bars would span more than
-  1000x (mixed units, or unreadable).
+  varies also gets a bar chart (``docs/img/bench_<file>_<n>.svg``, drawn by
+  matplotlib) of its headline number: a ratio to the baseline when there is one
+  (``ratio_to_plain``: 1.0 is the baseline row), else the number whose name says it is
+  the headline (``median``, ``p50``, ``per_s``, ``lost``, ``_us``, ...); not when the
+  bars would span more than 1000x (mixed units, or unreadable);
+* a table keyed by a number (a population size) with three or more columns in one
+  unit (``_us``) gets a line chart of them all on a log scale instead;
+* the machine (``kernel``, ``cpus``, ``python``, ``loop`` facts) is stated under the
+  heading and in each chart.
+
+matplotlib is the ``docs`` extra. Without it the tables are still written and the
+committed charts are kept as they are (a warning says so).
 
 No results, an empty directory, or a file that is not valid JSON are all fine: the
 page says so instead of failing the docs build.
@@ -33,7 +43,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from xml.sax.saxutils import escape
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -50,9 +60,11 @@ HEADER = (
 _HEADLINE = tuple(
     re.compile(pattern)
     for pattern in (
+        r"^ratio_to_",
         r"median|p50|mean",
         r"per_s|/s\b|rate|throughput",
         r"ratio",
+        r"whole",
         r"lost",
         r"_us$|_ms$",
         r"_s$",
@@ -183,44 +195,118 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _human(path: str) -> str:
+    """A JSON path as words: ``by_loop.asyncio.runs`` -> ``by loop › asyncio › runs``."""
+    return " › ".join(part.replace("_", " ") for part in path.split(".") if part)
+
+
+def _scalar_columns(table: Table) -> list[str]:
+    """The columns a reader can read: lists and objects (raw samples) stay in the JSON."""
+    return [col for col in table.columns if all(_is_scalar(row.get(col)) for row in table.rows)]
+
+
 def markdown_table(table: Table) -> str:
+    columns = _scalar_columns(table)
     numeric = {
         col
-        for col in table.columns
+        for col in columns
         if any(_is_number(row.get(col)) for row in table.rows)
         and all(row.get(col) is None or _is_number(row.get(col)) for row in table.rows)
     }
-    head = "| " + " | ".join(_cell(col) for col in table.columns) + " |"
-    rule = "|" + "|".join("---:" if col in numeric else "---" for col in table.columns) + "|"
-    body = [
-        "| " + " | ".join(_cell(row.get(col)) for col in table.columns) + " |" for row in table.rows
-    ]
+    head = "| " + " | ".join(_cell(col) for col in columns) + " |"
+    rule = "|" + "|".join("---:" if col in numeric else "---" for col in columns) + "|"
+    body = ["| " + " | ".join(_cell(row.get(col)) for col in columns) + " |" for row in table.rows]
     return "\n".join([head, rule, *body])
 
 
-# -- plots ---------------------------------------------------------------------------------------
+#: Facts that describe the machine, by their last key, in the order they are stated.
+_MACHINE_KEYS = ("kernel", "cpus", "python", "backend")
 
 
-def _plot_columns(table: Table) -> tuple[list[str], str] | None:
-    """(label columns, value column) for a bar chart, or None when nothing fits."""
+def machine(result: Result) -> str:
+    """``Linux 6.18.44, 2 CPUs, Python 3.11.7, asyncio loop`` from the result's facts
+    (the first of each kind), or ``""``."""
+    found: dict[str, str] = {}
+    for key, value in result.facts:
+        last = key.rsplit(".", 1)[-1]
+        if last in _MACHINE_KEYS and last not in found and value is not None:
+            found[last] = _format(value)
+    words = {
+        "kernel": "Linux {}",
+        "cpus": "{} CPUs",
+        "python": "Python {}",
+        "backend": "{} kernel view",
+    }
+    return ", ".join(words[k].format(found[k]) for k in _MACHINE_KEYS if k in found)
+
+
+# -- charts (matplotlib) -----------------------------------------------------------------------
+
+_INK = "#1f2430"
+_BAR = "#5b7fd6"
+_BASE = "#8a8f98"
+_SERIES = ("#3b5bdb", "#e8590c", "#2b8a3e", "#c2255c", "#5f3dc4", "#0b7285")
+
+
+def _pyplot() -> Any | None:
+    """matplotlib's pyplot with a headless backend and reproducible SVG, or None."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update(
+        {
+            "svg.hashsalt": "tcpclose-docs",  # stable ids: the same SVG for the same data
+            "svg.fonttype": "path",  # glyphs as paths: no font can clip them in a browser
+            "font.family": "DejaVu Sans",
+            "font.size": 10,
+            "axes.edgecolor": "#c9ccd1",
+            "axes.labelcolor": _INK,
+            "xtick.color": _INK,
+            "ytick.color": _INK,
+            "text.color": _INK,
+        }
+    )
+    return plt
+
+
+def _svg(plt: Any, fig: Any) -> str:
+    import io
+
+    out = io.StringIO()
+    fig.savefig(out, format="svg", bbox_inches="tight", pad_inches=0.15, metadata={"Date": None})
+    plt.close(fig)
+    return out.getvalue()
+
+
+def _plot_columns(table: Table) -> tuple[str, str] | None:
+    """(label column, value column) for a bar chart, or None when nothing fits."""
     if len(table.rows) < 2:
         return None
+    columns = _scalar_columns(table)
     numbers = [
         col
-        for col in table.columns
+        for col in columns
         if all(_is_number(row.get(col)) for row in table.rows)
         and len({row.get(col) for row in table.rows}) > 1  # a constant makes no chart
     ]
-    labels = [
-        col
-        for col in table.columns
-        if not all(_is_number(row.get(col)) for row in table.rows)
-        and all(_is_scalar(row.get(col)) for row in table.rows)
-    ]
+    labels = [col for col in columns if not all(_is_number(row.get(col)) for row in table.rows)]
     if not labels and len(numbers) > 1:
         labels, numbers = [numbers[0]], numbers[1:]  # e.g. a population size as the key
     if not numbers or not labels:
         return None
+    # The first label column whose values tell the rows apart (a name, not a flag).
+    label = next(
+        (
+            col
+            for col in labels
+            if len({_format(row.get(col)) for row in table.rows}) == len(table.rows)
+        ),
+        labels[0],
+    )
     value = next(
         (col for pattern in _HEADLINE for col in numbers if pattern.search(col.lower())),
         numbers[0],
@@ -228,58 +314,166 @@ def _plot_columns(table: Table) -> tuple[list[str], str] | None:
     magnitudes = [abs(float(row[value])) for row in table.rows if row[value]]  # type: ignore[arg-type]
     if magnitudes and max(magnitudes) > _MAX_SPREAD * min(magnitudes):
         return None
-    return labels[:2], value
+    return label, value
 
 
-def bar_chart(table: Table, title: str) -> str | None:
-    """A horizontal bar chart of one number column, as SVG text; None if none fits."""
+#: Last path parts that only say "a list of rows": a title leaves them out.
+_GENERIC_PARTS = frozenset({"runs", "rows", "results", "data", "records"})
+
+
+def _title(result: Result, table: Table) -> str:
+    """A chart's title in words: the benchmark's own name (a ``benchmark`` fact beside
+    the table, else the file's title), then what sets the table apart (``asyncio`` of
+    ``by_loop.asyncio.runs``; ``rst trap``)."""
+    parent = table.title.rpartition(".")[0] if "." in table.title else ""
+    name = next(
+        (
+            _format(value)
+            for key, value in result.facts
+            if key in (f"{parent}.benchmark", f"{parent}.title") and value
+        ),
+        result.title,
+    )
+    parts = [
+        part.replace("_", " ")
+        for part in table.title.split(".")
+        if part and not part.startswith("by_") and part not in _GENERIC_PARTS
+    ]
+    return f"{name} · {' · '.join(parts)}" if parts else name
+
+
+def _heading(ax: Any, title: str, machine: str) -> None:
+    """The title in bold over the plot's left edge, the machine in grey under it."""
+    lines = [(title, 11, "bold", _INK)] + ([(machine, 9, "normal", "#5c6370")] if machine else [])
+    offset = 8.0
+    for text, size, weight, color in reversed(lines):
+        ax.annotate(
+            text,
+            xy=(0, 1),
+            xycoords="axes fraction",
+            xytext=(0, offset),
+            textcoords="offset points",
+            fontsize=size,
+            fontweight=weight,
+            color=color,
+            va="bottom",
+        )
+        offset += size + 6
+
+
+def bar_chart(table: Table, title: str, machine: str = "") -> str | None:
+    """A horizontal bar chart of the table's headline number, as SVG text; None when
+    no column fits. A ratio column is drawn against its baseline row (the one at 1.0)."""
     picked = _plot_columns(table)
-    if picked is None:
+    plt = _pyplot()
+    if picked is None or plt is None:
         return None
-    label_cols, value_col = picked
-    rows = [
-        (" · ".join(_format(row.get(c)) for c in label_cols), float(row[value_col]))  # type: ignore[arg-type]
-        for row in table.rows
+    label_col, value_col = picked
+    labels = [_format(row.get(label_col)) for row in table.rows]
+    values = [float(row[value_col]) for row in table.rows]  # type: ignore[arg-type]
+    ratio = value_col.lower().startswith("ratio")
+    baseline = next((lab for lab, v in zip(labels, values, strict=True) if v == 1.0), None)
+    constant = [
+        col
+        for col in _scalar_columns(table)
+        if _is_number(table.rows[0].get(col)) and len({row.get(col) for row in table.rows}) == 1
     ]
-    top = max((v for _l, v in rows), default=0.0)
-    label_w = min(260.0, 24 + 6.6 * max(len(label) for label, _v in rows))
-    bar_h, gap, head = 20.0, 8.0, 44.0
-    heading = f"{title}: {value_col} by {', '.join(label_cols)}"
-    width = max(760.0, 32 + 8.4 * len(heading))
-    plot_w = width - label_w - 90
-    height = head + len(rows) * (bar_h + gap) + 16
-    out = [
-        '<?xml version="1.0" encoding="UTF-8"?>',
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
-        f'viewBox="0 0 {width:.0f} {height:.0f}" role="img" aria-label="{escape(title)}">',
-        f"<title>{escape(title)}</title>",
-        "<!-- generated by docs/gen_benchmarks.py -->",
-        f'<rect width="{width:.0f}" height="{height:.0f}" fill="#ffffff" rx="6"/>',
-        f'<text x="16" y="26" font-family="system-ui, sans-serif" font-size="14" '
-        f'font-weight="bold" fill="#1f2430">{escape(heading)}</text>',
-    ]
-    for i, (label, value) in enumerate(rows):
-        y = head + i * (bar_h + gap)
-        w = 0.0 if top <= 0 or value <= 0 else max(1.0, plot_w * value / top)
-        out.append(
-            f'<text x="{label_w - 10:.0f}" y="{y + 14:.1f}" text-anchor="end" '
-            f'font-family="system-ui, sans-serif" font-size="12" fill="#1f2430">'
-            f"{escape(label)}</text>"
-        )
-        out.append(
-            f'<rect x="{label_w:.0f}" y="{y:.1f}" width="{w:.1f}" height="{bar_h:.0f}" '
-            'fill="#5b7fd6" rx="2"/>'
-        )
-        out.append(
-            f'<text x="{label_w + w + 6:.1f}" y="{y + 14:.1f}" '
-            f'font-family="system-ui, sans-serif" font-size="12" fill="#1f2430">'
-            f"{escape(_format(value))}</text>"
-        )
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+    if ratio and baseline:
+        axis = f"{_human(value_col)}: 1.0 = {baseline}"
+    elif len(constant) == 1:  # "whole of 100 connections"
+        axis = f"{_human(value_col)} of {_format(table.rows[0][constant[0]])} {_human(constant[0])}"
+    else:
+        axis = _human(value_col)
+    fig, ax = plt.subplots(figsize=(8.0, 0.9 + 0.34 * len(labels)))
+    positions = list(range(len(labels)))[::-1]
+    colors = [_BASE if ratio and v == 1.0 else _BAR for v in values]
+    ax.barh(positions, values, color=colors, height=0.7)
+    ax.set_yticks(positions, labels)
+    ax.set_xlabel(axis)
+    top = max(values) if values else 1.0
+    ax.set_xlim(0, top * 1.18 if top > 0 else 1.0)
+    for y, v in zip(positions, values, strict=True):
+        text = f"{v:.2f}×" if ratio else _format(v)
+        if v > 0.25 * top:  # inside the bar's end, clear of target marks beyond it
+            ax.text(v - top * 0.01, y, text, va="center", ha="right", fontsize=9, color="white")
+        else:
+            ax.text(v + top * 0.01, y, text, va="center", fontsize=9)
+    if ratio:
+        ax.axvline(1.0, color=_BASE, linewidth=1, linestyle="--")
+    targets = [row.get("target") for row in table.rows]
+    if ratio and any(_is_number(t) for t in targets):
+        ty = [y for y, t in zip(positions, targets, strict=True) if _is_number(t)]
+        tx = [float(t) for t in targets if _is_number(t)]  # type: ignore[arg-type]
+        ax.scatter(tx, ty, marker="|", s=200, color="#c92a2a", zorder=3, label="target")
+        ax.legend(loc="upper right", bbox_to_anchor=(1.0, -0.1), frameon=False, fontsize=9)
+    ax.spines[["top", "right"]].set_visible(False)
+    _heading(ax, title, machine)
+    return _svg(plt, fig)
+
+
+def _unit_series(table: Table) -> tuple[str, list[str]] | None:
+    """(numeric key column, three or more columns in one unit) for a line chart."""
+    if len(table.rows) < 2:
+        return None
+    columns = _scalar_columns(table)
+    numeric = [col for col in columns if all(_is_number(row.get(col)) for row in table.rows)]
+    if len(numeric) < 4:
+        return None
+    key = numeric[0]
+    for suffix in ("_us", "_ms", "_s"):
+        series = [
+            col
+            for col in numeric[1:]
+            if col.endswith(suffix) and not col.endswith(("_p99" + suffix, "build_s"))
+        ]
+        if len(series) >= 3:
+            return key, series
+    return None
+
+
+def line_chart(table: Table, title: str, machine: str = "") -> str | None:
+    """One line per column of one unit across a numeric key, on a log scale; the
+    legend gives each column's ratio to the fastest at the largest key."""
+    picked = _unit_series(table)
+    plt = _pyplot()
+    if picked is None or plt is None:
+        return None
+    key, series = picked
+    xs = [float(row[key]) for row in table.rows]  # type: ignore[arg-type]
+    last = {col: float(table.rows[-1][col]) for col in series}  # type: ignore[arg-type]
+    base = series[0]  # the first column is the subject; the others are compared with it
+    fig, ax = plt.subplots(figsize=(8.0, 4.6))
+    for i, col in enumerate(series):
+        ys = [float(row[col]) for row in table.rows]  # type: ignore[arg-type]
+        factor = last[col] / last[base] if last[base] > 0 else float("nan")
+        note = f": {factor:,.0f}× {base} at {_format(xs[-1])}" if factor >= 2 else ""
+        ax.plot(xs, ys, marker="o", color=_SERIES[i % len(_SERIES)], label=col + note)
+    ax.set_yscale("log")
+    ax.set_xticks(xs, [_format(x) for x in xs])
+    ax.set_xlabel(_human(key))
+    unit = series[0].rsplit("_", 1)[-1]
+    ax.set_ylabel(f"{unit} per call (log scale)")
+    ax.grid(axis="y", which="major", color="#e3e5e8")
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.16), frameon=False, fontsize=9, ncol=2)
+    _heading(ax, title, machine)
+    return _svg(plt, fig)
 
 
 # -- the page fragment ----------------------------------------------------------------------------
+
+
+def _facts(result: Result) -> list[str]:
+    """The facts as one line per group (their common path), values joined by ``·``."""
+    groups: dict[str, list[str]] = {}
+    for key, value in result.facts:
+        parent, _, last = key.rpartition(".")
+        groups.setdefault(parent, []).append(f"{last.replace('_', ' ')} **{_cell(value)}**")
+    lines = []
+    for parent, items in groups.items():
+        head = f"{_human(parent)}: " if parent else ""
+        lines.append(f"- {head}" + " · ".join(items))
+    return lines
 
 
 def render(results: Sequence[Result]) -> tuple[str, dict[str, str]]:
@@ -296,24 +490,26 @@ def render(results: Sequence[Result]) -> tuple[str, dict[str, str]]:
     parts = [HEADER]
     for result in results:
         parts.append(f"### {result.title}\n")
-        parts.append(f"From `benchmarks/results/{result.name}.json`.\n")
+        where = machine(result)
+        source = f"From `benchmarks/results/{result.name}.json`"
+        parts.append(f"{source}; measured on {where}.\n" if where else f"{source}.\n")
         if result.error:
             parts.append(f'!!! warning "Unreadable results file"\n    {_cell(result.error)}\n')
             continue
         if result.facts:
-            parts.append(
-                "\n".join(f"- **{_cell(key)}**: {_cell(value)}" for key, value in result.facts)
-                + "\n"
-            )
+            parts.append("\n".join(_facts(result)) + "\n")
         for n, table in enumerate(result.tables, start=1):
+            title = _title(result, table)
             if table.title:
-                parts.append(f"**{_cell(table.title)}**\n")
+                parts.append(f"**{_cell(title)}**\n")
             parts.append(markdown_table(table) + "\n")
-            svg = bar_chart(table, table.title or result.title)
+            if len(_scalar_columns(table)) < len(table.columns):
+                parts.append("Raw samples of each round are in the JSON file.\n")
+            svg = line_chart(table, title, where) or bar_chart(table, title, where)
             if svg is not None:
                 filename = f"{PLOT_PREFIX}{_slug(result.name)}_{n}.svg"
                 plots[filename] = svg
-                parts.append(f"![{_cell(result.title)}: {_cell(table.title)}](img/{filename})\n")
+                parts.append(f"![{_cell(title)}](img/{filename}){{ .chart }}\n")
     return "\n".join(parts), plots
 
 
@@ -337,6 +533,9 @@ def write(
         if not path.exists() or path.read_text(encoding="utf-8") != svg:
             path.write_text(svg, encoding="utf-8")
             changed.append(path)
+    if _pyplot() is None:
+        print("gen_benchmarks: matplotlib not installed; charts kept as committed", file=sys.stderr)
+        return changed
     for old in sorted(img_dir.glob(f"{PLOT_PREFIX}*.svg")):
         if old.name not in plots:
             old.unlink()

@@ -1,4 +1,4 @@
-"""Draw the docs' state diagrams as SVG from transition tables. Pure Python, no graphviz.
+"""Draw the docs' state diagrams as SVG from transition tables.
 
 Run from the repository root (``docs/hooks.py`` also runs it before every docs build)::
 
@@ -14,9 +14,11 @@ Three pictures:
   :data:`SEQUENCE` below.
 * ``close_plan.svg``: tcpclose's own close plan, from ``tcpclose._plan.TRANSITIONS``
   and ``tcpclose._plan.ENTRY`` -- the table the sync and asyncio drivers run, so the
-  picture cannot drift from the code. Only the positions of the boxes live here
-  (:data:`PLAN_LAYOUT`); a phase added to the plan without a position is still drawn
-  (in an extra row) and the script says so on stderr.
+  picture cannot drift from the code. Graphviz's ``dot`` (Debian package ``graphviz``)
+  lays it out, so a phase or event the plan gains is placed without overlaps; without
+  ``dot`` the committed file is kept and the script says so on stderr.
+
+The first two are drawn here in pure Python (their layout is part of what they teach).
 
 The output is deterministic: the same tables give byte-identical files, so the
 files are committed and a rebuild only rewrites what changed.
@@ -26,6 +28,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
+import shutil
+import subprocess
 import sys
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
@@ -582,41 +587,29 @@ def tcp_close_sequence() -> Diagram:
     return diagram
 
 
-# -- 3. tcpclose's close plan, from tcpclose._plan ----------------------------------------------
-
-_PLAN_COLUMNS = (108.0, 293.0, 505.0, 690.0, 597.5)
-_PLAN_ROW = 96.0
-_PLAN_TOP = 44.0
-_PLAN_WIDTH = 790.0
-
-#: phase value -> (column index, row); "entry:<mode>" are the policy entry points.
-#: Only positions live here: which arrows exist comes from tcpclose._plan.
-PLAN_LAYOUT: Mapping[str, tuple[int, float]] = {
-    "entry:graceful": (0, 0),
-    "entry:peer-first": (1, 0),
-    "entry:abort": (3, 3.42),  # just above abort (await-ack is in its column)
-    "entry:default": (4, 5),  # between the check-unacked and abort columns, above the bar
-    "flush": (0, 1),
-    "flush-no-fin": (1, 1),
-    "check-acked": (1, 2),
-    "await-ack": (3, 2),
-    "await-peer": (1, 3),
-    "fallback": (2, 3),
-    "shutdown": (0, 4),
-    "check-unacked": (2, 4),
-    "abort": (3, 4),
-    "drain": (0, 5),
-    "close": (2, 6),  # drawn as a bar across every column
-    "done": (2, 7),
-}
+# -- 3. tcpclose's close plan, from tcpclose._plan, laid out by Graphviz ------------------------
 
 #: Events that can end a close early in almost every phase. When they lead to the
 #: close phase they are written in the source box ("reset · error → close") instead
 #: of as one more arrow each; every other transition is an arrow.
 _EARLY_END = ("reset", "error")
 
+#: Graphviz measures text with this font; the SVG names it first, then generic fallbacks.
+_DOT_FONT = "DejaVu Sans"
+_DOT_MONO = "DejaVu Sans Mono"
 
-def close_plan() -> Diagram | None:
+
+def _dot_quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def close_plan_dot() -> str | None:
+    """The close plan as Graphviz DOT text, from ``tcpclose._plan.TRANSITIONS`` and
+    ``ENTRY``; None when ``tcpclose._plan`` cannot be imported.
+
+    Only styles live here; which boxes and arrows exist, and their labels, come from
+    the plan's tables, and Graphviz places them so that no two labels overlap.
+    """
     try:
         from tcpclose import _plan
     except ImportError as exc:  # the plan is another module's; the docs must still build
@@ -636,251 +629,83 @@ def close_plan() -> Diagram | None:
     for phase in entry.values():
         if name(phase) not in phases:
             phases.append(name(phase))
-    close_phase = "close"
-
-    merged: dict[tuple[str, str], list[str]] = {}
     early: dict[str, list[str]] = {}
+    merged: dict[tuple[str, str], list[str]] = {}
     for (src, event), dst in transitions.items():
         s, e, d = name(src), name(event), name(dst)
-        if d == close_phase and e in _EARLY_END and s != close_phase:
+        if d == "close" and e in _EARLY_END and s != "close":
             early.setdefault(s, []).append(e)
             continue
         merged.setdefault((s, d), []).append(e)
 
-    last_row = max(row for _col, row in PLAN_LAYOUT.values())
-    extra_rows: dict[str, tuple[int, float]] = {}
-    for phase in phases:
-        if phase not in PLAN_LAYOUT:
-            print(
-                f"gen_state_diagram: phase {phase!r} has no position in PLAN_LAYOUT; "
-                "drawn in an extra row at the bottom",
-                file=sys.stderr,
-            )
-            extra_rows[phase] = (len(extra_rows) % len(_PLAN_COLUMNS), last_row + 1)
-    height = _PLAN_TOP + (last_row + (1 if extra_rows else 0)) * _PLAN_ROW + 56
-    diagram = Diagram(
-        _PLAN_WIDTH, height, "tcpclose close plan: phases, and the events that move a close on"
-    )
-
-    def place(key: str) -> Point:
-        col, row = PLAN_LAYOUT[key] if key in PLAN_LAYOUT else extra_rows[key]
-        return _PLAN_COLUMNS[int(col)], _PLAN_TOP + row * _PLAN_ROW
-
-    box_w, box_h = 150.0, 44.0
-    half_w, half_h = box_w / 2, box_h / 2
-    margin = 22.0
-    bar_w = _PLAN_WIDTH - 2 * margin - 36
-    for phase in phases:
-        x, y = place(phase)
-        style = {"abort": "abort", "close": "terminal", "done": "terminal"}.get(phase, "phase")
-        sub = " · ".join(early.get(phase, ()))
-        sub = f"{sub} → close" if sub else ""
-        if phase == close_phase:
-            x = margin + 36 + bar_w / 2
-        diagram.node(
-            Node(
-                phase,
-                phase,
-                x,
-                y,
-                w=bar_w if phase == close_phase else box_w,
-                h=box_h,
-                style=style,
-                sublabel=sub,
-            )
-        )
-    close_y = place(close_phase)[1]
-    close_top = close_y - half_h
-    close_left = margin + 36
-
-    for mode, phase in entry.items():
-        key = f"entry:{name(mode)}"
-        if key not in PLAN_LAYOUT:
-            continue
-        x, y = place(key)
-        diagram.node(
-            Node(
-                key,
-                f"policy: {name(mode)}",
-                x,
-                y,
-                w=130,
-                h=28,
-                style="entry",
-                mono=False,
-                rounded=14,
-            )
-        )
-        target = name(phase)
-        ty = place(target)[1]
-        end = (x, close_top) if target == close_phase else (x, ty - half_h)
-        diagram.edges.append(Edge(key, target, "", style="entry", start=(x, y + 14), end=end))
-
-    def p(phase: str) -> Point:
-        return place(phase)
-
-    # Routes for the arrows, keyed by (from, to). An arrow the plan gains later and
-    # that is not listed here is drawn straight, label at its middle.
-    fx, fy = p("flush")
-    nx, ny = p("flush-no-fin")
-    qx, qy = p("check-acked")
-    wx, wy = p("await-ack")
-    ax, ay = p("await-peer")
-    bx, by = p("fallback")
-    sx, sy = p("shutdown")
-    cx, cy = p("check-unacked")
-    kx, ky = p("abort")
-    dx, dy = p("drain")
-    ex, ey = p("done")
-    routes: dict[tuple[str, str], dict[str, object]] = {
-        ("flush", "shutdown"): {
-            "start": (fx, fy + half_h),
-            "end": (sx, sy - half_h),
-            "label_at": (fx - 8, (fy + sy) / 2),
-            "anchor": "end",
-        },
-        ("flush", "close"): {
-            "start": (fx - half_w, fy),
-            "via": [(margin, fy), (margin, close_y)],
-            "end": (close_left, close_y),
-            "label_at": (margin + 6, fy + 0.55 * _PLAN_ROW),
-            "anchor": "start",
-        },
-        ("flush-no-fin", "check-acked"): {
-            "start": (nx, ny + half_h),
-            "end": (qx, qy - half_h),
-            "label_at": (nx - 8, (ny + qy) / 2),
-            "anchor": "end",
-        },
-        ("flush-no-fin", "fallback"): {
-            "start": (nx + half_w, ny),
-            "via": [(bx, ny)],
-            "end": (bx, by - half_h),
-            "label_at": ((nx + half_w + bx) / 2, ny - 10),
-        },
-        ("check-acked", "await-ack"): {
-            "start": (qx + half_w, qy - 9),
-            "end": (wx - half_w, wy - 9),
-            "label_at": ((qx + half_w + bx) / 2 - 14, qy - 16),
-        },
-        ("await-ack", "check-acked"): {
-            "start": (wx - half_w, wy + 9),
-            "end": (qx + half_w, qy + 9),
-            "label_at": ((bx + wx - half_w) / 2 + 16, qy + 24),
-        },
-        ("check-acked", "await-peer"): {
-            "start": (qx - 20, qy + half_h),
-            "end": (ax - 20, ay - half_h),
-            "label_at": (qx - 28, (qy + ay) / 2),
-            "anchor": "end",
-        },
-        ("fallback", "flush"): {
-            "start": (bx - half_w + 20, by + half_h),
-            "via": [(bx - half_w + 20, by + 58), (200, by + 58), (200, fy + 8)],
-            "end": (fx + half_w, fy + 8),
-            "label_at": (bx - half_w + 28, by + 54),
-            "anchor": "start",
-        },
-        ("check-unacked", "flush"): {
-            "start": (cx - half_w, cy),
-            "via": [(209, cy), (209, fy + 16)],
-            "end": (fx + half_w, fy + 16),
-            "label_at": (cx - half_w - 8, cy - 8),
-            "anchor": "end",
-        },
-        ("check-acked", "fallback"): {
-            "start": (qx + half_w - 10, qy + half_h),
-            "end": (bx - half_w, by - 12),
-            "label_at": ((qx + bx) / 2 + 2, (qy + by) / 2 + 4),
-            "anchor": "start",
-        },
-        ("await-ack", "fallback"): {
-            "start": (wx - half_w + 20, wy + half_h),
-            "end": (bx + half_w - 20, by - half_h),
-            "label_at": (wx - half_w + 16, (wy + by) / 2 + 10),
-            "anchor": "start",
-        },
-        ("await-ack", "close"): {
-            "start": (wx + half_w, wy),
-            "via": [(_PLAN_WIDTH - 8, wy), (_PLAN_WIDTH - 8, close_y)],
-            "end": (_PLAN_WIDTH - margin, close_y),
-            "label_at": (_PLAN_WIDTH - 12, wy + 32),
-            "anchor": "end",
-        },
-        ("await-peer", "fallback"): {
-            "start": (ax + half_w, ay + 8),
-            "end": (bx - half_w, by + 8),
-            "label_at": ((ax + bx) / 2, ay + 30),
-        },
-        ("await-peer", "close"): {
-            "start": (ax, ay + half_h),
-            "end": (ax, close_top),
-            "label_at": (ax + 8, close_top - 36),
-            "anchor": "start",
-        },
-        ("fallback", "check-unacked"): {
-            "start": (bx + 20, by + half_h),
-            "end": (cx + 20, cy - half_h),
-            "label_at": (bx + 28, (by + cy) / 2 + 4),
-            "anchor": "start",
-        },
-        ("fallback", "abort"): {
-            "start": (bx + half_w, by),
-            "via": [(598, by), (598, ky - 10)],
-            "end": (kx - half_w, ky - 10),
-            "label_at": (606, by - 8),
-            "anchor": "start",
-        },
-        ("check-unacked", "abort"): {
-            "start": (cx + half_w, cy + 8),
-            "end": (kx - half_w, ky + 8),
-            "label_at": ((cx + kx) / 2, cy + 38),
-        },
-        ("shutdown", "drain"): {
-            "start": (sx, sy + half_h),
-            "end": (dx, dy - half_h),
-            "label_at": (sx + 8, (sy + dy) / 2),
-            "anchor": "start",
-        },
-        ("drain", "close"): {
-            "start": (dx, dy + half_h),
-            "end": (dx, close_top),
-            "label_at": (dx + 8, (dy + half_h + close_top) / 2),
-            "anchor": "start",
-        },
-        ("abort", "close"): {
-            "start": (kx, ky + half_h),
-            "end": (kx, close_top),
-            "label_at": (kx + 8, (ky + close_top) / 2),
-            "anchor": "start",
-        },
-        ("close", "done"): {
-            "start": (ex, close_y + half_h),
-            "end": (ex, ey - half_h),
-            "label_at": (ex + 8, (close_y + ey) / 2),
-            "anchor": "start",
-        },
+    lines = [
+        "digraph close_plan {",
+        '  graph [rankdir=TB, nodesep=0.45, ranksep=0.5, bgcolor="white", pad=0.2,',
+        '         label="generated from tcpclose._plan.TRANSITIONS and ENTRY by Graphviz",',
+        f'         labelloc=b, labeljust=r, fontsize=9, fontcolor="{MUTED}",',
+        f'         fontname="{_DOT_FONT}"];',
+        '  node [shape=box, style="rounded,filled", fillcolor="#eef2fb", color="#5b7fd6",',
+        f'        fontname="{_DOT_MONO}", fontsize=12, fontcolor="{INK}", margin="0.18,0.08"];',
+        f'  edge [color="#5c6370", fontname="{_DOT_FONT}", fontsize=10, fontcolor="{INK}",',
+        "        arrowsize=0.7];",
+    ]
+    styles = {
+        "abort": 'fillcolor="#fdecec", color="#c92a2a"',
+        "close": 'fillcolor="#eceef1", color="#5c6370"',
+        "done": 'fillcolor="#eceef1", color="#5c6370"',
     }
+    for phase in phases:
+        sub = " · ".join(early.get(phase, ()))
+        if sub:
+            label = (
+                f'<<TABLE BORDER="0" CELLSPACING="0" CELLPADDING="1"><TR><TD>{escape(phase)}</TD>'
+                f'</TR><TR><TD><FONT POINT-SIZE="9" FACE="{_DOT_FONT}" COLOR="{MUTED}">'
+                f"{escape(sub)} → close</FONT></TD></TR></TABLE>>"
+            )
+        else:
+            label = _dot_quote(phase)
+        style = styles.get(phase, "")
+        lines.append(f"  {_dot_quote(phase)} [label={label}{', ' + style if style else ''}];")
+    lines.append("  { rank=source;")
+    for mode in entry:
+        key = f"policy: {name(mode)}"
+        lines.append(
+            f'    {_dot_quote(key)} [shape=box, style="rounded,filled", fillcolor="#ffffff",'
+            f' color="#8a8f98", fontname="{_DOT_FONT}", fontsize=11];'
+        )
+    lines.append("  }")
+    for mode, phase in entry.items():
+        lines.append(
+            f"  {_dot_quote(f'policy: {name(mode)}')} -> {_dot_quote(name(phase))}"
+            ' [style=dashed, color="#8a8f98"];'
+        )
+    fallback_sources = {"fallback", "check-unacked"}
     for (src, dst), events in merged.items():
-        style = "fallback" if src in ("fallback", "check-unacked") else "plan"
-        options = routes.get((src, dst), {})
-        edge = Edge(src, dst, wrap_events(events, 22), style=style, **options)  # type: ignore[arg-type]
-        if src == dst:
-            edge.loop_side = {"await-peer": "left", "await-ack": "top"}.get(src, "right")
-            if src == "await-peer":
-                edge.loop_side = "top"
-            if edge.loop_side == "top":
-                edge.label_at = (p(src)[0] + box_w / 4 - 26, p(src)[1] - half_h - 20)
-        diagram.edges.append(edge)
+        attrs = [f"label={_dot_quote(chr(10).join(events))}"]
+        if src in fallback_sources:
+            attrs.append('color="#e8590c", fontcolor="#a63c00"')
+        if dst == "abort":
+            attrs.append('color="#c92a2a"')
+        lines.append(f"  {_dot_quote(src)} -> {_dot_quote(dst)} [{', '.join(attrs)}];")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
 
-    diagram.text(
-        _PLAN_WIDTH - 16,
-        height - 14,
-        "generated from tcpclose._plan.TRANSITIONS and ENTRY",
-        anchor="end",
-        size=10.5,
+
+def close_plan() -> str | None:
+    """The close plan as SVG, laid out by Graphviz's ``dot``; None when ``dot`` is not
+    installed or ``tcpclose._plan`` cannot be imported (the committed SVG then stays)."""
+    source = close_plan_dot()
+    dot = shutil.which("dot")
+    if source is None:
+        return None
+    if dot is None:
+        print("gen_state_diagram: Graphviz 'dot' not found; close_plan.svg kept", file=sys.stderr)
+        return None
+    done = subprocess.run(
+        [dot, "-Tsvg"], input=source, capture_output=True, text=True, timeout=60, check=True
     )
-    return diagram
+    # The generator's version in the file is noise in a diff; the drawing is not.
+    return re.sub(r"<!-- Generated by graphviz version [^>]*-->\n", "", done.stdout)
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -894,7 +719,7 @@ def render_all() -> dict[str, str]:
     }
     plan = close_plan()
     if plan is not None:
-        out["close_plan.svg"] = plan.render()
+        out["close_plan.svg"] = plan
     return out
 
 

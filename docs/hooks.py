@@ -35,8 +35,8 @@ def on_pre_build(config: Any, **kwargs: Any) -> None:
     for path in diagrams.write_all():
         log.info("regenerated %s", path.relative_to(DOCS.parent))
     if diagrams.close_plan() is None:
-        # The page would show a committed picture the code no longer backs.
-        log.warning("close plan diagram not regenerated: tcpclose._plan is not importable")
+        # The page would show a committed picture the code may no longer back.
+        log.warning("close plan diagram not regenerated: needs tcpclose._plan and Graphviz's dot")
     benchmarks = _load("gen_benchmarks")
     for path in benchmarks.write():
         log.info("regenerated %s", path.relative_to(DOCS.parent))

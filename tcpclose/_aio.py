@@ -1829,7 +1829,7 @@ def with_policy(
     ``pause_reading``, ``set_protocol`` ... keep working). This is how a server that
     takes a protocol class or factory adopts a policy.
 
-    Semantics (see ``ADOPTION.md``): a second ``close()`` is a no-op; ``abort()``
+    Semantics (docs: asyncio API, #semantics): a second ``close()`` is a no-op; ``abort()``
     during a pending close does not cut it short; ``write_eof()`` under ``peer-first``
     gives the peer its grace to close first, then sends our FIN, while data still
     reaches the protocol;

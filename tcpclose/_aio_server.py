@@ -14,13 +14,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
+import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypedDict
+
+from typing_extensions import Unpack
 
 from ._aio import ConnectionRegistry, OnClose, PolicyProtocolFactory, connection_of
 from ._policy import PolicyLike, as_policy
 
-__all__ = ("ClientConnectedCallback", "PolicyServer", "create_server", "start_server")
+__all__ = (
+    "ClientConnectedCallback",
+    "PolicyServer",
+    "ServerOptions",
+    "create_server",
+    "start_server",
+)
 
 logger = logging.getLogger("tcpclose")
 
@@ -30,6 +40,38 @@ ClientConnectedCallback = Callable[
 ]
 
 _DEFAULT_LIMIT = 2**16  # asyncio.streams._DEFAULT_LIMIT
+
+
+class _ServerOptions(TypedDict, total=False):
+    family: int
+    flags: int
+    sock: socket.socket | None
+    backlog: int
+    ssl: ssl.SSLContext | bool | None
+    reuse_address: bool | None
+    reuse_port: bool | None
+    ssl_handshake_timeout: float | None
+    ssl_shutdown_timeout: float | None
+    start_serving: bool
+
+
+if sys.version_info >= (3, 13):
+
+    class ServerOptions(_ServerOptions, total=False):
+        """The keywords :func:`create_server` and :func:`start_server` pass on to
+        ``loop.create_server``, typed as the standard library's stubs type them, so
+        that a type checker rejects a misspelt one (``reuse_prt=True``) instead of the
+        loop at run time."""
+
+        keep_alive: bool | None
+
+else:
+
+    class ServerOptions(_ServerOptions, total=False):
+        """The keywords :func:`create_server` and :func:`start_server` pass on to
+        ``loop.create_server``, typed as the standard library's stubs type them, so
+        that a type checker rejects a misspelt one (``reuse_prt=True``) instead of the
+        loop at run time. (Python 3.13 adds ``keep_alive``.)"""
 
 
 class PolicyServer(asyncio.AbstractServer):
@@ -137,7 +179,7 @@ async def create_server(
     close_policy: PolicyLike = "graceful",
     on_close: OnClose | None = None,
     report: bool | None = None,
-    **kwargs: Any,
+    **kwargs: Unpack[ServerOptions],
 ) -> PolicyServer:
     """``loop.create_server`` whose connections close with ``close_policy``.
 
@@ -155,7 +197,7 @@ async def create_server(
             logged, never raised into the loop.
         report: build reports; default only when ``on_close`` is given.
         **kwargs: as for ``loop.create_server`` (``ssl=``, ``reuse_port=``,
-            ``start_serving=`` ...).
+            ``start_serving=`` ...): the keys of :class:`ServerOptions`.
 
     Raises:
         PolicyError: ``close_policy`` is invalid.
@@ -172,7 +214,8 @@ async def create_server(
     factory = PolicyProtocolFactory(
         protocol_factory, policy, on_close, report=report, registry=registry
     )
-    server = await loop.create_server(factory, host, port, **kwargs)
+    options: dict[str, Any] = dict(kwargs)  # typed by ServerOptions; the overloads split by sock
+    server = await loop.create_server(factory, host, port, **options)
     return PolicyServer(server, registry)
 
 
@@ -185,7 +228,7 @@ async def start_server(
     on_close: OnClose | None = None,
     report: bool | None = None,
     limit: int = _DEFAULT_LIMIT,
-    **kwargs: Any,
+    **kwargs: Unpack[ServerOptions],
 ) -> PolicyServer:
     """``asyncio.start_server`` whose connections close with ``close_policy``.
 
@@ -207,7 +250,8 @@ async def start_server(
         report: build reports; default only when ``on_close`` is given.
         limit: the buffer limit of each ``StreamReader``, as for
             ``asyncio.start_server``.
-        **kwargs: as for ``asyncio.start_server`` (``ssl=``, ``backlog=`` ...).
+        **kwargs: as for ``asyncio.start_server`` (``ssl=``, ``backlog=`` ...): the
+            keys of :class:`ServerOptions`.
 
     Raises:
         PolicyError: ``close_policy`` is invalid.

@@ -6,6 +6,8 @@ Every reader takes a ``root`` directory (default ``/``) and reads ``proc/...`` b
 so tests and captured snapshots stand in for a live kernel. Whatever does not exist
 (a sysctl another kernel lacks, ``/proc`` hidden in a container) or cannot be read or
 parsed is *unknown* (``None``), never an exception: the checks over it stay silent.
+Files are read as regular files only, without blocking and up to a size limit;
+:func:`audit` reports each file that exists but could not be used as a TC313 finding.
 
 The live socket table comes from the kernel view's ``dump()`` when ``root`` is ``/``
 and the dump succeeds; otherwise from ``proc/net/tcp`` and ``tcp6`` under ``root``,
@@ -18,10 +20,12 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 import struct
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 from ._checks import (
     Counters,
@@ -33,6 +37,7 @@ from ._checks import (
     check_system,
     sort_findings,
     summarize_time_wait,
+    unreadable_input,
 )
 from ._errors import KernelViewError, NotTcpSocketError, TcpCloseError
 from ._kernel import dump
@@ -53,6 +58,8 @@ __all__ = (
 
 Root = str | os.PathLike[str]
 
+_T = TypeVar("_T")
+
 _SYSCTL_DIR = Path("proc/sys/net/ipv4")
 
 #: The procfs socket tables under ``root`` and the address family of each.
@@ -69,38 +76,127 @@ _DEFAULT_EPHEMERAL: dict[str, tuple[int, int]] = {
 }
 
 
+#: Largest file read: a sysctl or counter file is a line or two, a socket table about
+#: 150 bytes per socket (32 MiB is some 200,000 sockets). Past it a file is a problem.
+_SMALL_FILE_LIMIT = 64 * 1024
+_TABLE_FILE_LIMIT = 32 * 1024 * 1024
+
+#: The longest number read from a file: 2**64 has 20 digits. Longer is malformed (and
+#: ``int()`` of 4,300 digits or more raises).
+_MAX_DIGITS = 20
+
+
+class _Reader:
+    """Reads files below ``root`` with a size limit, regular files only, never blocking.
+
+    A file that does not exist is unknown (``None``), silently: another kernel lacks
+    that sysctl, a container hides ``/proc``. A file that exists but cannot be used --
+    not a regular file (a FIFO, ``/dev/zero`` behind a symlink), too large, unreadable,
+    not ASCII, malformed -- is also ``None``, and is noted in :attr:`problems` as
+    ``(path, reason)`` so that :func:`audit` can report it (TC313).
+    """
+
+    def __init__(self, root: Root) -> None:
+        self.root = Path(root)
+        self.problems: list[tuple[str, str]] = []
+
+    def note(self, relative: str | Path, reason: str) -> None:
+        self.problems.append((str(self.root / relative), reason))
+
+    def text(self, relative: str | Path, limit: int = _SMALL_FILE_LIMIT) -> str | None:
+        path = self.root / relative
+        try:
+            # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            self.note(relative, f"cannot open: {exc.strerror or exc}")
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                self.note(relative, "not a regular file")
+                return None
+            chunks: list[bytes] = []
+            size = 0
+            while size <= limit:  # procfs files say size 0: read until EOF or the limit
+                chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            if size > limit:
+                self.note(relative, f"larger than {limit} bytes, not read")
+                return None
+            return b"".join(chunks).decode("ascii")
+        except UnicodeError:
+            self.note(relative, "not ASCII text")
+            return None
+        except OSError as exc:
+            self.note(relative, f"cannot read: {exc.strerror or exc}")
+            return None
+        finally:
+            os.close(fd)
+
+    def sysctl(self, name: str, parse: Callable[[str], _T | None]) -> _T | None:
+        """The sysctl ``name`` parsed, ``None`` when missing or malformed (noted)."""
+        relative = _SYSCTL_DIR / name
+        text = self.text(relative)
+        if text is None:
+            return None
+        value = parse(text)
+        if value is None:
+            self.note(relative, f"malformed value {_excerpt(text)}")
+        return value
+
+
+def _excerpt(text: str, width: int = 24) -> str:
+    """``text`` stripped, cut to ``width`` characters, quoted."""
+    text = text.strip()
+    return repr(text if len(text) <= width else text[:width] + "...")
+
+
 def _read_text(root: Root, relative: str | Path) -> str | None:
-    """The file's text, or ``None`` when it is missing or unreadable."""
-    try:
-        return (Path(root) / relative).read_text(encoding="ascii")
-    except (OSError, UnicodeError):
+    """The file's text, or ``None`` when it is missing, unusable or too large."""
+    return _Reader(root).text(relative)
+
+
+def _number(word: str) -> int | None:
+    """A non-negative decimal number of at most 20 digits, else ``None``."""
+    if not (word.isascii() and word.isdigit()) or len(word) > _MAX_DIGITS:
         return None
+    return int(word)
 
 
 # -- sysctls -----------------------------------------------------------------------------
 
 
 def _int(text: str | None) -> int | None:
+    """``"1\n"`` -> 1, ``"-1"`` -> -1; ``None`` when malformed."""
     if text is None:
         return None
-    try:
-        return int(text.strip())
-    except ValueError:
+    word = text.strip()
+    number = _number(word.removeprefix("-"))
+    if number is None:
         return None
+    return -number if word.startswith("-") else number
 
 
 def _port_range(text: str | None) -> tuple[int, int] | None:
-    """``"32768\\t60999\\n"`` -> ``(32768, 60999)``."""
+    """``"32768\t60999\n"`` -> ``(32768, 60999)``."""
     if text is None:
         return None
     parts = text.split()
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+    if len(parts) != 2:
         return None
-    return int(parts[0]), int(parts[1])
+    low, high = _number(parts[0]), _number(parts[1])
+    if low is None or high is None:
+        return None
+    return low, high
 
 
 def _port_list(text: str | None) -> tuple[tuple[int, int], ...] | None:
-    """``"8080,9000-9010\\n"`` -> ``((8080, 8080), (9000, 9010))``; empty -> ``()``."""
+    """``"8080,9000-9010\n"`` -> ``((8080, 8080), (9000, 9010))``; empty -> ``()``."""
     if text is None:
         return None
     ranges: list[tuple[int, int]] = []
@@ -108,10 +204,12 @@ def _port_list(text: str | None) -> tuple[tuple[int, int], ...] | None:
         item = item.strip()
         if not item:
             continue
-        first, _, last = item.partition("-")
-        if not first.isdigit() or (last and not last.isdigit()):
+        first_text, _, last_text = item.partition("-")
+        first = _number(first_text)
+        last = _number(last_text) if last_text else first
+        if first is None or last is None:
             return None
-        ranges.append((int(first), int(last or first)))
+        ranges.append((first, last))
     return tuple(ranges)
 
 
@@ -124,19 +222,20 @@ def read_sysctls(root: Root = "/") -> Sysctls:
     True
     """
 
-    def text(name: str) -> str | None:
-        return _read_text(root, _SYSCTL_DIR / name)
+    return _read_sysctls(_Reader(root))
 
+
+def _read_sysctls(reader: _Reader) -> Sysctls:
     return Sysctls(
-        ip_local_port_range=_port_range(text("ip_local_port_range")),
-        ip_local_reserved_ports=_port_list(text("ip_local_reserved_ports")),
-        tcp_tw_reuse=_int(text("tcp_tw_reuse")),
-        tcp_timestamps=_int(text("tcp_timestamps")),
-        tcp_tw_recycle=_int(text("tcp_tw_recycle")),
-        tcp_max_tw_buckets=_int(text("tcp_max_tw_buckets")),
-        tcp_max_orphans=_int(text("tcp_max_orphans")),
-        tcp_rfc1337=_int(text("tcp_rfc1337")),
-        tcp_fin_timeout=_int(text("tcp_fin_timeout")),
+        ip_local_port_range=reader.sysctl("ip_local_port_range", _port_range),
+        ip_local_reserved_ports=reader.sysctl("ip_local_reserved_ports", _port_list),
+        tcp_tw_reuse=reader.sysctl("tcp_tw_reuse", _int),
+        tcp_timestamps=reader.sysctl("tcp_timestamps", _int),
+        tcp_tw_recycle=reader.sysctl("tcp_tw_recycle", _int),
+        tcp_max_tw_buckets=reader.sysctl("tcp_max_tw_buckets", _int),
+        tcp_max_orphans=reader.sysctl("tcp_max_orphans", _int),
+        tcp_rfc1337=reader.sysctl("tcp_rfc1337", _int),
+        tcp_fin_timeout=reader.sysctl("tcp_fin_timeout", _int),
     )
 
 
@@ -159,8 +258,9 @@ def parse_sockstat(text: str) -> dict[str, dict[str, int]]:
         words = rest.split()
         fields: dict[str, int] = {}
         for name, value in zip(words[::2], words[1::2], strict=False):
-            if value.isdigit():
-                fields[name] = int(value)
+            number = _number(value)
+            if number is not None:
+                fields[name] = number
         table[proto.strip()] = fields
     return table
 
@@ -181,8 +281,9 @@ def parse_netstat(text: str) -> dict[str, dict[str, int]]:
         group = names[0].rstrip(":")
         fields: dict[str, int] = {}
         for name, value in zip(names[1:], values[1:], strict=True):
-            with contextlib.suppress(ValueError):
-                fields[name] = int(value)
+            number = _int(value)
+            if number is not None:
+                fields[name] = number
         table[group] = fields
     return table
 
@@ -190,8 +291,12 @@ def parse_netstat(text: str) -> dict[str, dict[str, int]]:
 def read_counters(root: Root = "/") -> Counters:
     """TIME_WAIT and orphan counts (``proc/net/sockstat``) and ``TCPTimeWaitOverflow``
     (``proc/net/netstat``) under ``root``; ``None`` where unknown."""
-    sockstat_text = _read_text(root, "proc/net/sockstat")
-    netstat_text = _read_text(root, "proc/net/netstat")
+    return _read_counters(_Reader(root))
+
+
+def _read_counters(reader: _Reader) -> Counters:
+    sockstat_text = reader.text("proc/net/sockstat")
+    netstat_text = reader.text("proc/net/netstat")
     tcp = parse_sockstat(sockstat_text).get("TCP", {}) if sockstat_text else {}
     ext = parse_netstat(netstat_text).get("TcpExt", {}) if netstat_text else {}
     return Counters(
@@ -217,6 +322,15 @@ def read_socket_table(
     otherwise, or when it fails, ``proc/net/tcp`` (IPv4) and ``proc/net/tcp6`` (IPv6)
     under ``root`` do. A table that does not decode makes the whole answer ``None``.
     """
+    return _read_socket_table(_Reader(root), states=states, port=port)
+
+
+def _read_socket_table(
+    reader: _Reader,
+    *,
+    states: Iterable[TcpState] | None = None,
+    port: int | None = None,
+) -> list[KernelState] | None:
     wanted = frozenset(states) if states is not None else None
 
     def keep(s: KernelState) -> bool:
@@ -228,7 +342,7 @@ def read_socket_table(
             s.peer is not None and s.peer[1] == port
         )
 
-    if Path(root) == Path("/"):
+    if reader.root == Path("/"):
         try:
             return [s for s in dump(states=wanted, port=port) if keep(s)]
         except (OSError, ValueError, TcpCloseError, NotImplementedError):
@@ -236,17 +350,18 @@ def read_socket_table(
     table: list[KernelState] = []
     found = False
     for name, family in _PROC_TABLES:
-        text = _read_text(root, name)
+        text = reader.text(name, _TABLE_FILE_LIMIT)
         if text is None:
             continue
         found = True
         try:  # parse_tcp_table is lazy: errors surface while extending
             table.extend(
                 s
-                for s in parse_tcp_table(text, path=str(Path(root) / name), family=family)
+                for s in parse_tcp_table(text, path=str(reader.root / name), family=family)
                 if keep(s)
             )
-        except KernelViewError:
+        except KernelViewError as exc:
+            reader.note(name, f"malformed table: {exc}")
             return None
     return table if found else None
 
@@ -274,18 +389,20 @@ def audit(port: int | None = None, *, root: Root = "/") -> list[Finding]:
     Raises:
         ValueError: ``port`` is not a port number.
 
-    Missing or unreadable facts are unknown and their checks stay silent; no check
-    raises. Example::
+    Missing facts are unknown and their checks stay silent. A file that exists but
+    cannot be used (not a regular file, larger than its limit, unreadable, malformed)
+    is one TC313 finding and its checks stay silent too; no check raises. Example::
 
         >>> import tcpclose
         >>> [f.code for f in tcpclose.audit(root="/nonexistent")]
         []
     """
     _check_port(port)
-    sysctls = read_sysctls(root)
-    counters = read_counters(root)
-    time_wait = read_socket_table(root, states=(TcpState.TIME_WAIT,), port=port)
-    listeners = read_socket_table(root, states=(TcpState.LISTEN,))
+    reader = _Reader(root)
+    sysctls = _read_sysctls(reader)
+    counters = _read_counters(reader)
+    time_wait = _read_socket_table(reader, states=(TcpState.TIME_WAIT,), port=port)
+    listeners = _read_socket_table(reader, states=(TcpState.LISTEN,))
     summary = None
     if time_wait is not None:
         listening = {s.local[1] for s in listeners or () if s.local is not None}
@@ -297,7 +414,9 @@ def audit(port: int | None = None, *, root: Root = "/") -> list[Finding]:
                 orphans=counters.orphans,
                 time_wait_overflows=counters.time_wait_overflows,
             )
-    return check_system(sysctls, counters, summary)
+    problems = dict(reader.problems)  # a table read twice is one finding
+    found = check_system(sysctls, counters, summary)
+    return sort_findings([*found, *(unreadable_input(p, r) for p, r in problems.items())])
 
 
 # -- one socket --------------------------------------------------------------------------

@@ -71,6 +71,7 @@ __all__ = (
     "tw_reuse_for_accepted",
     "tw_reuse_loopback_only",
     "tw_reuse_without_timestamps",
+    "unreadable_input",
     "windows_reuseaddr",
 )
 
@@ -240,7 +241,8 @@ _ENTRIES = (
         "TC308",
         UnsafeReuseWarning,
         _W,
-        "TIME_WAIT count at or near tcp_max_tw_buckets: the kernel skips TIME_WAIT",
+        "TIME_WAIT is near tcp_max_tw_buckets now, or overflowed it since boot: "
+        "closes skip TIME_WAIT",
         "reduce TIME_WAIT (connection reuse, let the peer close first) or raise "
         "net.ipv4.tcp_max_tw_buckets; do not lower it to get rid of TIME_WAIT",
         max_severity=_E,
@@ -275,6 +277,14 @@ _ENTRIES = (
         "TIME_WAIT is fixed at 60 s; keep tcp_fin_timeout near 60 s unless orphaned "
         "FIN_WAIT2 sockets are the problem you measured",
         max_severity=_W,
+    ),
+    CatalogueEntry(
+        "TC313",
+        UnsafeReuseWarning,
+        _W,
+        "a file the audit reads could not be used, so the checks over it did not run",
+        "give audit the real /proc, or a snapshot of regular files copied from it; "
+        "the evidence names the file and the reason",
     ),
 )
 
@@ -456,12 +466,15 @@ class TimeWaitSummary:
 
     Attributes:
         total: TIME_WAIT entries seen.
-        accepted: on a local port that has a listener: the server closed first.
+        accepted: the server closed first: on a local port that has a listener, or on
+            a fixed port whose listener is gone, towards a peer port in the ephemeral
+            range (a client's port, as a server's own TIME_WAIT is).
         towards: outgoing (local port in the ephemeral range, no listener), counted
             per destination ``(host, port)``; IPv4-mapped hosts are unmapped.
         outgoing_non_loopback: the part of ``towards`` going to non-loopback hosts.
-        fixed_port: on a local port outside the ephemeral range with no listener (a
-            client bound to a fixed port, or a server whose listener is gone), per port.
+        fixed_port: on a local port outside the ephemeral range with no listener,
+            towards a peer port outside it (a service's port): a client bound to a
+            fixed port closed first. Per local port.
     """
 
     total: int = 0
@@ -542,8 +555,11 @@ def summarize_time_wait(
 
     A local port with a listener means the server side closed first (``accepted``);
     a port ``connect()`` could have picked means an outgoing connection (``towards``
-    its destination); any other port was bound on purpose (``fixed_port``). When the
-    ephemeral range is unknown, every entry without a listener counts as outgoing.
+    its destination); any other port was bound on purpose. Bound on purpose towards a
+    peer port in the ephemeral range is a server whose listener has closed since
+    (``accepted``: its clients' ports are ephemeral); towards any other peer port it is
+    a client bound to a fixed port (``fixed_port``). When the ephemeral range is
+    unknown, every entry without a listener counts as outgoing.
 
     >>> s = summarize_time_wait(
     ...     [(("10.0.0.1", 40000), ("10.0.0.5", 443)), (("10.0.0.1", 80), ("10.9.9.9", 5555))],
@@ -561,7 +577,10 @@ def summarize_time_wait(
         if local_port in listening_ports:
             accepted += 1
         elif sysctls.is_ephemeral(local_port) is False:
-            fixed[local_port] += 1
+            if sysctls.is_ephemeral(peer_port):
+                accepted += 1  # a server's own, its listener closed since
+            else:
+                fixed[local_port] += 1
         else:
             host = _unmap(peer_host)
             towards[(host, peer_port)] += 1
@@ -731,8 +750,10 @@ def reuseaddr_takeover(facts: SocketFacts) -> Finding | None:
 
 def fixed_port_time_wait(summary: TimeWaitSummary, *, examples: int = 5) -> Finding | None:
     """TC301 from the socket table: TIME_WAIT on local ports outside the ephemeral
-    range with no listener on them: clients bound to fixed ports closed first (or a
-    server's listener is gone). Evidence lists the busiest ``examples`` ports.
+    range with no listener on them, towards peer ports outside it: clients bound to
+    fixed ports closed first. (A server whose listener is gone has TIME_WAIT towards
+    its clients' ephemeral ports: not this.) Evidence lists the busiest ``examples``
+    ports.
     """
     if not summary.fixed_port:
         return None
@@ -868,28 +889,41 @@ def tw_buckets_near_limit(
 ) -> Finding | None:
     """TC308: TIME_WAIT at ``tcp_max_tw_buckets`` (error: new closes skip TIME_WAIT
     and the 4-tuple is reusable at once), above 80% of it, or ``TCPTimeWaitOverflow``
-    non-zero (warning: it has happened since boot).
+    non-zero (warning: it has happened since boot, whatever the count is now).
+
+    The evidence says which: ``reason`` is ``"at the limit"``, ``"near the limit"`` or
+    ``"overflowed since boot"``, and ``percent_of_limit`` is the count now.
 
     >>> tw_buckets_near_limit(time_wait=4096, max_tw_buckets=4096).severity.value
     'error'
     >>> tw_buckets_near_limit(time_wait=100, max_tw_buckets=4096, overflows=0) is None
     True
+    >>> dict(tw_buckets_near_limit(time_wait=600, max_tw_buckets=4000, overflows=3).evidence)
+    ... # doctest: +NORMALIZE_WHITESPACE
+    {'reason': 'overflowed since boot', 'time_wait': 600, 'tcp_max_tw_buckets': 4000,
+     'percent_of_limit': 15.0, 'time_wait_overflows': 3}
     """
     severity: Severity | None = None
+    reason = ""
+    percent: float | None = None
     if time_wait is not None and max_tw_buckets is not None:
+        if max_tw_buckets > 0:
+            percent = round(100 * time_wait / max_tw_buckets, 1)
         if time_wait >= max_tw_buckets:
-            severity = Severity.ERROR
+            severity, reason = Severity.ERROR, "at the limit"
         elif time_wait >= TW_BUCKETS_NEAR * max_tw_buckets:
-            severity = Severity.WARNING
+            severity, reason = Severity.WARNING, "near the limit"
     if severity is None and overflows:
-        severity = Severity.WARNING
+        severity, reason = Severity.WARNING, "overflowed since boot"
     if severity is None:
         return None
     return _finding(
         "TC308",
         severity,
+        reason=reason,
         time_wait=time_wait,
         tcp_max_tw_buckets=max_tw_buckets,
+        percent_of_limit=percent,
         time_wait_overflows=overflows,
     )
 
@@ -956,6 +990,16 @@ def fin_timeout_unusual(tcp_fin_timeout: int | None) -> Finding | None:
 
 
 # -- aggregates --------------------------------------------------------------------------
+
+
+def unreadable_input(path: str, reason: str) -> Finding:
+    """TC313: ``path`` exists but could not be used (not a regular file, too large,
+    unreadable, malformed): the checks that need it stayed silent.
+
+    >>> unreadable_input("/snap/proc/net/tcp", "not a regular file").evidence["reason"]
+    'not a regular file'
+    """
+    return _finding("TC313", path=path, reason=reason)
 
 
 def check_system(

@@ -10,7 +10,9 @@ Exit codes (the same for every subcommand):
 * 1 -- the command ran and the answer is negative: ``lookup`` found no socket (the
   4-tuple is CLOSED); ``audit`` found an error-severity problem.
 * 2 -- bad arguments, or the command could not run (the kernel view is unavailable,
-  the demo's client process failed...): one line on stderr, no traceback.
+  the demo's client process failed, ``audit --root`` is not a directory with
+  ``proc/`` in it...): one line on stderr, no traceback. No command at all prints the
+  help on stderr and exits 2 too.
 * 130 -- interrupted with Ctrl-C (``demo``, ``lookup``, ``audit``).
 """
 
@@ -208,7 +210,18 @@ def _evidence_text(value: object) -> str:
     return str(value)
 
 
+def _check_root(root: str) -> None:
+    """``--root`` must be a directory with ``proc/`` in it: else nothing would be read
+    and the health check would pass on no facts at all."""
+    if not os.path.isdir(root):
+        reason = "no such directory" if not os.path.exists(root) else "not a directory"
+        raise UsageError("audit", f"--root {root}: {reason}")
+    if not os.path.isdir(os.path.join(root, "proc")):
+        raise UsageError("audit", f"--root {root}: no proc/ directory in it to read")
+
+
 def _run_audit(args: argparse.Namespace) -> int:
+    _check_root(args.root)
     try:
         findings = audit(args.port, root=args.root)
     except (OSError, ValueError, TcpCloseError) as exc:
@@ -582,10 +595,15 @@ class _ProgressBar:
         self._stream.flush()
 
     def clear(self) -> None:
+        """Blank the line, and the ``^C`` a terminal may have echoed after it."""
         if self._width:
-            self._stream.write("\r" + " " * self._width + "\r")
+            self._stream.write("\r" + " " * (self._width + 2) + "\r")
             self._stream.flush()
             self._width = 0
+
+
+#: The demo's last line: where to go next, on the reader's own host.
+DEMO_NEXT: Final = "Next: 'tcpclose states' shows the host's TIME_WAIT, 'tcpclose audit' its risks."
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -599,35 +617,34 @@ def _run_demo(args: argparse.Namespace) -> int:
     client = _demo.ClientProcess()
     finished = False
     try:
-        client.start()
-        result = asyncio.run(
-            _demo.run_demo(
-                policies,
-                scenarios,
-                args.connections,
-                concurrency=args.concurrency,
-                progress=progress,
-                client=client,
+        try:
+            client.start()
+            result = asyncio.run(
+                _demo.run_demo(
+                    policies,
+                    scenarios,
+                    args.connections,
+                    concurrency=args.concurrency,
+                    progress=progress,
+                    client=client,
+                )
             )
-        )
-        finished = True
+            finished = True
+        finally:  # whatever ends the run (Ctrl-C too), the progress line goes first
+            if progress is not None:
+                progress.clear()
+            client.close(kill=not finished)
     except KeyboardInterrupt:
-        if progress is not None:
-            progress.clear()
         print(f"{PROG}: demo: interrupted", file=sys.stderr)
         return 130
     except (_demo.DemoError, OSError, TcpCloseError) as exc:
-        if progress is not None:
-            progress.clear()
         return _fail("demo", str(exc))
-    finally:
-        client.close(kill=not finished)
-    if progress is not None:
-        progress.clear()
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
         print(_demo.format_table(result))
+        print()
+        print(DEMO_NEXT)
     return 0
 
 
@@ -737,9 +754,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0
     handler: Handler | None = getattr(args, "handler", None)
-    if handler is None:
-        parser.print_help()
-        return 0
+    if handler is None:  # no command: the help, as a usage error (a script's typo shows)
+        parser.print_help(sys.stderr)
+        return 2
     try:
         return handler(args)
     except UsageError as exc:

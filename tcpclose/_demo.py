@@ -283,6 +283,11 @@ class ClientProcess:
                 # A thread reads the reply; if this wait is abandoned, close() ends
                 # the process and so the read.
                 line = await asyncio.to_thread(proc.stdout.readline)
+        except asyncio.CancelledError:
+            # Ctrl-C: asyncio.run() waits for the reader thread before it returns, and
+            # the thread waits for the client's answer: end the client, and so the read.
+            proc.kill()
+            raise
         except TimeoutError:
             raise DemoError(f"the client process did not answer within {timeout:.0f} s") from None
         except OSError as exc:
@@ -540,60 +545,68 @@ def _format_ms(seconds: float | None) -> str:
     return f"{ms:.1f} ms" if ms < 100 else f"{ms:.0f} ms"
 
 
+#: Table columns: two header lines and the alignment. Rows are grouped under a line
+#: naming the scenario, so the table fits 80 columns (about 72 at 10,000 connections).
 _COLUMNS: Final = (
-    ("scenario", "<"),
-    ("policy", "<"),
-    ("server TIME_WAIT", ">"),
-    ("client TIME_WAIT", ">"),
-    ("client RSTs", ">"),
-    ("bytes lost", ">"),
-    ("discarded", ">"),
-    ("median close", ">"),
+    ("", "policy", "<"),
+    ("server", "TIME_WAIT", ">"),
+    ("client", "TIME_WAIT", ">"),
+    ("client", "RSTs", ">"),
+    ("bytes", "lost", ">"),
+    ("", "discarded", ">"),
+    ("median", "close", ">"),
 )
+
+#: Text width of the heading, scenario notes and legend.
+_TEXT_WIDTH: Final = 79
 
 
 def format_table(result: DemoResult) -> str:
-    """The demo's table, with a heading and the notes that say where figures come from."""
-    rows: list[tuple[str, ...]] = []
-    previous = None
-    for run in result.runs:
-        rows.append(
-            (
-                run.scenario if run.scenario != previous else "",
-                run.policy,
-                str(run.server_time_wait),
-                str(run.client_time_wait),
-                str(run.client_resets),
-                _format_lost(run.bytes_lost, run.bytes_expected),
-                format_bytes(run.discarded_bytes),
-                _format_ms(run.median_close_s),
-            )
+    """The demo's table, with a heading and the notes that say where figures come from.
+
+    No line is longer than 80 columns (a terminal's usual width)."""
+    rows: list[tuple[str, ...]] = [
+        (
+            run.policy,
+            str(run.server_time_wait),
+            str(run.client_time_wait),
+            str(run.client_resets),
+            _format_lost(run.bytes_lost, run.bytes_expected),
+            format_bytes(run.discarded_bytes),
+            _format_ms(run.median_close_s),
         )
-        previous = run.scenario
+        for run in result.runs
+    ]
     widths = [
-        max(len(title), *(len(row[i]) for row in rows)) if rows else len(title)
-        for i, (title, _) in enumerate(_COLUMNS)
+        max(len(top), len(bottom), *(len(row[i]) for row in rows))
+        for i, (top, bottom, _) in enumerate(_COLUMNS)
     ]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            f"{cell:{align}{width}}"
-            for cell, (_, align), width in zip(cells, _COLUMNS, widths, strict=True)
-        ).rstrip()
+        return (
+            "  "
+            + "  ".join(
+                f"{cell:{align}{width}}"
+                for cell, (_, _, align), width in zip(cells, _COLUMNS, widths, strict=True)
+            ).rstrip()
+        )
 
-    out = [
+    heading = (
         f"{result.connections} connections per policy and scenario: a tcpclose.aio server "
-        f"in this process, the client in another, over {HOST}",
+        f"in this process, the client in another, over {HOST}"
+    )
+    out = [
+        *textwrap.wrap(heading, _TEXT_WIDTH),
         "",
-        line([title for title, _ in _COLUMNS]),
-        line(["-" * w for w in widths]),
+        line([top for top, _, _ in _COLUMNS]),
+        line([bottom for _, bottom, _ in _COLUMNS]),
     ]
     previous = None
     for run, row in zip(result.runs, rows, strict=True):
-        if previous is not None and run.scenario != previous:
-            out.append("")
+        if run.scenario != previous:
+            out.append(f"{run.scenario}:")
+            previous = run.scenario
         out.append(line(row))
-        previous = run.scenario
     out.append("")
     names = list(dict.fromkeys(r.scenario for r in result.runs))
     width = max(len(n) for n in names) if names else 0
@@ -627,7 +640,7 @@ def format_table(result: DemoResult) -> str:
 
 
 def _wrapped(key: str, text: str, width: int) -> list[str]:
-    lines = textwrap.wrap(text, 96 - width - 2)
+    lines = textwrap.wrap(text, _TEXT_WIDTH - width - 2)
     return [f"{key if i == 0 else '':<{width}}  {line}" for i, line in enumerate(lines)]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -30,7 +31,7 @@ from tcpclose._audit import (
     read_sysctls,
     socket_facts,
 )
-from tcpclose._checks import Sysctls
+from tcpclose._checks import Sysctls, format_address
 from tcpclose._cli import main
 from tests._support import LOOPBACK, listener, tcp_pair, wait_until
 
@@ -328,6 +329,24 @@ def test_audit_tw_buckets(tmp_path: Path) -> None:
     assert finding.evidence["time_wait_overflows"] == 12
 
 
+def test_tw_buckets_says_why_it_fires(tmp_path: Path) -> None:
+    """600 of 4,000 (15%) is not "near" the limit: the finding fires because the kernel
+    overflowed since boot, and its title and evidence say so."""
+    sysctls = {**QUIET, "tcp_max_tw_buckets": "4000"}
+    files = {
+        "proc/net/sockstat": sockstat(tw=600),
+        "proc/net/netstat": NETSTAT.replace("9 0 0 0", "9 0 3 0"),
+    }
+    finding = by_code(audit(root=make_root(tmp_path, sysctls, files)), "TC308")
+    assert finding.severity is Severity.WARNING
+    assert finding.evidence["reason"] == "overflowed since boot"
+    assert finding.evidence["percent_of_limit"] == 15.0
+    assert "overflowed it since boot" in finding.title
+    assert "at or near" not in finding.title
+    full = make_root(tmp_path / "full", sysctls, {"proc/net/sockstat": sockstat(tw=4000)})
+    assert by_code(audit(root=full), "TC308").evidence["reason"] == "at the limit"
+
+
 def test_audit_orphans(tmp_path: Path) -> None:
     sysctls = {**QUIET, "tcp_max_orphans": "4096"}
     over = make_root(tmp_path / "over", sysctls, {"proc/net/sockstat": sockstat(orphan=5000)})
@@ -401,6 +420,20 @@ def test_audit_time_wait_on_a_fixed_client_port(tmp_path: Path) -> None:
     with_listener = [(("0.0.0.0", 5000), ("0.0.0.0", 0), TcpState.LISTEN), *rows]
     root = make_root(tmp_path / "miss", files={"proc/net/tcp": proc_tcp(with_listener)})
     assert audit(root=root) == []
+
+
+def test_audit_server_time_wait_after_its_listener_closed(tmp_path: Path) -> None:
+    """A server on fixed port 5000 closed first, then its listener went away: its
+    TIME_WAIT points at its clients' ephemeral ports. That is not a client bound to a
+    fixed port (TC301), which points at a service's port."""
+    server_rows = [
+        (("10.0.0.1", 5000), ("10.0.0.9", 40000 + i), TcpState.TIME_WAIT) for i in range(5)
+    ]
+    root = make_root(tmp_path / "server", files={"proc/net/tcp": proc_tcp(server_rows)})
+    assert "TC301" not in codes(audit(root=root))
+    client_rows = [(("10.0.0.1", 5000), ("10.0.0.5", 443), TcpState.TIME_WAIT)]
+    root = make_root(tmp_path / "client", files={"proc/net/tcp": proc_tcp(client_rows)})
+    assert "TC301" in codes(audit(root=root))
 
 
 def test_audit_counts_time_wait_from_the_table_without_sockstat(tmp_path: Path) -> None:
@@ -562,6 +595,34 @@ def test_accepted_socket_on_a_fixed_port_listener_is_not_a_client(family: int) -
 
 
 @pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT")
+def _server_time_wait_on(host: str, port: int) -> int:
+    table = read_socket_table("/", states=(TcpState.TIME_WAIT,), port=port) or []
+    return sum(1 for s in table if s.local == (host, port))
+
+
+def test_server_time_wait_after_its_listener_closed_is_not_tc301(family: int) -> None:
+    """A server on a fixed port closes three connections first, then its listener:
+    audit() must not call its TIME_WAIT a client bound to a fixed port (TC301)."""
+    host = LOOPBACK[family]
+    port = _free_port_below_ephemeral(host)
+    lst = socket.socket(family, socket.SOCK_STREAM)
+    lst.bind((host, port))
+    lst.listen()
+    try:
+        for _ in range(3):
+            client = socket.socket(family, socket.SOCK_STREAM)
+            client.connect((host, port))
+            server, _ = lst.accept()
+            server.close()  # the server closes first: TIME_WAIT on port
+            assert client.recv(1) == b""
+            client.close()
+        wait_until(lambda: _server_time_wait_on(host, port) == 3, message="3 server TIME_WAIT")
+    finally:
+        lst.close()
+    assert _server_time_wait_on(host, port) == 3  # listener gone, TIME_WAIT stays
+    assert "TC301" not in codes(audit(port))
+
+
 def test_reuseport_listener(family: int) -> None:
     lst = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -606,10 +667,13 @@ def test_check_socket_rejects_what_is_not_tcp() -> None:
 # -- many TIME_WAIT towards one port, for real -------------------------------------------
 
 
-def _time_wait_from(ports: range, lport: int) -> int:
+def _time_wait_from(host: str, ports: range, lport: int) -> int:
     table = read_socket_table("/", states=(TcpState.TIME_WAIT,)) or []
     return sum(
-        1 for s in table if s.local and s.peer and s.local[1] in ports and s.peer[1] == lport
+        1
+        for s in table
+        if s.local and s.peer and s.local == (host, s.local[1])
+        if s.local[1] in ports and s.peer[1] == lport
     )
 
 
@@ -617,10 +681,14 @@ def test_many_time_wait_towards_one_port(family: int, tmp_path: Path) -> None:
     """19 clients on 19 of 20 ports close first towards one listener; a fake root gives
     the ephemeral range as exactly those 20 ports, so 95% of it is in TIME_WAIT."""
     host = LOOPBACK[family]
-    base = _free_port_below_ephemeral(host, count=20)
+    base = _free_port_below_ephemeral(host, count=21)
     ports = range(base, base + 19)
-    lst = listener(family)
-    lport = lst.getsockname()[1]
+    # The listener on a fixed port too, as a service is: TIME_WAIT on a fixed local
+    # port towards an ephemeral peer port would be a server's own (listener gone).
+    lport = base + 20
+    lst = socket.socket(family, socket.SOCK_STREAM)
+    lst.bind((host, lport))
+    lst.listen()
     try:
         for port in ports:
             client = socket.socket(family, socket.SOCK_STREAM)
@@ -630,7 +698,7 @@ def test_many_time_wait_towards_one_port(family: int, tmp_path: Path) -> None:
             client.close()  # the client closes first: TIME_WAIT lands on its side
             assert server.recv(1) == b""
             server.close()
-        wait_until(lambda: _time_wait_from(ports, lport) == 19, message="19 TIME_WAIT")
+        wait_until(lambda: _time_wait_from(host, ports, lport) == 19, message="19 TIME_WAIT")
     finally:
         lst.close()
 
@@ -649,14 +717,23 @@ def test_many_time_wait_towards_one_port(family: int, tmp_path: Path) -> None:
         "tcp_tw_reuse": "0",
     }
     root = make_root(tmp_path / "narrow", sysctls, snapshot)
-    finding = by_code(audit(lport, root=root), "TC303")
+    destination = format_address((host, lport))
+    (finding,) = [
+        f
+        for f in audit(lport, root=root)
+        if f.code == "TC303" and f.evidence["destination"] == destination
+    ]
     assert finding.severity is Severity.ERROR
     assert finding.evidence["time_wait"] == 19
     assert finding.evidence["percent"] == 95.0
     # Near miss: a 40-port range is under half used.
     sysctls["ip_local_port_range"] = f"{base} {base + 39}"
     root = make_root(tmp_path / "wide", sysctls, snapshot)
-    assert "TC303" not in codes(audit(lport, root=root))
+    assert not [
+        f
+        for f in audit(lport, root=root)
+        if f.code == "TC303" and f.evidence["destination"] == destination
+    ]
 
 
 # -- the command line --------------------------------------------------------------------
@@ -726,3 +803,131 @@ def test_cli_audit_as_a_program(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr
     assert "TC307" in done.stdout
     assert done.stderr == ""
+
+
+# -- files that are not what they seem (issue 20) ----------------------------------------
+
+SYSCTL = "proc/sys/net/ipv4"
+
+
+def _tc313(findings: list[Finding]) -> list[tuple[str, str]]:
+    return [
+        (str(f.evidence["path"]), str(f.evidence["reason"])) for f in findings if f.code == "TC313"
+    ]
+
+
+@pytest.mark.timeout(20)
+def test_a_fifo_behind_a_sysctl_is_one_finding_not_a_hang(tmp_path: Path) -> None:
+    """Before: ``open()`` of a FIFO waits for a writer, and audit hung for ever."""
+    root = make_root(tmp_path)
+    fifo = root / SYSCTL / "tcp_tw_reuse"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    findings = audit(root=root)
+    assert _tc313(findings) == [(str(fifo), "not a regular file")]
+    assert [f.code for f in findings] == ["TC313"]  # the other sysctls still checked: quiet
+
+
+@pytest.mark.timeout(20)
+def test_dev_zero_behind_a_sysctl_is_one_finding_not_a_hang(tmp_path: Path) -> None:
+    """Before: ``read_text()`` of ``/dev/zero`` never ends (and grows without bound)."""
+    root = make_root(tmp_path)
+    link = root / SYSCTL / "tcp_max_tw_buckets"
+    link.unlink()
+    link.symlink_to("/dev/zero")
+    assert _tc313(audit(root=root)) == [(str(link), "not a regular file")]
+
+
+@pytest.mark.timeout(60)
+def test_a_socket_table_past_the_limit_is_not_read(tmp_path: Path) -> None:
+    """Before: a 336 MB ``proc/net/tcp`` was read whole, and decoded into 1.9 GB. Now
+    a table past 32 MiB is one finding and is not decoded (a sparse file here)."""
+    root = make_root(tmp_path)
+    table = root / "proc/net/tcp"
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(proc_tcp([]))
+    os.truncate(table, _audit._TABLE_FILE_LIMIT + 1)
+    (path, reason) = _tc313(audit(root=root))[0]
+    assert path == str(table)
+    assert reason == f"larger than {_audit._TABLE_FILE_LIMIT} bytes, not read"
+
+
+@pytest.mark.parametrize(
+    ("relative", "text", "reason"),
+    [
+        (f"{SYSCTL}/ip_local_port_range", "1" * 100_000 + " 60999", "larger than 65536 bytes"),
+        (f"{SYSCTL}/ip_local_port_range", "1" * 5_000 + " 60999", "malformed value '"),
+        (f"{SYSCTL}/ip_local_reserved_ports", "8080," + "9" * 5_000, "malformed value '"),
+        (f"{SYSCTL}/tcp_max_tw_buckets", "7" * 100_000, "larger than 65536 bytes"),
+        (f"{SYSCTL}/tcp_max_tw_buckets", "7" * 5_000, "malformed value '"),
+        (f"{SYSCTL}/tcp_fin_timeout", "-" + "7" * 5_000, "malformed value '"),
+    ],
+)
+def test_a_100000_digit_sysctl_is_one_finding_not_a_crash(
+    tmp_path: Path, relative: str, text: str, reason: str
+) -> None:
+    """Before: ``int()`` of more than 4,300 digits raised ValueError out of audit()."""
+    root = make_root(tmp_path, files={relative: text + "\n"})
+    ((path, found),) = _tc313(audit(root=root))
+    assert path == str(root / relative)
+    assert found.startswith(reason)
+    assert len(found) < 60  # a malformed value is quoted cut short
+
+
+def test_5000_digit_counters_are_skipped(tmp_path: Path) -> None:
+    huge = "9" * 5_000
+    files = {
+        "proc/net/sockstat": f"TCP: inuse 1 orphan 0 tw {huge} alloc 1 mem 0\n",
+        "proc/net/netstat": f"TcpExt: TW TCPTimeWaitOverflow\nTcpExt: 9 {huge}\n",
+    }
+    counters = read_counters(make_root(tmp_path, files=files))
+    assert (counters.time_wait, counters.orphans, counters.time_wait_overflows) == (None, 0, None)
+
+
+def test_a_malformed_socket_table_is_one_finding(tmp_path: Path) -> None:
+    root = make_root(tmp_path, files={"proc/net/tcp": "garbage\n"})
+    ((path, reason),) = _tc313(audit(root=root))
+    assert path == str(root / "proc/net/tcp")
+    assert reason.startswith("malformed table: ")
+
+
+@pytest.mark.timeout(60)
+def test_cli_audit_of_a_bad_snapshot_finishes_with_one_line_per_file(tmp_path: Path) -> None:
+    """The program, as CI runs it: a FIFO, /dev/zero and a huge number in one snapshot
+    give three TC313 findings (warnings: exit 0), no traceback, no hang."""
+    root = make_root(tmp_path, files={f"{SYSCTL}/tcp_fin_timeout": "1" * 5_000})
+    os.unlink(root / SYSCTL / "tcp_tw_reuse")
+    os.mkfifo(root / SYSCTL / "tcp_tw_reuse")
+    os.unlink(root / SYSCTL / "tcp_rfc1337")
+    (root / SYSCTL / "tcp_rfc1337").symlink_to("/dev/zero")
+    done = subprocess.run(
+        [sys.executable, "-m", "tcpclose", "audit", "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout.count("TC313") == 3
+    assert "3 findings: 0 error, 3 warning, 0 info" in done.stdout
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "no proc"])
+def test_cli_audit_root_that_cannot_be_read_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """Before: ``--root /nonexistent`` printed "no findings" and exited 0, so a health
+    check passed on no facts at all."""
+    root = tmp_path / "nonexistent"
+    if kind == "file":
+        root.write_text("not a directory\n")
+    elif kind == "no proc":
+        root.mkdir()
+    assert main(["audit", "--root", str(root)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"tcpclose: error: audit: --root {root}: ")
+    assert err.count("\n") == 1
+    # The library itself stays lenient: nothing there is nothing found.
+    assert audit(root=root) == []

@@ -626,6 +626,7 @@ def _samples() -> list[Finding | None]:
         _checks.reuseport_listener(listening=True, reuseport=True),
         _checks.windows_reuseaddr(platform="win32", reuseaddr=True, exclusiveaddruse=False),
         _checks.fin_timeout_unusual(5),
+        _checks.unreadable_input("/snapshot/proc/net/tcp", "not a regular file"),
     ]
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pty
 import re
+import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -74,10 +77,14 @@ def test_main_help_lists_commands_and_exit_status(capsys: pytest.CaptureFixture[
     assert re.search(r"^\s+130\s", out, re.MULTILINE)
 
 
-def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_cli(capsys)
-    assert code == 0
-    assert "COMMAND" in out
+def test_no_command_is_a_usage_error_with_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """Bare ``tcpclose`` shows the help, on stderr, and exits 2: a script that forgot
+    the command fails instead of passing."""
+    code, out, err = run_cli(capsys)
+    assert code == 2
+    assert out == ""
+    assert err.startswith("usage: tcpclose")
+    assert "examples:" in err
 
 
 @pytest.mark.parametrize("command", ["demo", "states", "lookup", "audit"])
@@ -360,20 +367,23 @@ def test_states_watch_stops_cleanly_on_ctrl_c(
 # -- demo --------------------------------------------------------------------------------------
 
 _ROW = re.compile(
-    r"^(?P<scenario>[a-z-]*)\s+(?P<policy>default|graceful|peer-first|abort)\s+"
+    r"^  (?P<policy>default|graceful|peer-first|abort)\s+"
     r"(?P<server_tw>\d+)\s+(?P<client_tw>\d+)\s+(?P<rsts>\d+)\s+"
     r"(?P<lost>0|[\d.]+ (?:B|KiB|MiB|GiB)(?: \(\d+%\))?)\s+"
     r"(?P<discarded>0|[\d.]+ (?:B|KiB|MiB|GiB))\s+(?P<close>[\d.]+ ms)$"
 )
+_SCENARIO = re.compile(r"^(?P<scenario>[a-z-]+):$")
 
 
 def _parse_table(out: str) -> dict[tuple[str, str], dict[str, str]]:
     rows: dict[tuple[str, str], dict[str, str]] = {}
     scenario = ""
     for line in out.splitlines():
+        heading = _SCENARIO.match(line)
+        if heading:
+            scenario = heading["scenario"]
         m = _ROW.match(line)
         if m:
-            scenario = m["scenario"] or scenario
             rows[(scenario, m["policy"])] = m.groupdict()
     return rows
 
@@ -391,6 +401,9 @@ def test_demo_table_shows_where_time_wait_lands_and_what_is_lost(
     rows = _parse_table(out)
     assert len(rows) == 8, out
     assert "note:" not in out  # no fallback, client error or unexpected state
+    # It fits a terminal of 80 columns, and ends by pointing at the reader's own host.
+    assert max(len(line) for line in out.splitlines()) < 80, out
+    assert out.rstrip().splitlines()[-1] == _cli.DEMO_NEXT
 
     def figure(scenario: str, policy: str, column: str) -> int:
         return int(rows[(scenario, policy)][column])
@@ -483,6 +496,73 @@ def test_demo_error_is_one_line_and_reaps_the_client(
     assert err == "tcpclose: error: demo: the client process ended (exit status 1)\n"
     assert len(started) == 1
     assert not _alive(started[0])
+
+
+def _read_available(fd: int, into: bytearray) -> bool:
+    """Append what ``fd`` has now to ``into``; False at end of file."""
+    while select.select([fd], [], [], 0)[0]:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the pty's other end is closed
+            return False
+        if not chunk:
+            return False
+        into.extend(chunk)
+    return True
+
+
+@needs_kernel_view
+@pytest.mark.timeout(60)
+def test_demo_ctrl_c_clears_the_progress_line() -> None:
+    """``tcpclose demo`` on a terminal, interrupted mid-run: the progress line is
+    blanked (with room for the ``^C`` a terminal echoes) before "interrupted", and
+    the exit status is 130."""
+    controller, terminal = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # As from a shell: SIGINT neither ignored nor blocked, whatever this process
+    # inherited or a library running in it set (both would pass on to the child).
+    start = (
+        "import runpy, signal, sys\n"
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "sys.argv = ['tcpclose', 'demo', '--connections', '5000']\n"
+        "runpy.run_module('tcpclose', run_name='__main__', alter_sys=True)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", start],
+        stdout=subprocess.DEVNULL,
+        stderr=terminal,
+        env=env,
+    )
+    os.close(terminal)
+    seen = bytearray()
+    try:
+        wait_until(
+            lambda: not _read_available(controller, seen) or b"] " in seen,
+            timeout=30,
+            message="a progress line",
+        )
+        assert b"] " in seen, seen
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        masks = [line for line in status.splitlines() if line.startswith(("SigBlk", "SigIgn"))]
+        proc.send_signal(signal.SIGINT)
+        wait_until(
+            lambda: not _read_available(controller, seen),
+            timeout=30,
+            message=f"end of output ({', '.join(masks)})",
+        )
+        assert proc.wait(timeout=30) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(controller)
+    text = seen.decode()
+    last_bar = text.rindex("[")
+    bar_width = len(text[last_bar:].split("\r", 1)[0])
+    tail = text[last_bar:].split("\r", 1)[1]
+    assert re.fullmatch(r" +\rtcpclose: demo: interrupted\r?\n", tail), repr(tail)
+    assert len(tail.split("\r")[0]) >= bar_width + 2  # the bar and an echoed ^C
 
 
 def test_client_process_is_reaped_when_killed() -> None:

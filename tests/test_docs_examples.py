@@ -14,10 +14,12 @@
 from __future__ import annotations
 
 import doctest
+import html
 import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -138,23 +140,43 @@ def _load(name: str) -> ModuleType:
     return module
 
 
+needs_dot = pytest.mark.skipif(
+    shutil.which("dot") is None,
+    reason="Graphviz's dot draws the close plan (apt-get install graphviz)",
+)
+
+
 def test_diagrams_render_as_svg() -> None:
     diagrams = _load("gen_state_diagram")
     rendered: dict[str, str] = diagrams.render_all()
     assert {"tcp_close_states.svg", "tcp_close_sequence.svg"} <= set(rendered)
-    assert "close_plan.svg" in rendered, "the close plan diagram needs tcpclose._plan"
+    if shutil.which("dot") is not None:
+        assert "close_plan.svg" in rendered, "the close plan diagram needs tcpclose._plan"
     for name, svg in rendered.items():
         root = ElementTree.fromstring(svg.encode("utf-8"))
         assert root.tag == "{http://www.w3.org/2000/svg}svg", name
         assert diagrams.render_all()[name] == svg, f"{name} is not deterministic"
 
 
-def test_close_plan_diagram_shows_every_phase() -> None:
+@needs_dot
+def test_close_plan_diagram_shows_every_phase_and_event() -> None:
     from tcpclose import _plan
 
-    svg = _load("gen_state_diagram").render_all()["close_plan.svg"]
+    svg = html.unescape(_load("gen_state_diagram").render_all()["close_plan.svg"])
     for phase in _plan.Phase:
         assert f">{phase.value}</text>" in svg, phase
+    for event in {event for _phase, event in _plan.TRANSITIONS}:
+        assert f"{event.value}</text>" in svg or f"{event.value} " in svg, event
+
+
+def test_the_committed_close_plan_shows_every_phase() -> None:
+    """Without dot the committed picture is shown (the layout may differ between
+    Graphviz versions, so only what it names is compared)."""
+    from tcpclose import _plan
+
+    committed = html.unescape((DOCS / "img" / "close_plan.svg").read_text(encoding="utf-8"))
+    for phase in _plan.Phase:
+        assert f">{phase.value}</text>" in committed, phase
 
 
 def test_benchmark_tables_without_results(tmp_path: Path) -> None:
@@ -187,8 +209,46 @@ def test_benchmark_tables_from_json(tmp_path: Path) -> None:
     assert "| method | time_wait | median_us |" in text
     assert "| procfs | 50,000 | 710 |" in text
     assert "Unreadable results file" in text
+    if importlib.util.find_spec("matplotlib") is None:
+        assert plots == {}  # the docs extra draws them; the tables do not need it
+        return
     assert list(plots) == ["bench_lookup_1.svg"]
     ElementTree.fromstring(plots["bench_lookup_1.svg"].encode("utf-8"))
+
+
+def test_benchmark_tables_keep_raw_samples_out(tmp_path: Path) -> None:
+    """A results table shows medians; the raw samples of each round stay in the JSON."""
+    benchmarks = _load("gen_benchmarks")
+    results = tmp_path / "results"
+    results.mkdir()
+    samples = [{"connections_per_s": 1000.0 + i} for i in range(7)]
+    (results / "aio.json").write_text(
+        json.dumps(
+            {
+                "by_loop": {
+                    "asyncio": {
+                        "benchmark": "aio short connections",
+                        "machine": {"cpus": 2, "kernel": "6.18"},
+                        "python": "3.11.7",
+                        "runs": [
+                            {"name": "plain asyncio", "ratio_to_plain": 1.0, "samples": samples},
+                            {"name": "graceful", "ratio_to_plain": 0.8, "samples": samples},
+                        ],
+                    }
+                }
+            }
+        ),
+        encoding="utf-8",
+    )
+    text, plots = benchmarks.render(benchmarks.read_results(results))
+    assert "samples |" not in text  # no column of raw samples
+    assert "| name | ratio_to_plain |" in text
+    assert "Raw samples of each round are in the JSON file." in text
+    assert "measured on Linux 6.18, 2 CPUs, Python 3.11.7" in text
+    assert "by_loop.asyncio.runs" not in text  # a title in words, not a JSON path
+    if importlib.util.find_spec("matplotlib") is not None:
+        (svg,) = plots.values()
+        assert "aio short connections" in svg or "<path" in svg
 
 
 def test_reports_page_lists_every_outcome() -> None:

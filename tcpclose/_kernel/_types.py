@@ -34,6 +34,13 @@ class TcpState(enum.IntEnum):
     ``CLOSED`` (0) means no socket exists for the 4-tuple any more; ``UNKNOWN`` (-1)
     means the platform cannot tell. ``CLOSE`` (7) is the kernel's ``TCP_CLOSE``: a
     socket that still exists (its fd is open) but is closed, e.g. after a reset.
+
+    Every state is true, ``CLOSED`` too, although it equals 0: ``if report.state:``
+    would otherwise be false exactly when the connection is gone. Ask what you mean:
+    ``state is TcpState.CLOSED``, or ``KernelState.exists``.
+
+    >>> bool(TcpState.CLOSED), TcpState.CLOSED == 0
+    (True, True)
     """
 
     UNKNOWN = -1
@@ -51,6 +58,9 @@ class TcpState(enum.IntEnum):
     CLOSING = 11
     NEW_SYN_RECV = 12
     BOUND_INACTIVE = 13
+
+    def __bool__(self) -> bool:
+        return True
 
     @property
     def label(self) -> str:
