@@ -24,6 +24,7 @@ from ._aio import aclose as aclose
 from ._aio import with_policy as with_policy
 from ._aio_server import ClientConnectedCallback as ClientConnectedCallback
 from ._aio_server import PolicyServer as PolicyServer
+from ._aio_server import ServerOptions as ServerOptions
 from ._aio_server import create_server as create_server
 from ._aio_server import start_server as start_server
 from ._loop_adapter import PolicyInstallation as PolicyInstallation
@@ -37,6 +38,7 @@ __all__ = (
     "PolicyProtocolFactory",
     "PolicyServer",
     "PolicyTransport",
+    "ServerOptions",
     "aclose",
     "create_server",
     "install_policy",
