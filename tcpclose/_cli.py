@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Final, NoReturn
 
 from . import _kernel
@@ -115,25 +115,6 @@ def _seconds(low: float, high: float) -> Callable[[str], float]:
 
 def _format_seconds(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.1f} s"
-
-
-def _table(
-    header: Sequence[str], rows: Iterable[Sequence[str]], right: Sequence[bool]
-) -> list[str]:
-    """Rows as aligned text columns (``right[i]``: right-align column ``i``)."""
-    body = [list(row) for row in rows]
-    widths = [
-        max(len(header[i]), *(len(r[i]) for r in body)) if body else len(header[i])
-        for i in range(len(header))
-    ]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            cell.rjust(w) if r else cell.ljust(w)
-            for cell, w, r in zip(cells, widths, right, strict=True)
-        ).rstrip()
-
-    return [line(header), *(line(r) for r in body)]
 
 
 # -- audit ----------------------------------------------------------------------------
