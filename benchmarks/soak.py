@@ -27,7 +27,9 @@ Invariants (the exit status is non-zero when one fails):
   not abandon it (``graceful``, ``peer-first`` with ``fallback=graceful`` or ``auto``),
   and for ``fallback=abort`` unless the server did reset that connection;
 * every close ends within its policy's bound (+10 %, plus ``--late`` seconds for a
-  loop busy with ``--concurrency`` other connections, whose timers run late);
+  loop busy with ``--concurrency`` other connections, whose timers run late, or twice
+  the worst loop lag measured in the main run when that is more);
+* the servers' ``wait_closed()`` returns within 30 s of ``close()``;
 * the server process's fds and asyncio tasks are back to their baseline, and its RSS
   grew by less than 10 MiB from the baseline (taken after a warm-up of
   ``--warmup`` connections, once first-use allocations are made);
@@ -115,6 +117,7 @@ SLOW_RESPONSE: Final = 1 << 20
 FLOOD_BYTES: Final = 1 << 20
 BLOB_SIZE: Final = 2 << 20
 PEER_WAIT_S: Final = 5.0
+WAIT_CLOSED_S: Final = 30.0
 #: An abort waits for nothing: its bound is the time its syscalls and report take.
 ABORT_BOUND_S: Final = 0.05  # how long a client waits for the server's end of a connection
 
@@ -624,8 +627,13 @@ async def serve(
     elapsed = time.monotonic() - started
     for server in servers.values():
         server.close()
-    for server in servers.values():
-        await server.wait_closed()
+    hung: list[str] = []
+    for name, server in servers.items():
+        try:
+            async with asyncio.timeout(WAIT_CLOSED_S):
+                await server.wait_closed()
+        except TimeoutError:
+            hung.append(f"{name}: wait_closed() still waiting after {WAIT_CLOSED_S}s")
     return {
         "server": tally,
         "warmup": warm,
@@ -643,11 +651,25 @@ async def serve(
         "reports_main": tally.reports - reports_before,
         "memory_growth": growth,
         "loop_lag_s": sorted(lags),
+        "wait_closed_hung": hung,
     }
 
 
 def _quantile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def late_allowance(res: dict[str, Any], args: argparse.Namespace) -> float:
+    """How late a close may end past its bound (+10 %) before it counts as the close's
+    fault: ``--late``, or twice the worst loop lag measured in the main run when that is
+    more. A close's timer runs no earlier than the loop gets to it, and its end needs
+    one more pass (the transport closes the fd in a callback; the report's lookup comes
+    after it). Over TLS the loop also does every handshake and every record's crypto:
+    on this 2-core machine its worst stall (e.g. 252-288 ms, p99 42-77 ms, over 20,000
+    connections) passes ``--late``, and a close that met two stalls ran 264 ms late
+    where the worst stall was 252 ms."""
+    late: float = args.late
+    return max(late, 2 * _quantile(res["loop_lag_s"], 1.0))
 
 
 def check(res: dict[str, Any], args: argparse.Namespace) -> list[str]:
@@ -681,12 +703,16 @@ def check(res: dict[str, Any], args: argparse.Namespace) -> list[str]:
             if lost:
                 failed.append(f"{lost} response bytes lost under {policy} without a reset")
     # Tracing allocations slows the loop and keeps traces: no verdict on time or RSS.
-    if server.max_over_bound_s > args.late and not args.trace_memory:
-        failed.append(f"a close ran {server.max_over_bound_s:.3f}s past its bound (+10%)")
+    if server.max_over_bound_s > late_allowance(res, args) and not args.trace_memory:
+        failed.append(
+            f"a close ran {server.max_over_bound_s:.3f}s past its bound (+10%), "
+            f"loop lag at most {_quantile(res['loop_lag_s'], 1.0):.3f}s"
+        )
     if server.loop_errors and any(e.startswith("loop:") for e in server.loop_errors):
         failed.append("errors reached the loop's exception handler")
     if client["errors"]:
         failed.append(f"client errors, e.g. {client['errors'][:3]}")
+    failed.extend(res["wait_closed_hung"])
     if res["fds_after"] != res["fds_before"]:
         failed.append(f"fds {res['fds_before']} -> {res['fds_after']}")
     if res["tasks_after"] != res["tasks_before"]:
@@ -833,6 +859,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_over_bound_s": round(server.max_over_bound_s, 4),
         "loop_lag_p99_ms": round(_quantile(res["loop_lag_s"], 0.99) * 1000, 1),
         "loop_lag_max_ms": round(_quantile(res["loop_lag_s"], 1.0) * 1000, 1),
+        "late_allowance_s": round(late_allowance(res, args), 4),
         "closes_over_bound_by_policy_and_behaviour": {
             key: {"closes": int(n), "max_over_s": round(worst, 4)}
             for key, (n, worst) in sorted(server.over_bound_by.items())
