@@ -232,7 +232,7 @@ class Diagram:
                 f"{fmt(points[2][0])},{fmt(points[2][1])} "
                 f"{fmt(points[3][0])},{fmt(points[3][1])}"
             )
-            lx = points[1][0] + (8 if edge.loop_side == "right" else -8)
+            lx = points[1][0] + (8 if edge.loop_side == "right" else -8)  # (top: label_at)
             label_at = edge.label_at or (lx, src.y + 4)
             anchor = "start" if edge.loop_side == "right" else "end"
             path = (
@@ -304,6 +304,9 @@ def _label(at: Point, text: str, anchor: str, color: str) -> list[str]:
 
 
 def _self_loop(node: Node, side: str) -> list[Point]:
+    if side == "top":  # (over the right half of the box)
+        top, x = node.y - node.h / 2, node.x + node.w / 4
+        return [(x - 8, top), (x - 30, top - 34), (x + 30, top - 34), (x + 8, top - 2)]
     sign = 1 if side == "right" else -1
     edge_x = node.x + sign * node.w / 2
     return [
@@ -591,18 +594,20 @@ _PLAN_WIDTH = 790.0
 PLAN_LAYOUT: Mapping[str, tuple[int, float]] = {
     "entry:graceful": (0, 0),
     "entry:peer-first": (1, 0),
-    "entry:abort": (3, 0),
-    "entry:default": (4, 4),  # between the check-unacked and abort columns, above the bar
+    "entry:abort": (3, 3.42),  # just above abort (await-ack is in its column)
+    "entry:default": (4, 5),  # between the check-unacked and abort columns, above the bar
     "flush": (0, 1),
     "flush-no-fin": (1, 1),
-    "await-peer": (1, 2),
-    "fallback": (2, 2),
-    "shutdown": (0, 3),
-    "check-unacked": (2, 3),
-    "abort": (3, 3),
-    "drain": (0, 4),
-    "close": (2, 5),  # drawn as a bar across every column
-    "done": (2, 6),
+    "check-acked": (1, 2),
+    "await-ack": (3, 2),
+    "await-peer": (1, 3),
+    "fallback": (2, 3),
+    "shutdown": (0, 4),
+    "check-unacked": (2, 4),
+    "abort": (3, 4),
+    "drain": (0, 5),
+    "close": (2, 6),  # drawn as a bar across every column
+    "done": (2, 7),
 }
 
 #: Events that can end a close early in almost every phase. When they lead to the
@@ -718,6 +723,8 @@ def close_plan() -> Diagram | None:
     # that is not listed here is drawn straight, label at its middle.
     fx, fy = p("flush")
     nx, ny = p("flush-no-fin")
+    qx, qy = p("check-acked")
+    wx, wy = p("await-ack")
     ax, ay = p("await-peer")
     bx, by = p("fallback")
     sx, sy = p("shutdown")
@@ -739,10 +746,10 @@ def close_plan() -> Diagram | None:
             "label_at": (margin + 6, fy + 0.55 * _PLAN_ROW),
             "anchor": "start",
         },
-        ("flush-no-fin", "await-peer"): {
+        ("flush-no-fin", "check-acked"): {
             "start": (nx, ny + half_h),
-            "end": (ax, ay - half_h),
-            "label_at": (nx - 8, (ny + ay) / 2),
+            "end": (qx, qy - half_h),
+            "label_at": (nx - 8, (ny + qy) / 2),
             "anchor": "end",
         },
         ("flush-no-fin", "fallback"): {
@@ -751,22 +758,64 @@ def close_plan() -> Diagram | None:
             "end": (bx, by - half_h),
             "label_at": ((nx + half_w + bx) / 2, ny - 10),
         },
+        ("check-acked", "await-ack"): {
+            "start": (qx + half_w, qy - 9),
+            "end": (wx - half_w, wy - 9),
+            "label_at": ((qx + half_w + bx) / 2 - 14, qy - 16),
+        },
+        ("await-ack", "check-acked"): {
+            "start": (wx - half_w, wy + 9),
+            "end": (qx + half_w, qy + 9),
+            "label_at": ((bx + wx - half_w) / 2 + 16, qy + 24),
+        },
+        ("check-acked", "await-peer"): {
+            "start": (qx - 20, qy + half_h),
+            "end": (ax - 20, ay - half_h),
+            "label_at": (qx - 28, (qy + ay) / 2),
+            "anchor": "end",
+        },
+        ("fallback", "flush"): {
+            "start": (bx - half_w + 20, by + half_h),
+            "via": [(bx - half_w + 20, by + 58), (200, by + 58), (200, fy + 8)],
+            "end": (fx + half_w, fy + 8),
+            "label_at": (bx - half_w + 28, by + 54),
+            "anchor": "start",
+        },
+        ("check-unacked", "flush"): {
+            "start": (cx - half_w, cy),
+            "via": [(209, cy), (209, fy + 16)],
+            "end": (fx + half_w, fy + 16),
+            "label_at": (cx - half_w - 8, cy - 8),
+            "anchor": "end",
+        },
+        ("check-acked", "fallback"): {
+            "start": (qx + half_w - 10, qy + half_h),
+            "end": (bx - half_w, by - 12),
+            "label_at": ((qx + bx) / 2 + 2, (qy + by) / 2 + 4),
+            "anchor": "start",
+        },
+        ("await-ack", "fallback"): {
+            "start": (wx - half_w + 20, wy + half_h),
+            "end": (bx + half_w - 20, by - half_h),
+            "label_at": (wx - half_w + 16, (wy + by) / 2 + 10),
+            "anchor": "start",
+        },
+        ("await-ack", "close"): {
+            "start": (wx + half_w, wy),
+            "via": [(_PLAN_WIDTH - 8, wy), (_PLAN_WIDTH - 8, close_y)],
+            "end": (_PLAN_WIDTH - margin, close_y),
+            "label_at": (_PLAN_WIDTH - 12, wy + 32),
+            "anchor": "end",
+        },
         ("await-peer", "fallback"): {
-            "start": (ax + half_w, ay),
-            "end": (bx - half_w, by),
-            "label_at": ((ax + bx) / 2, ay - 24),
+            "start": (ax + half_w, ay + 8),
+            "end": (bx - half_w, by + 8),
+            "label_at": ((ax + bx) / 2, ay + 30),
         },
         ("await-peer", "close"): {
             "start": (ax, ay + half_h),
             "end": (ax, close_top),
             "label_at": (ax + 8, close_top - 36),
-            "anchor": "start",
-        },
-        ("fallback", "shutdown"): {
-            "start": (bx - half_w + 20, by + half_h),
-            "via": [(bx - half_w + 20, sy - 30), (sx + 30, sy - 30)],
-            "end": (sx + 30, sy - half_h),
-            "label_at": (sx + 60, sy - 40),
             "anchor": "start",
         },
         ("fallback", "check-unacked"): {
@@ -777,20 +826,15 @@ def close_plan() -> Diagram | None:
         },
         ("fallback", "abort"): {
             "start": (bx + half_w, by),
-            "via": [(kx - 25, by)],
-            "end": (kx - 25, ky - half_h),
-            "label_at": ((bx + half_w + kx - 25) / 2, by - 10),
+            "via": [(598, by), (598, ky - 10)],
+            "end": (kx - half_w, ky - 10),
+            "label_at": (606, by - 8),
+            "anchor": "start",
         },
         ("check-unacked", "abort"): {
-            "start": (cx + half_w, cy),
-            "end": (kx - half_w, ky),
+            "start": (cx + half_w, cy + 8),
+            "end": (kx - half_w, ky + 8),
             "label_at": ((cx + kx) / 2, cy + 38),
-        },
-        ("check-unacked", "shutdown"): {
-            "start": (cx - half_w, cy + 6),
-            "end": (sx + half_w, sy + 6),
-            "label_at": (ax + 10, cy + 28),
-            "anchor": "start",
         },
         ("shutdown", "drain"): {
             "start": (sx, sy + half_h),
@@ -822,7 +866,11 @@ def close_plan() -> Diagram | None:
         options = routes.get((src, dst), {})
         edge = Edge(src, dst, wrap_events(events, 22), style=style, **options)  # type: ignore[arg-type]
         if src == dst:
-            edge.loop_side = "left" if src == "await-peer" else "right"
+            edge.loop_side = {"await-peer": "left", "await-ack": "top"}.get(src, "right")
+            if src == "await-peer":
+                edge.loop_side = "top"
+            if edge.loop_side == "top":
+                edge.label_at = (p(src)[0] + box_w / 4 - 26, p(src)[1] - half_h - 20)
         diagram.edges.append(edge)
 
     diagram.text(

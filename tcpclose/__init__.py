@@ -43,6 +43,11 @@ from ._sync import ClosingHandle as ClosingHandle
 from ._sync import close as close
 from ._sync import closing as closing
 
+# -- adoption: the background closer (issue 15) -------------------------------------------
+# isort: split
+from ._background import BackgroundCloser as BackgroundCloser
+from ._background import close_in_background as close_in_background
+
 # -- warnings and audit (issue 7) --------------------------------------------------------
 # isort: split
 from ._audit import audit as audit
@@ -51,6 +56,7 @@ from ._checks import Finding as Finding
 from ._checks import Severity as Severity
 
 __all__ = (
+    "BackgroundCloser",
     "BlockingCloseWarning",
     "CloseMode",
     "ClosePolicy",
@@ -75,6 +81,7 @@ __all__ = (
     "audit",
     "check_socket",
     "close",
+    "close_in_background",
     "closing",
     "lookup",
     "queues",

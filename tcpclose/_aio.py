@@ -55,6 +55,7 @@ from ._plan import (
     ClosePlan,
     Event,
     Flush,
+    MeasureAcked,
     MeasureUnacked,
     PlanResult,
     Receive,
@@ -95,6 +96,8 @@ _RESET_ERRNOS: Final = frozenset(
 _PEER_FIN_STATES: Final = frozenset(
     {TcpState.CLOSE_WAIT, TcpState.LAST_ACK, TcpState.CLOSING, TcpState.TIME_WAIT}
 )
+#: Where a socket that closed second ends: it has nothing to keep (CLOSED: no socket).
+_PASSIVE_END_STATES: Final = frozenset({TcpState.LAST_ACK, TcpState.CLOSED})
 #: Discarded data lands here (shared: nobody ever reads it).
 _SCRATCH: Final = memoryview(bytearray(256 * 1024))
 #: The most a TCP transport hands to ``data_received`` at once: asyncio's selector
@@ -136,6 +139,7 @@ class _Wait(enum.Enum):
 
 # Enum members as module globals for the hot paths (on Python 3.11 ``Event.DONE`` is
 # looked up through the enum's metaclass: about 80 ns, a global about 10).
+_EVENT_ACKED = Event.ACKED
 _EVENT_DATA = Event.DATA
 _EVENT_DONE = Event.DONE
 _EVENT_ERROR = Event.ERROR
@@ -302,6 +306,7 @@ class _Closer:
         "_sink",
         "_slot",
         "_timer",
+        "_tls",
         "_trigger",
         "_wait",
         "_waiters",
@@ -333,6 +338,7 @@ class _Closer:
         self._conn = conn
         self._trigger = trigger
         self._allow_data_loss = allow_data_loss
+        self._tls = conn.ssl
         #: While True (``write_eof()`` under peer-first, before the protocol's own
         #: close) data and EOF still reach the application's protocol.
         self.deliver = deliver
@@ -347,7 +353,10 @@ class _Closer:
         deadlines = self._deadlines = _Deadlines.of(loop)
         clock = self._clock = deadlines.clock
         now = clock()
-        self._plan = ClosePlan(policy, now, peer_eof=conn.peer_eof, label=self._watch.label)
+        # (deliver: write_eof() under peer-first, whose fallback is always our FIN)
+        self._plan = ClosePlan(
+            policy, now, peer_eof=conn.peer_eof, label=self._watch.label, half_close=deliver
+        )
         self._last_data = now
         self._deadline = now
         self._poll = _FLUSH_POLL_FIRST_S
@@ -537,6 +546,14 @@ class _Closer:
                 return
             elif kind is SetLingerZero:
                 plan.feed(self._set_linger_zero(), now)
+            elif kind is MeasureAcked:
+                acked = None if conn.lost else self._watch.acked()
+                if acked is None:
+                    plan.feed(_EVENT_ERROR, now)
+                else:
+                    unacked, rtt, since_sent, since_recv = acked
+                    event = _EVENT_UNACKED_SOME if unacked else _EVENT_ACKED
+                    plan.feed(event, now, rtt=rtt, since_sent=since_sent, since_recv=since_recv)
             else:
                 assert isinstance(action, MeasureUnacked)
                 # Ours and unacknowledged: the kernel's queue (SIOCOUTQ) and what the
@@ -835,6 +852,17 @@ class _Closer:
         if result.peer_eof and not result.peer_closed_first and not self._fin_sent:
             # The peer's FIN came before ours, but while our buffer drained, where the
             # plan does not take it: the peer closed first.
+            result = dataclasses.replace(result, peer_closed_first=True)
+        elif (
+            self._tls
+            and result.peer_eof
+            and not result.peer_closed_first
+            and self._kernel_state is not None
+            and self._kernel_state.state in _PASSIVE_END_STATES
+        ):
+            # Over TLS our FIN waits for the peer's answer to our close_notify (the
+            # TLS layer sends it); a peer that closes its socket once it has answered
+            # sends its FIN first, as the kernel's passive-close state shows.
             result = dataclasses.replace(result, peer_closed_first=True)
         if self._linger_zero and not result.linger_zero:
             # The close itself reset the connection (a bounded flush gave up).
@@ -1166,7 +1194,8 @@ class PolicyProtocol(asyncio.Protocol):
         if self._close_requested or self.lost or self._closer is not None:
             return
         if self._policy.mode is _MODE_PEER_FIRST and self.real.can_write_eof():
-            # No FIN: the peer's timer starts; data and EOF still reach the protocol.
+            # The peer's grace first, then our FIN (the plan's half close); data and
+            # EOF still reach the protocol.
             self._eof_by_policy = True
             self.start_close(self._policy, trigger="write-eof", deliver=True)
             return
@@ -1500,7 +1529,8 @@ class PolicyTransport(_asyncio_transports._FlowControlMixin):
     ``close()`` starts the close policy (a second call, or one after the connection is
     gone, does nothing); ``abort()`` with no close under way is an abortive close, and
     while one is under way it does not cut it short; ``write_eof()`` under
-    ``peer-first`` sends no FIN but starts the wait for the peer's. ``is_closing()`` is
+    ``peer-first`` gives the peer its grace to close first, then sends our FIN.
+    ``is_closing()`` is
     true as soon as a close is asked for. Everything else is the real transport's:
     ``get_extra_info("socket")`` is the real socket, and unknown attributes are looked
     up on the real transport. ``set_protocol()``/``get_protocol()`` change and return
@@ -1801,7 +1831,8 @@ def with_policy(
 
     Semantics (see ``ADOPTION.md``): a second ``close()`` is a no-op; ``abort()``
     during a pending close does not cut it short; ``write_eof()`` under ``peer-first``
-    sends no FIN but starts the peer's timer while data still reaches the protocol;
+    gives the peer its grace to close first, then sends our FIN, while data still
+    reaches the protocol;
     while the policy drains, reading is resumed and what arrives is discarded; the
     protocol's ``connection_lost`` is called exactly once, when the connection is
     finished.

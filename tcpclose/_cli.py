@@ -24,15 +24,14 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import IO, Any, Final, NoReturn
+from typing import IO, Final, NoReturn
 
 from . import _kernel
 from ._audit import audit, read_sysctls
-from ._checks import Finding, Severity, Sysctls
+from ._checks import Finding, Severity
 from ._errors import TcpCloseError
 from ._kernel._address import parse_endpoint
-from ._kernel._types import Address, KernelState, TcpState, TimerKind
+from ._kernel._types import KernelState, TcpState, TimerKind
 from ._report import format_address
 from ._version import __version__
 
@@ -228,17 +227,25 @@ def _run_audit(args: argparse.Namespace) -> int:
 
 _STATES_EPILOG = """\
 examples:
-  tcpclose states                          counts by state; TIME_WAIT by port, by destination
+  tcpclose states                          whose TIME_WAIT, which destinations, what to do
   tcpclose states --port 8080              only sockets with local or remote port 8080
   tcpclose states --state time-wait,fin-wait2
-  tcpclose states --watch 2                refresh every 2 s until Ctrl-C
+  tcpclose states --watch 2                refresh every 2 s: changes and rates per second
+  tcpclose states --watch 5 --close-wait-age 60   CLOSE_WAIT held 60 s or more: leaks
   tcpclose states --watch 1 --count 5 --json   five JSON lines, one per second
 
-"ports in use" counts the sockets towards a destination whose local port is in
-the ephemeral range (net.ipv4.ip_local_port_range minus ip_local_reserved_ports):
-connect() needs a free one per destination, so "full" is how close that
-destination is to "Cannot assign requested address" (EADDRNOTAVAIL).
-With --state, only the sockets in those states are counted.
+TIME_WAIT is split by who closed first: "accepted" on a listening port (a server
+here closed first), "outgoing" on an ephemeral port (a client here closed first),
+"bound" on a port bound on purpose with no listener. "ports in use" counts the
+sockets towards a destination whose local port is in the ephemeral range
+(net.ipv4.ip_local_port_range minus ip_local_reserved_ports): connect() needs a
+free one per destination, so "full" is how close that destination is to "Cannot
+assign requested address" (EADDRNOTAVAIL). The TIME_WAIT table line compares the
+kernel's TIME_WAIT count with net.ipv4.tcp_max_tw_buckets: past it the kernel
+closes without TIME_WAIT and counts TCPTimeWaitOverflow. The kernel does not say
+how old a CLOSE_WAIT socket is: --watch remembers since when each was seen.
+Each finding ends in one line of advice with a link. With --state, only the
+sockets in those states are counted.
 
 """
 
@@ -263,221 +270,6 @@ def _parse_states(values: Sequence[str] | None) -> list[TcpState] | None:
             if state not in wanted:
                 wanted.append(state)
     return wanted or None
-
-
-@dataclass(frozen=True, slots=True)
-class _Timers:
-    """Count and the shortest/longest seconds left of a group of TIME_WAIT sockets."""
-
-    count: int = 0
-    min_left: float | None = None
-    max_left: float | None = None
-
-    def add(self, seconds_left: float | None) -> _Timers:
-        low, high = self.min_left, self.max_left
-        if seconds_left is not None:
-            low = seconds_left if low is None else min(low, seconds_left)
-            high = seconds_left if high is None else max(high, seconds_left)
-        return _Timers(self.count + 1, low, high)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "time_wait": self.count,
-            "min_seconds_left": _round(self.min_left),
-            "max_seconds_left": _round(self.max_left),
-        }
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
-
-
-@dataclass(frozen=True, slots=True)
-class StatesView:
-    """What ``tcpclose states`` shows, computed from one kernel dump."""
-
-    source: str
-    total: int
-    by_state: dict[TcpState, int]
-    time_wait_by_port: dict[int, _Timers]
-    time_wait_by_destination: dict[Address, _Timers]
-    in_use_by_destination: dict[Address, int]
-    sysctls: Sysctls
-
-    @classmethod
-    def collect(
-        cls, states: Sequence[TcpState] | None, port: int | None, sysctls: Sysctls
-    ) -> StatesView:
-        """Dump the kernel's sockets (kernel-side filtered) and count them."""
-        entries = list(_kernel.dump(states, port))
-        summary = _kernel.Summary.from_states(entries, _kernel.backend())
-        by_port: dict[int, _Timers] = {}
-        by_destination: dict[Address, _Timers] = {}
-        in_use: dict[Address, int] = {}
-        for entry in entries:
-            local, peer = entry.local, entry.peer
-            if entry.state is TcpState.TIME_WAIT:
-                if local is not None:
-                    by_port[local[1]] = by_port.get(local[1], _Timers()).add(entry.seconds_left)
-                if peer is not None:
-                    by_destination[peer] = by_destination.get(peer, _Timers()).add(
-                        entry.seconds_left
-                    )
-            if (
-                local is not None
-                and peer is not None
-                and peer[1] != 0
-                and entry.state is not TcpState.LISTEN
-                and sysctls.is_ephemeral(local[1])
-            ):
-                in_use[peer] = in_use.get(peer, 0) + 1
-        return cls(
-            source=summary.source,
-            total=summary.total,
-            by_state=dict(summary.by_state),
-            time_wait_by_port=by_port,
-            time_wait_by_destination=by_destination,
-            in_use_by_destination=in_use,
-            sysctls=sysctls,
-        )
-
-    @property
-    def time_wait(self) -> int:
-        return self.by_state.get(TcpState.TIME_WAIT, 0)
-
-    def ports_table(self, top: int) -> list[tuple[int, _Timers]]:
-        items = sorted(self.time_wait_by_port.items(), key=lambda kv: (-kv[1].count, kv[0]))
-        return items[:top]
-
-    def destinations_table(self, top: int) -> list[tuple[Address, int, _Timers]]:
-        """Destinations by ephemeral ports in use, then TIME_WAIT count."""
-        keys = set(self.time_wait_by_destination) | set(self.in_use_by_destination)
-        rows = [
-            (
-                d,
-                self.in_use_by_destination.get(d, 0),
-                self.time_wait_by_destination.get(d, _Timers()),
-            )
-            for d in keys
-        ]
-        rows.sort(key=lambda row: (-row[1], -row[2].count, row[0]))
-        return rows[:top]
-
-    def fullness(self, in_use: int) -> float | None:
-        size = self.sysctls.ephemeral_ports
-        return in_use / size if size else None
-
-    def as_dict(self, top: int) -> dict[str, Any]:
-        sysctls = self.sysctls
-        port_range = sysctls.ip_local_port_range
-        return {
-            "time": round(time.time(), 3),
-            "source": self.source,
-            "total": self.total,
-            "by_state": {state.name: n for state, n in self.by_state.items()},
-            "time_wait": {
-                "total": self.time_wait,
-                "by_local_port": [
-                    {"port": port, **timers.as_dict()} for port, timers in self.ports_table(top)
-                ],
-            },
-            "destinations": [
-                {
-                    "host": dest[0],
-                    "port": dest[1],
-                    "ephemeral_in_use": in_use,
-                    "ephemeral_full": _round(self.fullness(in_use)),
-                    **timers.as_dict(),
-                }
-                for dest, in_use, timers in self.destinations_table(top)
-            ],
-            "ephemeral_range": {
-                "low": port_range[0] if port_range else None,
-                "high": port_range[1] if port_range else None,
-                "reserved": [list(r) for r in sysctls.ip_local_reserved_ports or ()],
-                "ports": sysctls.ephemeral_ports,
-            },
-        }
-
-    def format(self, top: int) -> str:
-        out = [f"{self.total} TCP sockets (kernel view: {self.source})"]
-        if self.by_state:
-            out.append("")
-            out.extend(
-                _table(
-                    ("STATE", "COUNT"),
-                    ((s.name, str(n)) for s, n in self.by_state.items()),
-                    (False, True),
-                )
-            )
-        ports = self.ports_table(top)
-        if ports:
-            out.append("")
-            out.append(
-                _top_title("TIME_WAIT by local port", len(ports), len(self.time_wait_by_port))
-            )
-            out.extend(
-                _table(
-                    ("PORT", "TIME_WAIT", "MIN LEFT", "MAX LEFT"),
-                    (
-                        (
-                            str(p),
-                            str(t.count),
-                            _format_seconds(t.min_left),
-                            _format_seconds(t.max_left),
-                        )
-                        for p, t in ports
-                    ),
-                    (True, True, True, True),
-                )
-            )
-        destinations = self.destinations_table(top)
-        if destinations:
-            every = len(set(self.time_wait_by_destination) | set(self.in_use_by_destination))
-            out.append("")
-            out.append(_top_title("by destination", len(destinations), every))
-            out.extend(
-                _table(
-                    ("DESTINATION", "PORTS IN USE", "FULL", "TIME_WAIT", "MIN LEFT", "MAX LEFT"),
-                    (
-                        (
-                            format_address(d),
-                            str(n),
-                            _format_fraction(self.fullness(n)),
-                            str(t.count),
-                            _format_seconds(t.min_left),
-                            _format_seconds(t.max_left),
-                        )
-                        for d, n, t in destinations
-                    ),
-                    (False, True, True, True, True, True),
-                )
-            )
-        out.append("")
-        out.append(self._range_line())
-        return "\n".join(out)
-
-    def _range_line(self) -> str:
-        sysctls = self.sysctls
-        if sysctls.ip_local_port_range is None:
-            return "ephemeral port range: unknown (net.ipv4.ip_local_port_range unreadable)"
-        low, high = sysctls.ip_local_port_range
-        size = sysctls.ephemeral_ports or 0
-        reserved = high - low + 1 - size
-        return (
-            f"ephemeral port range: {low}-{high}, {reserved} reserved: "
-            f"{size} ports per destination for connect()"
-        )
-
-
-def _top_title(what: str, shown: int, every: int) -> str:
-    return f"{what} (top {shown} of {every})" if shown < every else what
-
-
-def _format_fraction(fraction: float | None) -> str:
-    if fraction is None:
-        return "-"
-    return f"{fraction * 100:.1f}%" if fraction < 0.995 or fraction >= 1 else "99.9%"
 
 
 def _configure_states(cmd: argparse.ArgumentParser) -> None:
@@ -514,10 +306,20 @@ def _configure_states(cmd: argparse.ArgumentParser) -> None:
         metavar="N",
         help="rows per table (default 10)",
     )
+    cmd.add_argument(
+        "--close-wait-age",
+        type=_seconds(0, 86400),
+        default=60.0,
+        metavar="SECONDS",
+        help="with --watch: CLOSE_WAIT seen this long is a leak; shows its process (default 60)",
+    )
     cmd.set_defaults(handler=_run_states)
 
 
 def _run_states(args: argparse.Namespace) -> int:
+    from ._hostview import collect_host_view
+    from ._states import CloseWaitAges, find_leaks, format_view, view_as_dict
+
     states = _parse_states(args.state)
     if args.count is not None and args.watch is None:
         raise UsageError("states", "--count needs --watch")
@@ -526,15 +328,26 @@ def _run_states(args: argparse.Namespace) -> int:
     sysctls = read_sysctls()
     clear = sys.stdout.isatty() and not args.json and args.watch is not None
     refreshes = 0
+    ages = CloseWaitAges()
+    previous = None
     try:
         while True:
             try:
-                view = StatesView.collect(states, args.port, sysctls)
+                view = collect_host_view(states, args.port, sysctls=sysctls)
             except (OSError, TcpCloseError) as exc:
                 return _fail("states", f"kernel view failed: {exc}")
             refreshes += 1
+            seen = ages.update(view.close_wait)
+            leaks = find_leaks(view, seen, args.close_wait_age) if args.watch is not None else []
             if args.json:
-                print(json.dumps(view.as_dict(args.top), indent=None if args.watch else 2))
+                document = view_as_dict(
+                    view,
+                    top=args.top,
+                    leaks=leaks,
+                    previous=previous,
+                    leak_after=args.close_wait_age if args.watch is not None else None,
+                )
+                print(json.dumps(document, indent=None if args.watch else 2))
             else:
                 if clear:
                     sys.stdout.write("\x1b[H\x1b[2J")
@@ -543,8 +356,17 @@ def _run_states(args: argparse.Namespace) -> int:
                         print()
                     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
                     print(f"-- {stamp}, every {args.watch:g} s (Ctrl-C to stop) --")
-                print(view.format(args.top))
+                print(
+                    format_view(
+                        view,
+                        top=args.top,
+                        leaks=leaks,
+                        previous=previous,
+                        leak_after=args.close_wait_age if args.watch is not None else None,
+                    )
+                )
             sys.stdout.flush()
+            previous = view
             if args.watch is None or (args.count is not None and refreshes >= args.count):
                 return 0
             time.sleep(args.watch)
@@ -594,7 +416,9 @@ def _parse_address(text: str) -> tuple[str, int]:
         raise ValueError(f"expected a port from 1 to 65535, got {port}")
     try:
         parse_endpoint((host, port), "address")
-    except ValueError:
+    except ValueError as exc:
+        if "%" in host:  # a scope: the kernel view says what is wrong with it
+            raise ValueError(str(exc)) from None
         raise ValueError(
             f"expected a literal IPv4 or IPv6 address (host names are not resolved), got {host!r}"
         ) from None
@@ -824,6 +648,55 @@ Run 'tcpclose COMMAND --help' for a command's options and examples.
 )
 
 
+# -- run (issue 15): the zero-code launcher ----------------------------------------------------
+
+_RUN_EPILOG = """\
+Runs COMMAND with the close policy applied in every Python process it starts (worker
+processes included), with no change to its code: asyncio servers (create_server of
+asyncio's loops and uvloop's) and socketserver servers (http.server, wsgiref and the
+servers built on them). The policy comes from --policy, else TCPCLOSE_POLICY, else
+"graceful"; TCPCLOSE_POLICY=off turns the patches off. How it works and what it
+patches: the "Your server" page of the docs.
+
+examples:
+  tcpclose run --policy "peer-first timeout=2s" -- python -m http.server 8000
+  TCPCLOSE_POLICY=graceful tcpclose run --log-reports -- hypercorn app:app
+
+exit status: COMMAND's own; 2 for a bad policy; 127 when COMMAND cannot be run.
+"""
+
+
+def _configure_run(cmd: argparse.ArgumentParser) -> None:
+    cmd.formatter_class = argparse.RawDescriptionHelpFormatter
+    cmd.epilog = _RUN_EPILOG
+    cmd.add_argument("--policy", metavar="TEXT", help="the close policy (default: TCPCLOSE_POLICY)")
+    cmd.add_argument("--log-reports", action="store_true", help="log one line per close on stderr")
+    cmd.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    cmd.set_defaults(handler=_run_run)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from ._launcher import command_environment, exec_command
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError("run", "expected a command after --")
+    try:
+        env = command_environment(args.policy, log_reports=args.log_reports)
+    except TcpCloseError as exc:
+        raise UsageError("run", str(exc)) from exc
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        exec_command(command, env)
+    except OSError as exc:
+        print(f"{PROG} run: cannot run {command[0]}: {exc.strerror or exc}", file=sys.stderr)
+        return 127
+    return 0  # (not reached: the command replaced this process)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``tcpclose`` argument parser (errors raise :class:`UsageError`)."""
     parser = _Parser(
@@ -839,12 +712,14 @@ def build_parser() -> argparse.ArgumentParser:
         "states": _configure_states,
         "lookup": _configure_lookup,
         "audit": _configure_audit,
+        "run": _configure_run,
     }
     for name, help_text in (
         ("demo", "run every close policy over loopback connections and compare the results"),
         ("states", "count TCP sockets by state; TIME_WAIT by port and destination"),
         ("lookup", "show one 4-tuple's kernel state, timer and queues"),
         ("audit", "check sysctls and the socket table for risky close/reuse settings"),
+        ("run", "run a command with a close policy in every Python server it starts"),
     ):
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         configure[name](cmd)

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from . import _kernel
+from ._audit import read_counters
 from ._demo_client import Command, parse_request_line, response_bytes
 from ._kernel._types import TcpState
 from ._report import CloseReport
@@ -172,6 +173,8 @@ class RunResult:
     reports: int = 0
     server_rst_sent: int = 0
     fallbacks: int = 0
+    time_wait_overflows: int = 0
+    time_wait_skipped: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
     other_states: dict[str, int] = field(default_factory=dict)
     warnings: dict[str, int] = field(default_factory=dict)
@@ -196,6 +199,8 @@ class RunResult:
             "reports": self.reports,
             "server_rst_sent": self.server_rst_sent,
             "fallbacks": self.fallbacks,
+            "time_wait_overflows": self.time_wait_overflows,
+            "time_wait_skipped": self.time_wait_skipped,
             "outcomes": self.outcomes,
             "other_states": self.other_states,
             "warnings": self.warnings,
@@ -380,6 +385,7 @@ async def run_one(
     reports: list[CloseReport] = []
     expected = connections  # lowered to the connections made, once the client has said
     all_closed = asyncio.Event()
+    overflows_before = read_counters().time_wait_overflows
 
     def on_close(report: CloseReport) -> None:
         reports.append(report)
@@ -413,6 +419,12 @@ async def run_one(
         await server.wait_closed()
     client_ports = frozenset(int(p) for p in client_result["local_ports"])
     server_tw, client_tw, others = await _settled_counts(port, client_ports)
+    overflows_after = read_counters().time_wait_overflows
+    overflows = (
+        overflows_after - overflows_before
+        if overflows_after is not None and overflows_before is not None
+        else 0
+    )
     durations = [r.duration for r in reports]
     outcomes = Counter(r.outcome.value for r in reports)
     warned = Counter(code for r in reports for code in r.warnings)
@@ -432,6 +444,8 @@ async def run_one(
         reports=len(reports),
         server_rst_sent=sum(r.rst_sent for r in reports),
         fallbacks=sum(r.fallback is not None for r in reports),
+        time_wait_overflows=overflows,
+        time_wait_skipped=sum(r.time_wait_skipped for r in reports),
         outcomes=dict(outcomes.most_common()),
         other_states=dict(others.most_common()),
         warnings=dict(warned.most_common()),
@@ -626,6 +640,13 @@ def _anomalies(result: DemoResult) -> list[str]:
             notes.append(f"note: {where}: {run.reports} close reports for {run.connections}")
         if run.fallbacks:
             notes.append(f"note: {where}: {run.fallbacks} closes took peer-first's fallback")
+        if run.time_wait_overflows or run.time_wait_skipped:
+            notes.append(
+                f"note: {where}: the kernel skipped TIME_WAIT {run.time_wait_overflows} "
+                f"times (TCPTimeWaitOverflow rose; {run.time_wait_skipped} at the server by "
+                "its reports): its table is full (tcp_max_tw_buckets), the TIME_WAIT "
+                "columns undercount"
+            )
         errors = run.client.get("errors") or {}
         if errors:
             listed = ", ".join(f"{k} {v}" for k, v in errors.items())

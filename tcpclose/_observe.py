@@ -34,11 +34,18 @@ from ._policy import CloseMode
 from ._report import Observed, format_address, new_observed
 from ._warnings import warn
 
-__all__ = ("SocketLike", "Watch", "emit_findings")
+__all__ = ("SocketLike", "Watch", "emit_findings", "time_wait_table_overflowed")
 
 _log = logging.getLogger("tcpclose")
 
 _LINGER = struct.Struct("ii")  # struct linger {int l_onoff; int l_linger;}
+#: From ``struct tcp_info`` (linux/tcp.h), read without decoding the rest:
+#: tcpi_last_data_sent (ms, offset 44), tcpi_last_data_recv (ms, 52), tcpi_rtt (us,
+#: 68), and tcpi_min_rtt (us, offset 148, Linux 4.10 and later).
+_SENT_VIEW = struct.Struct("=I4xI12xI")
+_SENT_VIEW_OFFSET = 44
+_MIN_RTT = struct.Struct("=I")
+_MIN_RTT_OFFSET = 148
 
 
 class SocketLike(Protocol):
@@ -124,6 +131,27 @@ class Watch:
         except (OSError, ValueError):
             return None
 
+    def acked(self) -> tuple[int, float, float, float] | None:
+        """For ``peer-first``: our bytes not yet acknowledged (SIOCOUTQ), the round
+        trip (TCP_INFO's lowest RTT seen, which a peer's delayed ACKs do not inflate;
+        the smoothed RTT on kernels without it), the seconds since our last data
+        segment left and since the peer's last data arrived; None when the kernel
+        cannot tell."""
+        sock = self._sock
+        try:
+            outgoing = read_outgoing(sock.fileno())
+            raw = read_tcp_info_bytes(sock)
+        except (OSError, ValueError, TypeError):
+            return None
+        if raw is None:
+            return None
+        since_sent_ms, since_recv_ms, rtt_us = _SENT_VIEW.unpack_from(raw, _SENT_VIEW_OFFSET)
+        if len(raw) >= _MIN_RTT_OFFSET + _MIN_RTT.size:
+            (min_rtt_us,) = _MIN_RTT.unpack_from(raw, _MIN_RTT_OFFSET)
+            if 0 < min_rtt_us < 0xFFFFFFFF:  # (~0U: no sample yet)
+                rtt_us = min_rtt_us
+        return outgoing, rtt_us / 1e6, since_sent_ms / 1e3, since_recv_ms / 1e3
+
     def unread(self) -> int:
         """Bytes received and not yet read (SIOCINQ); 0 when that cannot be asked."""
         try:
@@ -187,6 +215,43 @@ def emit_findings(findings: list[_checks.Finding], *, stacklevel: int) -> None:
     counted from the caller of this function."""
     for finding in findings:
         warn(finding, stacklevel=stacklevel + 1)
+
+
+#: ``TCPTimeWaitOverflow`` at the last look (:func:`time_wait_table_overflowed`).
+_last_overflows: list[int | None] = [None]
+
+
+def time_wait_table_overflowed(proc: str = "/proc") -> bool:
+    """Whether the kernel's TIME_WAIT table is full or has just overflowed, for a close
+    whose TIME_WAIT is missing: ``TCPTimeWaitOverflow`` (``proc/net/netstat``) rose
+    since the last call, or the TIME_WAIT count (``proc/net/sockstat``) has reached
+    ``net.ipv4.tcp_max_tw_buckets``. Both are per network namespace: ``/proc/net`` is
+    the calling thread's. False when they cannot be read.
+
+    Reads three small files (tens of microseconds): only asked when a report finds
+    CLOSED where TIME_WAIT was due.
+    """
+    from ._audit import parse_netstat, parse_sockstat
+
+    def read(name: str) -> str | None:
+        try:
+            with open(f"{proc}/{name}", encoding="ascii", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    netstat = read("net/netstat")
+    overflows = (
+        parse_netstat(netstat).get("TcpExt", {}).get("TCPTimeWaitOverflow") if netstat else None
+    )
+    previous, _last_overflows[0] = _last_overflows[0], overflows
+    if overflows is not None and previous is not None and overflows > previous:
+        return True
+    sockstat = read("net/sockstat")
+    used = parse_sockstat(sockstat).get("TCP", {}).get("tw") if sockstat else None
+    limit_text = read("sys/net/ipv4/tcp_max_tw_buckets")
+    limit = int(limit_text) if limit_text and limit_text.strip().isdigit() else None
+    return used is not None and limit is not None and used >= limit
 
 
 def errno_name(exc: OSError) -> str:

@@ -38,12 +38,25 @@ Bounds:
 * ``graceful``: the whole close (flush, then drain after our FIN) ends by
   ``linger_time`` after it starts; the drain also ends after ``idle_timeout`` of
   silence, or once ``max_drain_bytes`` have been read and discarded.
-* ``peer-first``: flush and the wait for the peer's FIN end by ``timeout``; silence is
-  not a reason to stop waiting (a peer may be reading a long response), but the byte
-  budget is. Then the fallback: ``graceful`` runs a whole graceful close (flush, FIN,
-  drain) with a fresh ``linger_time`` (so the worst case is ``timeout + linger_time``),
-  ``abort`` resets,
-  ``auto`` asks the driver how much of ours is unacknowledged and aborts only at 0.
+* ``peer-first``: the peer gets the first chance to close for as long as waiting
+  costs nothing, and no longer. Our writes are flushed, then the driver asks the
+  kernel whether our bytes are acknowledged (SIOCOUTQ, with TCP_INFO's round trip
+  and the time since our last data segment left); while they are not (a slow
+  reader), it asks again every RTT or so. Both waits end by ``timeout``. Once
+  everything is acknowledged, a prompt peer's FIN is due one round trip after our
+  last segment left, plus the peer's own reaction time: the wait ends ``grace``
+  after that, and at most ``grace`` from now. (Counted from our last segment, not
+  from the peer's ACK, so that a delayed ACK, 40 ms on Linux, is not added to every
+  wait.) When the peer's own data came later (a client closing once it has the
+  response), the grace counts from that. A connection on which nothing was sent or
+  received for longer (idle: keep-alive expiry, server shutdown) is not waited on at
+  all. Silence is not a
+  reason to stop waiting, but the byte budget is. Then the fallback: ``graceful``
+  (the default) runs a whole graceful close (flush, FIN, drain) with a fresh
+  ``linger_time`` (so the worst case is ``timeout + linger_time``), ``abort``
+  resets, ``auto`` asks the driver how much of ours is unacknowledged and aborts
+  only at 0. A plan made for ``write_eof()`` (``half_close=True``) always falls
+  back to ``graceful``: the protocol asked for a FIN, never a reset.
 * The byte budget is shared by the whole close: a flooding peer can make us read at
   most ``max_drain_bytes``, whatever the fallback.
 """
@@ -52,6 +65,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -67,6 +81,7 @@ __all__ = (
     "Event",
     "Finished",
     "Flush",
+    "MeasureAcked",
     "MeasureUnacked",
     "Outcome",
     "Phase",
@@ -85,9 +100,11 @@ class Phase(enum.StrEnum):
 
     FLUSH = "flush"  # our pending writes go out (asyncio buffers; a no-op for sockets)
     FLUSH_NO_FIN = "flush-no-fin"  # peer-first: the same, bounded by timeout, no FIN after
+    CHECK_ACKED = "check-acked"  # peer-first: ask the kernel whether our bytes are acked
+    AWAIT_ACK = "await-ack"  # peer-first: not yet (a slow reader): wait, ask again
     SHUTDOWN = "shutdown"  # send our FIN: shutdown(SHUT_WR) / write_eof()
     DRAIN = "drain"  # read and discard until the peer's FIN, bounded
-    AWAIT_PEER = "await-peer"  # peer-first: no FIN from us; wait for the peer's
+    AWAIT_PEER = "await-peer"  # peer-first: all acked; the peer's grace for its FIN
     FALLBACK = "fallback"  # peer-first timed out: pick the fallback
     CHECK_UNACKED = "check-unacked"  # fallback=auto: ask the kernel (SIOCOUTQ)
     ABORT = "abort"  # SO_LINGER {1, 0}
@@ -99,10 +116,12 @@ class Event(enum.StrEnum):
     """What a driver reports back, plus the refinements the plan derives itself.
 
     Drivers feed ``FLUSHED``, ``DONE``, ``DATA``, ``PEER_EOF``, ``TIMEOUT``,
-    ``RESET``, ``ERROR``, ``UNACKED_NONE`` and ``UNACKED_SOME``. The plan turns
-    ``TIMEOUT`` into ``IDLE_TIMEOUT``, ``LINGER_TIME`` or ``PEER_TIMEOUT`` by looking
-    at its deadlines, and ``DATA`` past a bound into ``BYTE_CAP``, ``LINGER_TIME`` or
-    ``PEER_TIMEOUT``; those refined events are what :data:`TRANSITIONS` is keyed on.
+    ``RESET``, ``ERROR``, ``UNACKED_NONE``, ``UNACKED_SOME`` and ``ACKED``. The plan
+    turns ``TIMEOUT`` into ``IDLE_TIMEOUT``, ``LINGER_TIME``, ``PEER_TIMEOUT`` or
+    ``RECHECK`` by looking at its deadlines, ``DATA`` past a bound into ``BYTE_CAP``,
+    ``LINGER_TIME``, ``PEER_TIMEOUT`` or ``RECHECK``, and ``ACKED`` into ``IDLE`` when
+    the peer's grace was over before the close began; those refined events are what
+    :data:`TRANSITIONS` is keyed on.
     """
 
     START = "start"
@@ -115,7 +134,10 @@ class Event(enum.StrEnum):
     ERROR = "error"
     UNACKED_NONE = "unacked-none"
     UNACKED_SOME = "unacked-some"
+    ACKED = "acked"  # peer-first: every byte of ours is acknowledged
     # derived by the plan
+    RECHECK = "recheck"  # peer-first: time to ask the kernel again
+    IDLE = "idle"  # peer-first: the peer's last ACK is older than its grace
     IDLE_TIMEOUT = "idle-timeout"
     LINGER_TIME = "linger-time"
     PEER_TIMEOUT = "peer-timeout"
@@ -157,7 +179,7 @@ TRANSITIONS: Final[Mapping[tuple[Phase, Event], Phase]] = {
     (Phase.FLUSH, Event.LINGER_TIME): Phase.CLOSE,
     (Phase.FLUSH, Event.RESET): Phase.CLOSE,
     (Phase.FLUSH, Event.ERROR): Phase.CLOSE,
-    (Phase.FLUSH_NO_FIN, Event.FLUSHED): Phase.AWAIT_PEER,
+    (Phase.FLUSH_NO_FIN, Event.FLUSHED): Phase.CHECK_ACKED,
     (Phase.FLUSH_NO_FIN, Event.PEER_TIMEOUT): Phase.FALLBACK,
     (Phase.FLUSH_NO_FIN, Event.RESET): Phase.CLOSE,
     (Phase.FLUSH_NO_FIN, Event.ERROR): Phase.CLOSE,
@@ -169,7 +191,20 @@ TRANSITIONS: Final[Mapping[tuple[Phase, Event], Phase]] = {
     (Phase.DRAIN, Event.DATA): Phase.DRAIN,
     (Phase.DRAIN, Event.PEER_EOF): Phase.CLOSE,
     **{(Phase.DRAIN, event): Phase.CLOSE for event in _ENDS_DRAIN},
-    # peer-first: wait for the peer's FIN
+    # peer-first: our bytes acknowledged? (a slow reader: wait, receiving, then ask again)
+    (Phase.CHECK_ACKED, Event.ACKED): Phase.AWAIT_PEER,
+    (Phase.CHECK_ACKED, Event.IDLE): Phase.FALLBACK,
+    (Phase.CHECK_ACKED, Event.PEER_TIMEOUT): Phase.FALLBACK,
+    (Phase.CHECK_ACKED, Event.UNACKED_SOME): Phase.AWAIT_ACK,
+    (Phase.CHECK_ACKED, Event.ERROR): Phase.AWAIT_PEER,  # cannot tell: grace from now
+    (Phase.AWAIT_ACK, Event.RECHECK): Phase.CHECK_ACKED,
+    (Phase.AWAIT_ACK, Event.DATA): Phase.AWAIT_ACK,
+    (Phase.AWAIT_ACK, Event.PEER_EOF): Phase.CLOSE,
+    (Phase.AWAIT_ACK, Event.PEER_TIMEOUT): Phase.FALLBACK,
+    (Phase.AWAIT_ACK, Event.BYTE_CAP): Phase.FALLBACK,
+    (Phase.AWAIT_ACK, Event.RESET): Phase.CLOSE,
+    (Phase.AWAIT_ACK, Event.ERROR): Phase.CLOSE,
+    # peer-first: the peer's grace for its FIN
     (Phase.AWAIT_PEER, Event.DATA): Phase.AWAIT_PEER,
     (Phase.AWAIT_PEER, Event.PEER_EOF): Phase.CLOSE,
     (Phase.AWAIT_PEER, Event.PEER_TIMEOUT): Phase.FALLBACK,
@@ -257,6 +292,15 @@ class MeasureUnacked:
 
 
 @dataclass(frozen=True, slots=True)
+class MeasureAcked:
+    """Ask the kernel whether every byte of ours is acknowledged (SIOCOUTQ = 0), with
+    TCP_INFO's round-trip time and the time since our last data segment left. Feed
+    ``ACKED`` or ``UNACKED_SOME`` with ``rtt``, ``since_sent`` and ``since_recv`` (the
+    time since the peer's last data arrived) in seconds (``ERROR`` when the kernel
+    cannot tell)."""
+
+
+@dataclass(frozen=True, slots=True)
 class SetLingerZero:
     """Set ``SO_LINGER {1, 0}`` so that the close sends RST. Measure what is still
     queued first (it will be discarded). Feed ``DONE`` or ``ERROR``."""
@@ -317,12 +361,27 @@ class Finished:
 #: ``PlanResult(*fields)`` without the frozen ``__init__`` (see ``_frozen``).
 _new_result: Final = positional_constructor(PlanResult)
 
-Action = Flush | ShutdownWrite | Receive | MeasureUnacked | SetLingerZero | Close | Finished
+Action = (
+    Flush
+    | ShutdownWrite
+    | Receive
+    | MeasureAcked
+    | MeasureUnacked
+    | SetLingerZero
+    | Close
+    | Finished
+)
+
+#: While our bytes are not yet acknowledged, ask the kernel again after one RTT,
+#: within these bounds (seconds): an ACK comes about one RTT after the data left.
+ACK_POLL_MIN_S: Final = 0.001
+ACK_POLL_MAX_S: Final = 0.05
 
 #: The actions that carry no data are shared instances (they are frozen).
 _FIXED_ACTIONS: Final[Mapping[Phase, Action]] = {
     Phase.SHUTDOWN: ShutdownWrite(),
     Phase.CHECK_UNACKED: MeasureUnacked(),
+    Phase.CHECK_ACKED: MeasureAcked(),
     Phase.ABORT: SetLingerZero(),
     Phase.CLOSE: Close(),
 }
@@ -335,16 +394,22 @@ class PlanStateError(RuntimeError):
 # Enum members as module globals, for the hot paths of the plan. On Python 3.11
 # ``Event.DONE`` is looked up through the enum's metaclass (about 80 ns, a global
 # about 10), and a close makes dozens of such lookups.
+_EVENT_ACKED = Event.ACKED
 _EVENT_BYTE_CAP = Event.BYTE_CAP
 _EVENT_DATA = Event.DATA
 _EVENT_DONE = Event.DONE
+_EVENT_ERROR = Event.ERROR
 _EVENT_FLUSHED = Event.FLUSHED
+_EVENT_IDLE = Event.IDLE
 _EVENT_IDLE_TIMEOUT = Event.IDLE_TIMEOUT
 _EVENT_LINGER_TIME = Event.LINGER_TIME
 _EVENT_PEER_EOF = Event.PEER_EOF
 _EVENT_PEER_TIMEOUT = Event.PEER_TIMEOUT
+_EVENT_RECHECK = Event.RECHECK
 _EVENT_START = Event.START
 _EVENT_TIMEOUT = Event.TIMEOUT
+_EVENT_UNACKED_SOME = Event.UNACKED_SOME
+_EVENT_USE_GRACEFUL = Event.USE_GRACEFUL
 _FALLBACK_ABORT = Fallback.ABORT
 _FALLBACK_GRACEFUL = Fallback.GRACEFUL
 _MODE_ABORT = CloseMode.ABORT
@@ -355,7 +420,9 @@ _OUTCOME_ABORTED = Outcome.ABORTED
 _OUTCOME_CLOSED = Outcome.CLOSED
 _OUTCOME_ERROR = Outcome.ERROR
 _PHASE_ABORT = Phase.ABORT
+_PHASE_AWAIT_ACK = Phase.AWAIT_ACK
 _PHASE_AWAIT_PEER = Phase.AWAIT_PEER
+_PHASE_CHECK_ACKED = Phase.CHECK_ACKED
 _PHASE_CHECK_UNACKED = Phase.CHECK_UNACKED
 _PHASE_CLOSE = Phase.CLOSE
 _PHASE_DONE = Phase.DONE
@@ -378,6 +445,8 @@ class ClosePlan:
         peer_eof: True when the driver already knows the peer's FIN arrived (for
             example the transport got ``eof_received`` before the close began).
         label: text identifying the connection in debug logs (e.g. the 4-tuple).
+        half_close: the close was asked for by ``write_eof()``: the protocol wants
+            its FIN sent, so a ``peer-first`` fallback is always ``graceful``.
     """
 
     __slots__ = (
@@ -388,6 +457,7 @@ class ClosePlan:
         "_fallback",
         "_fin_sent",
         "_finished",
+        "_half_close",
         "_label",
         "_linger_zero",
         "_mode_applied",
@@ -395,15 +465,25 @@ class ClosePlan:
         "_peer_closed_first",
         "_peer_eof",
         "_phase",
+        "_rtt",
+        "_since_recv",
+        "_since_sent",
         "_started",
         "_trace",
+        "_wait_until",
         "debug",
         "done",
         "policy",
     )
 
     def __init__(
-        self, policy: ClosePolicy, now: float, *, peer_eof: bool = False, label: str = ""
+        self,
+        policy: ClosePolicy,
+        now: float,
+        *,
+        peer_eof: bool = False,
+        label: str = "",
+        half_close: bool = False,
     ) -> None:
         #: The policy being applied.
         self.policy = policy
@@ -414,6 +494,14 @@ class ClosePlan:
         self._drained = 0
         self._peer_eof = peer_eof
         self._peer_closed_first = peer_eof
+        self._half_close = half_close
+        #: peer-first: the end of the current wait (the next look at the kernel while
+        #: our bytes are unacknowledged; the end of the peer's grace after).
+        self._wait_until = now
+        #: peer-first: the kernel's last answer (seconds).
+        self._rtt = 0.0
+        self._since_sent = 0.0
+        self._since_recv = math.inf
         self._fin_sent = False
         self._linger_zero = False
         self._fallback: Fallback | None = None
@@ -465,8 +553,8 @@ class ClosePlan:
         if action is None:
             if phase is _PHASE_DRAIN:
                 action = Receive(self._deadline, self.policy.idle_timeout, self._budget)
-            elif phase is _PHASE_AWAIT_PEER:
-                action = Receive(self._deadline, None, self._budget)
+            elif phase is _PHASE_AWAIT_PEER or phase is _PHASE_AWAIT_ACK:
+                action = Receive(self._wait_until, None, self._budget)
             elif phase is _PHASE_FLUSH or phase is _PHASE_FLUSH_NO_FIN:
                 action = Flush(self._deadline)
             else:
@@ -492,20 +580,37 @@ class ClosePlan:
             tuple(self._trace),
         )
 
-    def feed(self, event: Event, now: float, *, nbytes: int = 0) -> None:
+    def feed(
+        self,
+        event: Event,
+        now: float,
+        *,
+        nbytes: int = 0,
+        rtt: float = 0.0,
+        since_sent: float = 0.0,
+        since_recv: float = math.inf,
+    ) -> None:
         """Tell the plan what happened at monotonic time ``now``.
 
         ``nbytes`` goes with ``DATA``: how many bytes were read and discarded.
+        ``rtt``, ``since_sent`` and ``since_recv`` go with ``ACKED`` and
+        ``UNACKED_SOME``: the kernel's round-trip time, the time since our last data
+        segment left and since the peer's last data arrived, in seconds.
 
         Raises:
             PlanStateError: the event does not fit the current phase (a driver bug).
         """
         phase = self._phase
-        # Only these three are ever refined (a flush refined only when it ended late);
+        # Only these four are ever refined (a flush refined only when it ended late);
         # the others are what the table is keyed on.
+        if event is _EVENT_ACKED or event is _EVENT_UNACKED_SOME:
+            self._rtt = rtt
+            self._since_sent = since_sent
+            self._since_recv = since_recv
         if (
             event is _EVENT_DATA
             or event is _EVENT_TIMEOUT
+            or event is _EVENT_ACKED
             or (event is _EVENT_FLUSHED and now >= self._deadline)
         ):
             refined = self._refine(event, now, nbytes)
@@ -527,7 +632,20 @@ class ClosePlan:
 
     def _refine(self, event: Event, now: float, nbytes: int) -> Event:
         phase = self._phase
-        waiting_for_peer = phase is _PHASE_FLUSH_NO_FIN or phase is _PHASE_AWAIT_PEER
+        if event is _EVENT_ACKED:
+            if phase is not _PHASE_CHECK_ACKED:
+                return event  # (not expected: the table says so)
+            if now >= self._deadline:
+                return _EVENT_PEER_TIMEOUT
+            if self._peer_eof:
+                return event  # the FIN is here: the wait ends at once
+            # Nothing sent or received for longer than the grace: idle.
+            if self._quiet() >= self.policy.grace:
+                return _EVENT_IDLE
+            return event
+        waiting_for_peer = (
+            phase is _PHASE_AWAIT_PEER or phase is _PHASE_AWAIT_ACK or phase is _PHASE_FLUSH_NO_FIN
+        )
         if event is _EVENT_DATA:
             if nbytes < 0:
                 raise PlanStateError(f"DATA with a negative byte count {nbytes}")
@@ -537,8 +655,12 @@ class ClosePlan:
                 return _EVENT_BYTE_CAP
             if now >= self._deadline:
                 return _EVENT_PEER_TIMEOUT if waiting_for_peer else _EVENT_LINGER_TIME
+            if waiting_for_peer and phase is not _PHASE_FLUSH_NO_FIN and now >= self._wait_until:
+                return _EVENT_RECHECK if phase is _PHASE_AWAIT_ACK else _EVENT_PEER_TIMEOUT
             return _EVENT_DATA
         if event is _EVENT_TIMEOUT:
+            if phase is _PHASE_AWAIT_ACK and now < self._deadline:
+                return _EVENT_RECHECK
             if waiting_for_peer:
                 return _EVENT_PEER_TIMEOUT
             if phase is _PHASE_DRAIN and now < self._deadline:
@@ -567,6 +689,8 @@ class ClosePlan:
                 self._outcome = _OUTCOME_ABORTED if event is _EVENT_DONE else _OUTCOME_ERROR
             else:
                 self._outcome = _OUTCOME_OF[event]
+        if phase is _PHASE_CHECK_ACKED:
+            self._wait_until = self._peer_wait_until(event, now)
         if phase is _PHASE_FALLBACK or phase is _PHASE_CHECK_UNACKED:
             if target is _PHASE_FLUSH:
                 self._fallback = _FALLBACK_GRACEFUL
@@ -580,9 +704,32 @@ class ClosePlan:
             self.done = True
         # Decisions that need no I/O are taken at once.
         if target is _PHASE_FALLBACK:
-            self.feed(_FALLBACK_EVENT[policy.fallback], now)
+            # write_eof(): the protocol asked for a FIN; a reset would cut its stream.
+            if self._half_close:
+                self.feed(_EVENT_USE_GRACEFUL, now)
+            else:
+                self.feed(_FALLBACK_EVENT[policy.fallback], now)
         elif target is _PHASE_DRAIN and self._budget == 0:
             self.feed(_EVENT_BYTE_CAP, now)
+
+    def _peer_wait_until(self, event: Event, now: float) -> float:
+        """When the wait that follows a look at the kernel ends (bounded by timeout)."""
+        if event is _EVENT_UNACKED_SOME:
+            # A slow reader, or a round trip under way: look again in about one RTT.
+            poll = min(max(self._rtt, ACK_POLL_MIN_S), ACK_POLL_MAX_S)
+            return min(now + poll, self._deadline)
+        if event is _EVENT_ACKED and not self._peer_eof:
+            grace = self.policy.grace
+            return min(now - self._quiet() + grace, now + grace, self._deadline)
+        if event is _EVENT_ERROR:
+            return min(now + self.policy.grace, self._deadline)  # cannot tell: from now
+        return self._deadline
+
+    def _quiet(self) -> float:
+        """How long the peer has had nothing to answer: our last segment reached it
+        about a round trip after it left (its ACK or FIN takes the way back), and its
+        own last data, if later, shows it was still busy then."""
+        return min(self._since_sent - self._rtt, self._since_recv)
 
     def _log(self, message: str, *args: object) -> None:
         logger.debug("close %s: " + message, self._label or "-", *args)

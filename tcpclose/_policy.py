@@ -2,11 +2,11 @@
 
 A policy is written in configuration as one line or as a mapping::
 
-    peer-first timeout=5s fallback=auto
+    peer-first timeout=5s grace=50ms fallback=graceful
     graceful linger_time=30s idle_timeout=5s max_drain_bytes=1MiB
     abort
 
-    {"mode": "peer-first", "timeout": 5, "fallback": "auto"}
+    {"mode": "peer-first", "timeout": 5, "grace": "50ms", "fallback": "graceful"}
 
 Everything here is pure: no sockets, no clocks. The close plan (``_plan.py``) turns a
 policy into steps; the drivers carry them out.
@@ -23,10 +23,14 @@ linger_time       graceful, peer-first        drain ends this long after our FIN
                                               (seconds, default 30 s)
 max_drain_bytes   graceful, peer-first        drain ends after discarding this many
                                               bytes (default 1 MiB)
-timeout           peer-first                  how long to wait for the peer's FIN
-                                              before the fallback (seconds, default 5 s)
+timeout           peer-first                  bound on the whole wait: our data sent
+                                              and acknowledged, then the grace
+                                              (seconds, default 5 s)
+grace             peer-first                  how long, once our last byte has
+                                              reached the peer, it may take to send
+                                              its FIN (seconds, default 50 ms)
 fallback          peer-first                  ``graceful``, ``abort`` or ``auto``
-                                              (default ``auto``)
+                                              (default ``graceful``)
 ================  ==========================  =======================================
 
 The defaults for ``idle_timeout`` and ``linger_time`` are nginx's
@@ -46,7 +50,21 @@ from typing import Any, ClassVar, Final, Self
 from ._errors import PolicyError
 from ._units import UnitError, format_duration, format_size, parse_duration, parse_size, shown
 
-__all__ = ("DEFAULT_POLICY", "CloseMode", "ClosePolicy", "Fallback", "PolicyLike", "as_policy")
+__all__ = (
+    "DEFAULT_GRACE_S",
+    "DEFAULT_POLICY",
+    "CloseMode",
+    "ClosePolicy",
+    "Fallback",
+    "PolicyLike",
+    "as_policy",
+)
+
+#: ``peer-first``'s default ``grace``: how long, once our last byte has reached it, a
+#: prompt peer's FIN may take. Measured (docs/policies.md): curl, h2load and a Python
+#: client sent theirs within 1 ms on an idle machine, nearly all within 50 ms on an
+#: overloaded one; a peer that waits for our FIN pays this much latency instead.
+DEFAULT_GRACE_S: Final = 0.05
 
 
 class CloseMode(enum.StrEnum):
@@ -59,8 +77,9 @@ class CloseMode(enum.StrEnum):
     #: FIN, then read and discard until the peer's FIN (bounded), then close.
     #: TIME_WAIT stays here; the peer gets every byte and no RST.
     GRACEFUL = "graceful"
-    #: Send no FIN; wait (bounded) for the peer's FIN, then close, so that TIME_WAIT
-    #: lands on the peer. On timeout, apply :class:`Fallback`.
+    #: Send no FIN while the peer may still close first: once our data is out and
+    #: acknowledged, give the peer ``grace`` to send its FIN (none on an idle
+    #: connection), then apply :class:`Fallback`. TIME_WAIT lands on a prompt peer.
     PEER_FIRST = "peer-first"
     #: ``SO_LINGER {1, 0}`` and close: RST, no TIME_WAIT anywhere, queued data lost.
     ABORT = "abort"
@@ -90,24 +109,36 @@ _MODE_WORDS: Final = (
 
 
 class Fallback(enum.StrEnum):
-    """What ``peer-first`` does when the peer has not closed within ``timeout``."""
+    """What ``peer-first`` does when the peer has not closed within its grace (or
+    ``timeout``)."""
 
-    #: Close gracefully from our side (TIME_WAIT lands here).
+    #: Close gracefully from our side (TIME_WAIT lands here). The default: a peer
+    #: waiting for our FIN (HTTP/1.0, close-delimited bodies, RFC 6455 clients, idle
+    #: keep-alive) gets a normal end of stream.
     GRACEFUL = "graceful"
-    #: Reset the connection (no TIME_WAIT; anything unacknowledged is lost).
+    #: Reset the connection (no TIME_WAIT; anything unacknowledged is lost). A peer
+    #: still reading until our FIN sees "connection reset" instead of an end of stream.
     ABORT = "abort"
     #: Abort when the kernel shows nothing of ours unacknowledged (SIOCOUTQ = 0),
-    #: otherwise graceful: never lose data to save a TIME_WAIT entry.
+    #: otherwise graceful: never lose data to save a TIME_WAIT entry. A peer that
+    #: has every byte but waits for our FIN still sees a reset.
     AUTO = "auto"
 
 
-_DURATION_PARAMS: Final = ("idle_timeout", "linger_time", "timeout")
+_DURATION_PARAMS: Final = ("idle_timeout", "linger_time", "timeout", "grace")
 _SIZE_PARAMS: Final = ("max_drain_bytes",)
-_PARAM_ORDER: Final = ("timeout", "fallback", "idle_timeout", "linger_time", "max_drain_bytes")
+_PARAM_ORDER: Final = (
+    "timeout",
+    "grace",
+    "fallback",
+    "idle_timeout",
+    "linger_time",
+    "max_drain_bytes",
+)
 _DRAIN_PARAMS: Final = ("idle_timeout", "linger_time", "max_drain_bytes")
 _PARAMS_BY_MODE: Final[Mapping[CloseMode, tuple[str, ...]]] = {
     CloseMode.GRACEFUL: _DRAIN_PARAMS,
-    CloseMode.PEER_FIRST: ("timeout", "fallback", *_DRAIN_PARAMS),
+    CloseMode.PEER_FIRST: ("timeout", "grace", "fallback", *_DRAIN_PARAMS),
     CloseMode.ABORT: (),
     CloseMode.DEFAULT: (),
 }
@@ -143,10 +174,15 @@ class ClosePolicy:
     linger_time: float = 30.0
     #: Bytes a drain may read and discard before it stops.
     max_drain_bytes: int = 1 << 20
-    #: ``peer-first``: seconds to wait for the peer's FIN before the fallback.
+    #: ``peer-first``: seconds the whole wait may last (our data flushed and
+    #: acknowledged, then the grace) before the fallback; bounds a slow reader.
     timeout: float = 5.0
-    #: ``peer-first``: what to do when ``timeout`` passes.
-    fallback: Fallback = Fallback.AUTO
+    #: ``peer-first``: seconds the peer may take to send its FIN once our last byte
+    #: has reached it: the wait ends ``grace`` after one round trip past our last
+    #: segment (the kernel's view), so a connection idle for longer is not waited on.
+    grace: float = DEFAULT_GRACE_S
+    #: ``peer-first``: what to do when the peer has not closed in time.
+    fallback: Fallback = Fallback.GRACEFUL
 
     DEFAULTS: ClassVar[Mapping[str, object]]
 
@@ -344,15 +380,18 @@ class ClosePolicy:
         cls,
         *,
         timeout: float = 5.0,
-        fallback: Fallback | str = Fallback.AUTO,
+        grace: float = DEFAULT_GRACE_S,
+        fallback: Fallback | str = Fallback.GRACEFUL,
         idle_timeout: float = 5.0,
         linger_time: float = 30.0,
         max_drain_bytes: int = 1 << 20,
     ) -> Self:
-        """A ``peer-first`` policy with the given timeout, fallback and drain bounds."""
+        """A ``peer-first`` policy with the given timeout, grace, fallback and drain
+        bounds."""
         return cls(
             mode=CloseMode.PEER_FIRST,
             timeout=timeout,
+            grace=grace,
             # (a string is checked with the others, so that a bad one is a PolicyError)
             fallback=fallback,  # type: ignore[arg-type]
             idle_timeout=idle_timeout,

@@ -31,6 +31,7 @@ from ._plan import (
     Event,
     Finished,
     Flush,
+    MeasureAcked,
     MeasureUnacked,
     Receive,
     SetLingerZero,
@@ -90,7 +91,7 @@ def close(
 
     Example::
 
-        report = tcpclose.close(conn, "peer-first timeout=2s fallback=auto")
+        report = tcpclose.close(conn, "peer-first timeout=2s grace=50ms")
         log.info("closed: %s", report)   # e.g. "peer-first peer-eof ... now CLOSED ..."
     """
     resolved = as_policy(policy)
@@ -340,13 +341,7 @@ class _Driver:
         sock = self._sock
         plan = self._plan
         try:
-            # Linux's close() blocks under SO_LINGER with a non-zero time, O_NONBLOCK or
-            # not: turn it off so that the policy's bounds hold, and warn (TC201) where
-            # the socket was meant not to block.
-            disarm_linger(
-                self._seen, sock, plan.policy.mode, nonblocking=sock.gettimeout() is not None
-            )
-            sock.setblocking(False)
+            self._prepare()
             while True:
                 action = plan.next_action()
                 if isinstance(action, Finished):
@@ -355,12 +350,34 @@ class _Driver:
         finally:
             if sock.fileno() != -1:  # an exception escaped mid-plan: still release the fd
                 sock.close()
+        return self._finish(action)
+
+    def _prepare(self) -> None:
+        """Before the first step (also used by the background closer's driver)."""
+        sock = self._sock
+        # Linux's close() blocks under SO_LINGER with a non-zero time, O_NONBLOCK or
+        # not: turn it off so that the policy's bounds hold, and warn (TC201) where
+        # the socket was meant not to block.
+        disarm_linger(
+            self._seen, sock, self._plan.policy.mode, nonblocking=sock.gettimeout() is not None
+        )
+        sock.setblocking(False)
+
+    def _finish(self, action: Finished) -> CloseReport:
+        """The report, once the plan is finished and the fd closed."""
         kernel_state = self._seen.after_close()
         observed = self._seen.observed(trigger=self._trigger, kernel_state=kernel_state)
-        return build_report(plan.policy, action.result, observed)
+        return build_report(self._plan.policy, action.result, observed)
 
     def _step(
-        self, action: Flush | ShutdownWrite | Receive | MeasureUnacked | SetLingerZero | Close
+        self,
+        action: Flush
+        | ShutdownWrite
+        | Receive
+        | MeasureAcked
+        | MeasureUnacked
+        | SetLingerZero
+        | Close,
     ) -> None:
         plan = self._plan
         sock = self._sock
@@ -372,6 +389,20 @@ class _Driver:
         elif isinstance(action, Receive):
             event, nbytes = self._receive(action)
             plan.feed(event, self._clock(), nbytes=nbytes)
+        elif isinstance(action, MeasureAcked):
+            acked = self._seen.acked()
+            if acked is None:
+                plan.feed(Event.ERROR, self._clock())
+            else:
+                unacked, rtt, since_sent, since_recv = acked
+                event = Event.UNACKED_SOME if unacked else Event.ACKED
+                plan.feed(
+                    event,
+                    self._clock(),
+                    rtt=rtt,
+                    since_sent=since_sent,
+                    since_recv=since_recv,
+                )
         elif isinstance(action, MeasureUnacked):
             outgoing = self._seen.outgoing()
             if outgoing is None:
@@ -415,6 +446,12 @@ class _Driver:
         poller.register(sock.fileno(), _POLL_IN)
         if not poller.poll(_poll_ms(wait)):
             return Event.TIMEOUT, 0
+        return self._read_ready(action)
+
+    def _read_ready(self, action: Receive) -> tuple[Event, int]:
+        """Read and discard what a readable socket holds, within the action's bounds
+        (never blocks; also used by the background closer's driver)."""
+        sock = self._sock
         view = _scratch()
         total = 0
         limit = action.max_bytes

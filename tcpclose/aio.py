@@ -26,16 +26,20 @@ from ._aio_server import ClientConnectedCallback as ClientConnectedCallback
 from ._aio_server import PolicyServer as PolicyServer
 from ._aio_server import create_server as create_server
 from ._aio_server import start_server as start_server
+from ._loop_adapter import PolicyInstallation as PolicyInstallation
+from ._loop_adapter import install_policy as install_policy
 
 __all__ = (
     "ClientConnectedCallback",
     "OnClose",
+    "PolicyInstallation",
     "PolicyProtocol",
     "PolicyProtocolFactory",
     "PolicyServer",
     "PolicyTransport",
     "aclose",
     "create_server",
+    "install_policy",
     "start_server",
     "with_policy",
 )

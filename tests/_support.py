@@ -244,3 +244,16 @@ def run_script_json(script: Path, out: Path, *args: str, timeout: float) -> Any:
     )
     assert proc.returncode == 0, f"{script.name} failed:\n{proc.stdout}\n{proc.stderr}"
     return json.loads(out.read_text())
+
+
+def fill_send_queue(sock: socket.socket) -> int:
+    """Send until the kernel refuses more (the peer is not reading); return bytes sent."""
+    sock.setblocking(False)
+    chunk = b"x" * 65536
+    sent = 0
+    for _ in range(10_000):
+        try:
+            sent += sock.send(chunk)
+        except BlockingIOError:
+            return sent
+    raise AssertionError("the send queue never filled")

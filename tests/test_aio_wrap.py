@@ -16,6 +16,7 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -319,10 +320,10 @@ def test_abort_during_pending_close_does_not_cut_it_short(loop_name: str) -> Non
     run(loop_name, main)
 
 
-def test_write_eof_under_peer_first_sends_no_fin(loop_name: str) -> None:
-    """write_eof() under peer-first: no FIN goes out; data and the peer's EOF still
-    reach the protocol; the connection ends when the peer closes, without TIME_WAIT
-    here. Under graceful, write_eof() passes through (the peer sees EOF at once)."""
+def test_write_eof_under_peer_first_grace_then_fin(loop_name: str) -> None:
+    """Issue 14: write_eof() under peer-first: the peer gets the grace to close first;
+    then our FIN goes out (RFC 6455 clients wait for it). Data and the peer's EOF still
+    reach the protocol either way. Under graceful, write_eof() passes through."""
     protos: list[Recorder] = []
 
     def factory() -> Recorder:
@@ -331,24 +332,45 @@ def test_write_eof_under_peer_first_sends_no_fin(loop_name: str) -> None:
         return proto
 
     async def main() -> None:
-        # peer-first: the client waits for EOF; none comes; it sends more and closes.
+        # A prompt peer: it closes within the grace; no FIN from us, no TIME_WAIT here.
         reports: list[CloseReport] = []
-        server = await serve(factory, "peer-first timeout=3s", reports)
+        server = await serve(factory, "peer-first grace=300ms", reports)
         try:
-            peer = await asyncio.to_thread(_peer_first_client, address(server))
+            peer = await asyncio.to_thread(_peer_first_client, address(server), 0.1)
             await wait_for(lambda: reports, 10, "the report")
         finally:
             server.close()
             await server.wait_closed()
-        assert peer["eof_seen_before_close"] is False
+        assert peer["eof_after"] is None
         proto = protos[0]
         assert b"more data" in proto.data
         assert proto.calls[-2:] == ["eof", "lost"]
         report = reports[0]
         assert report.trigger == "write-eof"
+        assert report.fallback is None
         assert report.peer_closed_first
         assert report.outcome is Outcome.PEER_EOF
         assert report.state is TcpState.CLOSED
+        # A peer waiting for our FIN: it comes after the grace (the old rule sent none
+        # and both sides waited for the other until the timeout).
+        protos.clear()
+        reports.clear()
+        server = await serve(factory, "peer-first grace=300ms fallback=abort", reports)
+        try:
+            peer = await asyncio.to_thread(_peer_first_client, address(server), 2.0)
+            await wait_for(lambda: reports, 10, "the report")
+        finally:
+            server.close()
+            await server.wait_closed()
+        assert peer["eof_after"] is not None
+        assert 0.25 <= peer["eof_after"] <= 0.3 + 0.05
+        assert b"more data" in protos[0].data  # sent after our FIN: still delivered
+        assert protos[0].calls[-2:] == ["eof", "lost"]
+        report = reports[0]
+        assert report.fallback is tcpclose.Fallback.GRACEFUL  # never a reset here
+        assert report.fin_sent
+        assert not report.rst_sent
+        assert report.outcome is Outcome.PEER_EOF
         # graceful: the FIN goes out now.
         client = Client(expect=len(RESPONSE), after="eof-close")
         reports.clear()
@@ -363,7 +385,8 @@ def test_write_eof_under_peer_first_sends_no_fin(loop_name: str) -> None:
     run(loop_name, main)
 
 
-def _peer_first_client(addr: tuple[str, int]) -> dict[str, Any]:
+def _peer_first_client(addr: tuple[str, int], wait_eof: float) -> dict[str, Any]:
+    """Read the response, wait up to ``wait_eof`` for the server's EOF, send more, close."""
     with socket.create_connection(addr, timeout=5) as sock:
         sock.sendall(b"GET\n")
         got = 0
@@ -371,13 +394,14 @@ def _peer_first_client(addr: tuple[str, int]) -> dict[str, Any]:
             chunk = sock.recv(65536)
             assert chunk
             got += len(chunk)
-        sock.settimeout(0.3)
+        received = time.monotonic()
+        sock.settimeout(wait_eof)
         try:
-            eof = sock.recv(1) == b""
+            eof_after = time.monotonic() - received if sock.recv(1) == b"" else None
         except TimeoutError:
-            eof = False
+            eof_after = None
         sock.sendall(b"more data")
-        return {"eof_seen_before_close": eof}
+        return {"eof_after": eof_after}
 
 
 @pytest.mark.parametrize("answer", [True, None])

@@ -8,9 +8,9 @@ the same facts are checked against each other:
 * policies: any object through ``as_policy``, ``from_env`` with any variable and
   default, the constructor with any value per field, and generated ``key=value``
   text (what parses must be in range and round-trip);
-* sock_diag replies built from random fields: the close path's fast decoder
-  (``decode_lookup_state``) agrees with the general one (``decode_lookup_reply`` +
-  ``reply_matches`` + ``to_kernel_state``) and with a dump of the same message;
+* sock_diag replies built from random fields: the one codec gives back those fields,
+  the same for an exact lookup (with and without the request shortcut), the reference
+  decoding and a dump of the same message, and counting the dump agrees;
 * ``/proc/net/tcp`` lines built from the same random fields decode to the same state
   as the netlink reply (the two backends must not disagree about a socket);
 * tcp_info blobs of every length: no error at or above the minimum size, and a
@@ -37,18 +37,20 @@ from hypothesis import strategies as st
 from tcpclose import CloseMode, ClosePolicy, Fallback, PolicyError, TcpState, TimerKind
 from tcpclose._errors import KernelViewError
 from tcpclose._kernel._address import MAPPED_PREFIX, parse_four_tuple
-from tcpclose._kernel._netlink import (
+from tcpclose._kernel._diag import (
     INET_DIAG_MSG,
     NLMSG_DONE,
     NLMSGHDR,
     SOCK_DIAG_BY_FAMILY,
+    count_dump,
     decode_dump,
-    decode_lookup_reply,
     decode_lookup_state,
+    decode_reply,
+    encode_lookup_request,
     reply_matches,
-    to_kernel_state,
 )
 from tcpclose._kernel._procfs import address_hex, parse_tcp_line
+from tcpclose._kernel._summary import Summary
 from tcpclose._kernel._tcpinfo import TCP_INFO_MIN_SIZE, TCP_INFO_SIZE, decode_tcp_info
 from tcpclose._plan import ClosePlan, Event, Finished, PlanStateError
 from tcpclose._policy import as_policy
@@ -390,35 +392,65 @@ def _host(family: int, raw: bytes) -> str:
 
 @fuzz
 @given(socket_facts(), _ATTRS)
-def test_netlink_fast_and_general_decoders_agree(facts: SocketFacts, attributes: bytes) -> None:
+def test_netlink_codec_gives_back_the_fields(facts: SocketFacts, attributes: bytes) -> None:
     data = diag_reply(facts, attributes)
-    msg = decode_lookup_reply(data)
-    assert msg is not None
-    assert (msg.family, msg.state, msg.timer) == (facts.family, facts.state, facts.timer)
-    assert (msg.sport, msg.dport, msg.cookie) == (facts.sport, facts.dport, facts.cookie)
-    assert (msg.rqueue, msg.wqueue, msg.uid, msg.inode) == (
+    state = decode_reply(data)
+    assert state is not None
+    expected_state = TcpState(facts.state) if 1 <= facts.state <= 13 else TcpState.UNKNOWN
+    assert state.state is expected_state
+    assert state.timer == (TimerKind(facts.timer) if facts.timer <= 4 else None)
+    assert state.seconds_left == (facts.expires_ticks * 10 / 1000 if facts.timer else None)
+    assert state.retransmits == facts.diag_retrans
+    local = (_host(facts.family, facts.src), facts.sport)
+    peer = (_host(facts.family, facts.dst), facts.dport)
+    assert (state.local, state.peer, state.cookie) == (local, peer, facts.cookie)
+    assert (state.recv_queue, state.send_queue, state.uid, state.inode) == (
         facts.rqueue,
         facts.wqueue,
         facts.uid,
         facts.inode,
     )
-    general = to_kernel_state(msg)
-    expected_state = TcpState(facts.state) if 1 <= facts.state <= 13 else TcpState.UNKNOWN
-    assert general.state is expected_state
-    # Asked for exactly this socket, the fast path gives the same answer ...
-    local = (_host(facts.family, facts.src), facts.sport)
-    peer = (_host(facts.family, facts.dst), facts.dport)
+    # Asked for exactly this socket, the lookup gives the same answer, with or
+    # without the request to compare bytes against ...
     four = parse_four_tuple(local, peer)
-    assert reply_matches(msg, four)
-    fast = decode_lookup_state(data, len(data), four)
-    assert fast == general, (fast, general)
-    # ... and for another port, both see another socket (the listener trap): CLOSED.
+    assert reply_matches(data, four)
+    request = encode_lookup_request(four)
+    assert decode_lookup_state(data, len(data), four) == state
+    assert decode_lookup_state(data, len(data), four, request) == state
+    # ... and for another port, it sees another socket (the listener trap): CLOSED.
     other = parse_four_tuple(local, (peer[0], (facts.dport + 1) % 65536))
-    assert not reply_matches(msg, other)
+    assert not reply_matches(data, other)
+    other_request = encode_lookup_request(other)
     assert decode_lookup_state(data, len(data), other).state is TcpState.CLOSED
-    # A dump of the same message says the same.
+    assert decode_lookup_state(data, len(data), other, other_request).state is TcpState.CLOSED
+    # A dump of the same message says the same, and counting it agrees.
     done = NLMSGHDR.pack(NLMSGHDR.size + 4, NLMSG_DONE, 2, 7, 0) + bytes(4)
-    assert list(decode_dump([data, done])) == [general]
+    assert list(decode_dump([data, done])) == [state]
+    assert count_dump([[data, done]]) == Summary.from_states([state], "netlink")
+
+
+@fuzz
+@given(
+    st.lists(socket_facts(), min_size=1, max_size=12),
+    st.sampled_from([socket.AF_INET, socket.AF_INET6, None]),
+    st.booleans(),
+    st.sampled_from([b"", bytes(8)]),
+)
+def test_counting_a_dump_equals_counting_its_decoded_states(
+    sockets: list[SocketFacts], family: int | None, all_time_wait: bool, attributes: bytes
+) -> None:
+    """Datagrams of TIME_WAIT messages of one family and one length are counted without a
+    Python loop; any other datagram message by message. Both must count what decoding
+    the same datagrams gives."""
+    if all_time_wait:
+        sockets = [dataclasses.replace(f, state=int(TcpState.TIME_WAIT)) for f in sockets]
+    if family is not None:
+        sockets = [f for f in sockets if f.family == family]
+    datagram = b"".join(diag_reply(f, attributes) for f in sockets)
+    done = NLMSGHDR.pack(NLMSGHDR.size + 4, NLMSG_DONE, 2, 7, 0) + bytes(4)
+    decoded = Summary.from_states(decode_dump([datagram, datagram, done]), "netlink")
+    assert count_dump([[datagram, datagram, done]]) == decoded
+    assert count_dump([[datagram, done], [datagram, done]]) == decoded
 
 
 @fuzz
@@ -428,9 +460,8 @@ def test_procfs_and_netlink_describe_a_socket_alike(facts: SocketFacts) -> None:
     from_proc = parse_tcp_line(
         line, path="tcp", lineno=2, family=facts.family, byteorder="little", clock_ticks=100
     )
-    msg = decode_lookup_reply(diag_reply(facts))
-    assert msg is not None
-    from_diag = to_kernel_state(msg)
+    from_diag = decode_reply(diag_reply(facts))
+    assert from_diag is not None
     same = dataclasses.replace(from_diag, source="procfs", cookie=None)
     assert from_proc == same, (line, from_proc, same)
 
@@ -493,9 +524,11 @@ _HOSTS = st.one_of(
     st.ip_addresses().map(str),
     st.text(max_size=20),
 )
+_SCOPES = st.one_of(st.integers(-1, 3), st.integers(2**32 - 2, 2**65))
 _ENDPOINTS = st.one_of(
     st.tuples(_HOSTS, st.integers(-5, 70000)),
-    st.tuples(_HOSTS, st.integers(-5, 70000), st.integers(-1, 3), st.integers(-1, 3)),
+    st.tuples(_HOSTS.map(lambda h: h + "%99999999999"), st.integers(-5, 70000)),
+    st.tuples(_HOSTS, st.integers(-5, 70000), st.integers(-1, 3), _SCOPES),
     _ANY,
 )
 
@@ -510,6 +543,7 @@ def test_four_tuples_of_anything_raise_only_value_error(local: object, peer: obj
     assert len(four.local) == len(four.peer) == (4 if four.family == socket.AF_INET else 16)
     assert 0 <= four.local_port <= 65535
     assert 0 <= four.peer_port <= 65535
+    assert len(encode_lookup_request(four)) == 72  # what parses fits the request (issue 20)
 
 
 # -- the close plan -----------------------------------------------------------------------------

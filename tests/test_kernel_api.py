@@ -6,6 +6,8 @@ from __future__ import annotations
 import inspect
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from tcpclose._kernel import (
     select_backend,
 )
 from tcpclose._kernel._address import parse_four_tuple
+from tcpclose._kernel._diag import decode_lookup_state, decode_reply, encode_lookup_request
 from tests._support import addr, listener, tcp_pair, wait_until
 
 DATA = Path(__file__).parent / "data"
@@ -61,6 +64,79 @@ def test_linux_prefers_netlink_then_procfs_then_nothing() -> None:
 def test_this_machine_uses_netlink() -> None:
     assert _netlink.probe()
     assert tcpclose.kernel.backend() == "netlink"
+
+
+_AUDIT_SOCKETS = """
+import sys
+events = []
+sys.addaudithook(lambda e, a: events.append(e) if e.startswith("socket.") else None)
+import tcpclose, tcpclose.kernel, tcpclose.aio
+print(sorted(set(events)), tcpclose._kernel._backend)
+{after}
+"""
+
+
+def _python(code: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    return done.stdout
+
+
+def test_import_opens_no_socket() -> None:
+    """Issue 17: importing tcpclose used to probe the kernel view (a sock_diag socket and
+    a TCP listener bound on 127.0.0.1). The audit hook sees every socket made or bound:
+    none at import; the first use of the kernel view makes the lookup socket, and only
+    it (no TCP socket, no bind)."""
+    after = """
+events.clear()
+print(tcpclose.kernel.backend(), sorted(set(events)))
+st = tcpclose.lookup(("127.0.0.1", 1), ("127.0.0.1", 2))
+print(st.state.name, sorted(set(events)))
+"""
+    lines = _python(_AUDIT_SOCKETS.format(after=after)).splitlines()
+    assert lines == [
+        "[] None",
+        "netlink ['socket.__new__']",  # the detector works: it sees the lookup socket
+        "CLOSED ['socket.__new__']",  # ... which the lookups then reuse
+    ]
+
+
+def test_probe_does_not_take_a_missing_tcp_diag_for_no_socket() -> None:
+    """A kernel without a diag handler for the protocol answers an exact lookup with
+    ENOENT, just as for a 4-tuple that has no socket (shown here with a protocol no
+    kernel handles, asking for a socket that exists). The probe tells the two apart."""
+    client, server = tcp_pair(socket.AF_INET)
+    with client, server:
+        _probe_tells(client)
+
+
+def _probe_tells(client: socket.socket) -> None:
+    four = parse_four_tuple(addr(client), addr(client, peer=True))
+    chan = _netlink.channel()
+    request = bytearray(encode_lookup_request(four))
+    assert decode_reply(chan.buffer, chan.exchange(bytes(request))) is not None
+    request[17] = 200  # sdiag_protocol: no handler
+    assert decode_reply(chan.buffer, chan.exchange(bytes(request))) is None  # "no socket"
+    assert _netlink.probe_protocol(200) is False
+    assert _netlink.probe_protocol(socket.IPPROTO_TCP) is True
+    size = chan.request(four)
+    assert decode_lookup_state(chan.buffer, size, four).state is TcpState.ESTABLISHED
+
+
+def test_without_sock_diag_the_first_use_falls_back_to_procfs() -> None:
+    """The backend is chosen on first use; a failed probe (here: netlink sockets
+    refused by the audit hook, as a seccomp profile would) gives the procfs view."""
+    code = """
+import sys
+def deny(event, args):
+    if event == "socket.__new__" and args[1] == 16:  # AF_NETLINK
+        raise PermissionError(1, "netlink denied")
+sys.addaudithook(deny)
+import tcpclose.kernel
+print(tcpclose._kernel._backend, tcpclose.kernel.backend())
+"""
+    assert _python(code).split() == ["None", "procfs"]
 
 
 def test_unsupported_answers_unknown_and_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,12 +186,27 @@ def test_procfs_backend_as_the_chosen_one(monkeypatch: pytest.MonkeyPatch) -> No
         ((b"127.0.0.1", 80), ("127.0.0.1", 1), "host as a str"),
         (("::1", 80), ("127.0.0.1", 1), "different address families"),
         (("::1", 80, 0, -1), ("::1", 1), "scope_id"),
+        (("::1", 80, 0, 2**32), ("::1", 1), "scope_id"),  # was struct.error (issue 20)
+        (("fe80::1%4294967296", 80), ("fe80::2", 1), "interface index"),
         (("fe80::1%no-such-if", 80), ("fe80::2", 1), "unknown IPv6 scope"),
     ],
 )
 def test_malformed_addresses_are_value_errors(local: Any, peer: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         tcpclose.lookup(local, peer)
+
+
+def test_bad_scope_on_the_command_line_is_a_usage_error() -> None:
+    """Issue 20: the CLI printed a struct.error traceback and exited 1 ("no socket")."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tcpclose", "lookup", "[fe80::1%4294967296]:80", "[fe80::2]:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("cookie", [-1, 1 << 64, 1.5, True, "1"])
@@ -245,6 +336,18 @@ def test_summary_counts(scene: dict[str, Any]) -> None:
     assert data["by_state"] == {s.name: n for s, n in summary.by_state.items()}
     with pytest.raises(TypeError):
         summary.by_state[TcpState.LISTEN] = 5  # type: ignore[index]
+
+
+def test_summary_counts_what_dump_returns(scene: dict[str, Any]) -> None:
+    """The netlink summary counts the kernel's answer without decoding each socket; it
+    must equal counting dump()'s states."""
+    for kwargs in ({}, {"port": scene["port"]}, {"states": ["TIME_WAIT"]}):
+        for _ in range(5):  # sockets come and go between the two dumps: retry
+            counted = tcpclose.kernel.summary(**kwargs)
+            decoded = Summary.from_states(tcpclose.kernel.dump(**kwargs), "netlink")
+            if counted == decoded:
+                break
+        assert counted == decoded, kwargs
 
 
 def test_summary_from_states_counts_and_orders() -> None:

@@ -3,12 +3,17 @@
 
 Expectations come from ``kernel_manifest.json``, recorded at capture time from
 sources other than these decoders: ``getsockname()``, ``fstat()``, ``SO_COOKIE``,
-the state the script drove each socket into, and ``ss``'s own decoding.
+the state the script drove each socket into, and ``ss``'s own decoding. Besides,
+``sock_diag_decoded.json`` holds what the three decoders that preceded the one codec
+(issue 17) made of every capture: the codec must give exactly that.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
+import pickle
 import re
 import socket
 import struct
@@ -24,28 +29,42 @@ from tcpclose import KernelState, TcpState, TimerKind
 from tcpclose._errors import KernelViewError
 from tcpclose._kernel import DEFAULT_DUMP_STATES
 from tcpclose._kernel._address import FourTuple, parse_four_tuple
-from tcpclose._kernel._netlink import (
+from tcpclose._kernel._diag import (
     INET_DIAG_MSG,
     INET_DIAG_REQUEST,
     KernelErrorReply,
+    count_dump,
     decode_attributes,
     decode_dump,
-    decode_lookup_reply,
     decode_lookup_state,
+    decode_reply,
     encode_dump_request,
     encode_lookup_request,
     port_filter_bytecode,
+    reply_attributes,
     reply_matches,
     scan_dump_chunk,
     states_mask,
-    to_kernel_state,
 )
 from tcpclose._kernel._procfs import ProcfsBackend, parse_tcp_line, parse_tcp_table
+from tcpclose._kernel._summary import Summary
 from tcpclose._kernel._tcpinfo import TCP_INFO_MIN_SIZE, TCP_INFO_SIZE, decode_tcp_info
+from tcpclose._kernel._types import new_kernel_state
 
 DATA = Path(__file__).parent / "data"
 INET_DIAG_SHUTDOWN = 8
 SEND_SHUTDOWN = 2
+
+
+@cache
+def decoded_before() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((DATA / "sock_diag_decoded.json").read_text())
+    return data
+
+
+def dump_port_chunks() -> list[bytes]:
+    lines = (DATA / "sock_diag" / "dump_port.hex").read_text().split()
+    return [bytes.fromhex(line) for line in lines]
 
 
 @cache
@@ -71,6 +90,21 @@ MISS_CASES = [
 ]
 
 
+def test_the_fast_constructor_makes_ordinary_frozen_kernel_states() -> None:
+    fields = (
+        TcpState.TIME_WAIT, "netlink", ("127.0.0.1", 8080), ("127.0.0.1", 51000),
+        TimerKind.TIMEWAIT, 59.5, 0, 1, 2, 3, 4, 5,
+    )  # fmt: skip
+    made = new_kernel_state(*fields)
+    assert type(made) is KernelState
+    assert made == KernelState(*fields)
+    assert hash(made) == hash(KernelState(*fields))
+    assert pickle.loads(pickle.dumps(made)) == made
+    assert dataclasses.replace(made, uid=7).uid == 7
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.uid = 7  # type: ignore[misc]
+
+
 def test_struct_sizes_match_the_kernel_headers() -> None:
     assert INET_DIAG_REQUEST.size == 72  # nlmsghdr 16 + inet_diag_req_v2 56
     assert INET_DIAG_MSG.size == 72
@@ -80,32 +114,66 @@ def test_struct_sizes_match_the_kernel_headers() -> None:
 # -- sock_diag lookup replies --------------------------------------------------------------------
 
 
+def family_of(state: KernelState) -> int:
+    assert state.local is not None
+    return socket.AF_INET6 if ":" in state.local[0] else socket.AF_INET
+
+
 @pytest.mark.parametrize("name", SOCKET_CASES)
 def test_lookup_reply_decodes_to_what_was_captured(name: str) -> None:
     expect = manifest()["sock_diag"][name]["expect"]
-    msg = decode_lookup_reply(captured(name))
-    assert msg is not None
-    assert TcpState(msg.state).name == expect["state"]
-    assert msg.family == expect["family"]
-    assert msg.inode == expect["inode"]
-    assert msg.cookie == expect["cookie"]
+    state = decode_reply(captured(name))
+    assert state is not None
+    assert state.state.name == expect["state"]
+    assert family_of(state) == expect["family"]
+    assert state.inode == expect["inode"]
+    assert state.cookie == expect["cookie"]
     if "uid" in expect:
-        assert msg.uid == expect["uid"]
+        assert state.uid == expect["uid"]
     if "rqueue" in expect:
-        assert msg.rqueue == expect["rqueue"]
+        assert state.recv_queue == expect["rqueue"]
     if "timer" in expect:
-        assert TimerKind(msg.timer).name == expect["timer"]
-    state = to_kernel_state(msg)
+        assert state.timer is not None
+        assert state.timer.name == expect["timer"]
     if "local" in expect:
         assert state.local == tuple(expect["local"])
         assert state.peer == tuple(expect["peer"])
     # Every reply carries attributes after the struct; they walk cleanly to the end.
-    assert all(isinstance(kind, int) for kind, _ in msg.attributes)
+    assert all(isinstance(kind, int) for kind, _ in reply_attributes(captured(name)))
+
+
+@pytest.mark.parametrize("name", [*SOCKET_CASES, *MISS_CASES])
+def test_captures_decode_as_before_the_one_codec(name: str) -> None:
+    """Issue 17: the codec replaced three decoders; each capture decodes to what they
+    made of it (``sock_diag_decoded.json``, written by the old code)."""
+    before = decoded_before()
+    raw = captured(name)
+    reply = decode_reply(raw)
+    assert (None if reply is None else reply.as_dict()) == before["lookup_reply"][name]
+    answer = decode_lookup_state(raw, len(raw), case_four(name))
+    assert answer.as_dict() == before["lookup_state"][name]
+    request = encode_lookup_request(case_four(name))
+    assert decode_lookup_state(raw, len(raw), case_four(name), request) == answer
+
+
+def test_dump_capture_decodes_as_before_the_one_codec() -> None:
+    states = list(decode_dump(dump_port_chunks()))
+    assert [s.as_dict() for s in states] == decoded_before()["dump_port"]
+
+
+def test_counting_a_dump_equals_counting_its_states() -> None:
+    chunks = dump_port_chunks()
+    counted = count_dump([chunks])
+    assert counted == Summary.from_states(decode_dump(chunks), "netlink")
+    assert counted.total == len(decoded_before()["dump_port"])
+    twice = count_dump([chunks, chunks])  # two requests (AF_INET, AF_INET6) add up
+    assert twice.total == 2 * counted.total
 
 
 @pytest.mark.parametrize("name", MISS_CASES)
 def test_a_miss_is_enoent(name: str) -> None:
-    assert decode_lookup_reply(captured(name)) is None
+    assert decode_reply(captured(name)) is None
+    assert reply_attributes(captured(name)) == ()
     assert decode_lookup_state(captured(name), len(captured(name)), case_four(name)).state is (
         TcpState.CLOSED
     )
@@ -115,21 +183,23 @@ def test_listener_trap_reply_is_closed() -> None:
     """Regression (issue 4): the kernel answered the LISTEN socket for a gone
     connection; the lookup must say CLOSED."""
     raw, four = captured("listener_trap_v4"), case_four("listener_trap_v4")
-    msg = decode_lookup_reply(raw)
-    assert msg is not None
-    assert msg.state == TcpState.LISTEN
-    assert (msg.dport, msg.dst) == (0, bytes(16))
-    assert not reply_matches(msg, four)
+    state = decode_reply(raw)
+    assert state is not None
+    assert state.state is TcpState.LISTEN
+    assert state.peer == ("0.0.0.0", 0)
+    assert not reply_matches(raw, four)
     assert decode_lookup_state(raw, len(raw), four).state is TcpState.CLOSED
+    request = encode_lookup_request(four)
+    assert decode_lookup_state(raw, len(raw), four, request).state is TcpState.CLOSED
 
 
 @pytest.mark.parametrize("name", [n for n in SOCKET_CASES if n != "listener_trap_v4"])
-def test_hot_path_decoder_agrees_with_the_full_one(name: str) -> None:
+def test_the_request_shortcut_agrees_with_the_field_comparison(name: str) -> None:
     raw, four = captured(name), case_four(name)
-    msg = decode_lookup_reply(raw)
-    assert msg is not None
-    assert reply_matches(msg, four)
-    assert decode_lookup_state(raw, len(raw), four) == to_kernel_state(msg)
+    assert reply_matches(raw, four)
+    request = encode_lookup_request(four)
+    assert decode_lookup_state(raw, len(raw), four, request) == decode_reply(raw)
+    assert decode_lookup_state(raw, len(raw), four) == decode_reply(raw)
 
 
 def test_mapped_reply_is_reported_as_the_kernel_holds_it() -> None:
@@ -152,20 +222,16 @@ def test_time_wait_reply_has_seconds_left() -> None:
 
 def test_attributes_walk_finds_the_shutdown_flags() -> None:
     """INET_DIAG_SHUTDOWN says which directions are shut: SEND after SHUT_WR."""
-    msg = decode_lookup_reply(captured("fin_wait2_shutdown_v6"))
-    assert msg is not None
-    shutdown = dict(msg.attributes)[INET_DIAG_SHUTDOWN]
+    shutdown = dict(reply_attributes(captured("fin_wait2_shutdown_v6")))[INET_DIAG_SHUTDOWN]
     assert shutdown == bytes([SEND_SHUTDOWN])
-    estab = decode_lookup_reply(captured("estab_v4"))
-    assert estab is not None
-    assert dict(estab.attributes)[INET_DIAG_SHUTDOWN] == b"\x00"
+    assert dict(reply_attributes(captured("estab_v4")))[INET_DIAG_SHUTDOWN] == b"\x00"
 
 
 def test_kernel_error_other_than_enoent_raises() -> None:
     raw = bytearray(captured("enoent"))
     struct.pack_into("=i", raw, 16, -22)  # EINVAL
     with pytest.raises(KernelErrorReply, match="EINVAL") as info:
-        decode_lookup_reply(raw)
+        decode_reply(raw)
     assert info.value.errno == 22
 
 
@@ -173,14 +239,28 @@ def test_kernel_error_other_than_enoent_raises() -> None:
 
 
 def test_port_filtered_dump_matches_ss() -> None:
-    lines = (DATA / "sock_diag" / "dump_port.hex").read_text().split()
-    chunks = [bytes.fromhex(line) for line in lines]
+    chunks = dump_port_chunks()
     assert scan_dump_chunk(chunks[-1], 9)
     states = list(decode_dump(chunks))
     port = manifest()["dump_port"]["port"]
     assert all(s.local is not None and s.peer is not None for s in states)
     assert all(port in (s.local[1], s.peer[1]) for s in states if s.local and s.peer)
     assert sorted(s.state.label for s in states) == manifest()["dump_port"]["ss_states"]
+
+
+def test_a_done_carrying_an_error_fails_the_dump() -> None:
+    """A dump the kernel could not run (no tcp_diag handler: ENOENT) ends with an
+    NLMSG_DONE whose payload is the negative errno; it must not read as "no sockets"."""
+    done = struct.pack("=IHHIIi", 20, 3, 2, 9, 0, -errno.ENOENT)
+    with pytest.raises(KernelErrorReply, match="ENOENT"):
+        scan_dump_chunk(done, 9)
+    with pytest.raises(KernelErrorReply, match="ENOENT"):
+        list(decode_dump([done]))
+    with pytest.raises(KernelErrorReply, match="ENOENT"):
+        count_dump([[done]])
+    fine = struct.pack("=IHHIIi", 20, 3, 2, 9, 0, 0)
+    assert scan_dump_chunk(fine, 9)
+    assert list(decode_dump([fine])) == []
 
 
 def test_dump_request_layout() -> None:
@@ -355,6 +435,7 @@ def test_procfs_big_endian_addresses() -> None:
 # -- fuzz: malformed input raises KernelViewError, nothing else, and ends --------------------
 
 FOUR = parse_four_tuple(("127.0.0.1", 8080), ("127.0.0.1", 51000))
+REQUEST = encode_lookup_request(FOUR)
 SEEDS = [captured(name) for name in (*SOCKET_CASES, *MISS_CASES)]
 fuzz = settings(max_examples=300, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
 
@@ -379,9 +460,12 @@ def _only_kernel_view_errors(fn: Any, *args: Any) -> None:
 @fuzz
 @given(st.one_of(st.binary(max_size=400), mutated()))
 def test_fuzz_netlink_decoders(data: bytes) -> None:
-    _only_kernel_view_errors(decode_lookup_reply, data)
+    _only_kernel_view_errors(decode_reply, data)
+    _only_kernel_view_errors(reply_attributes, data)
     _only_kernel_view_errors(decode_lookup_state, data, len(data), FOUR)
+    _only_kernel_view_errors(decode_lookup_state, data, len(data), FOUR, REQUEST)
     _only_kernel_view_errors(lambda: list(decode_dump([data, data])))
+    _only_kernel_view_errors(count_dump, [[data, data], [data]])
     _only_kernel_view_errors(scan_dump_chunk, data, 0)
     _only_kernel_view_errors(decode_attributes, data, 0, len(data))
 

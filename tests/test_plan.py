@@ -17,6 +17,7 @@ from tcpclose._plan import (
     Event,
     Finished,
     Flush,
+    MeasureAcked,
     MeasureUnacked,
     Outcome,
     Phase,
@@ -122,13 +123,26 @@ def test_graceful_flush_too_slow() -> None:
     assert not result.fin_sent
 
 
+def peer_first_to_grace(policy: str, *, since_sent: float = 0.0, now: float = 0.0) -> ClosePlan:
+    """A peer-first plan whose data is flushed and acknowledged: in the peer's grace."""
+    plan = ClosePlan(ClosePolicy.parse(policy), now)
+    assert isinstance(plan.next_action(), Flush)
+    plan.feed(Event.FLUSHED, now)
+    assert plan.next_action() == MeasureAcked()
+    plan.feed(Event.ACKED, now, rtt=0.001, since_sent=since_sent)
+    return plan
+
+
 def test_peer_first_cooperating_peer() -> None:
     plan = ClosePlan(ClosePolicy.parse("peer-first timeout=5s"), 0.0)
     assert plan.next_action() == Flush(deadline=5.0)
     plan.feed(Event.FLUSHED, 0.0)
-    assert plan.next_action() == Receive(deadline=5.0, idle_timeout=None, max_bytes=1 << 20)
-    plan.feed(Event.PEER_EOF, 0.3)
-    result = finish(plan, 0.3)
+    assert plan.next_action() == MeasureAcked()
+    plan.feed(Event.ACKED, 0.0, rtt=0.0001, since_sent=0.0)
+    # The peer's grace runs from the ACK of our last byte.
+    assert plan.next_action() == Receive(deadline=0.05, idle_timeout=None, max_bytes=1 << 20)
+    plan.feed(Event.PEER_EOF, 0.003)
+    result = finish(plan, 0.003)
     assert result.outcome is Outcome.PEER_EOF
     assert result.mode_applied is CloseMode.PEER_FIRST
     assert result.peer_closed_first
@@ -136,25 +150,111 @@ def test_peer_first_cooperating_peer() -> None:
     assert result.fallback is None
 
 
-def test_peer_first_silence_is_not_a_reason_to_stop() -> None:
-    plan = ClosePlan(ClosePolicy.parse("peer-first timeout=5s idle_timeout=1s"), 0.0)
+def test_peer_first_defaults() -> None:
+    """Issue 14: the default fallback is our FIN, after a grace of 50 ms."""
+    policy = ClosePolicy.parse("peer-first")
+    assert (policy.fallback, policy.grace, policy.timeout) == (Fallback.GRACEFUL, 0.05, 5.0)
+
+
+def test_peer_first_grace_counts_from_our_last_segment() -> None:
+    """Issue 14: our last segment left 30 ms before the close, the round trip is 1 ms:
+    the peer's FIN was due at -29 ms, give or take 50 ms of grace: 21 ms are left. (Not
+    from the peer's ACK: a delayed ACK would add its 40 ms to every wait.)"""
+    plan = peer_first_to_grace("peer-first grace=50ms", since_sent=0.03, now=10.0)
+    action = plan.next_action()
+    assert isinstance(action, Receive)
+    assert action.deadline == pytest.approx(10.021)
+
+
+def test_peer_first_wait_is_at_most_grace() -> None:
+    plan = ClosePlan(ClosePolicy.parse("peer-first grace=50ms"), 0.0)
     plan.feed(Event.FLUSHED, 0.0)
+    plan.feed(Event.ACKED, 0.0, rtt=0.2, since_sent=0.0)
+    assert plan.next_action() == Receive(deadline=0.05, idle_timeout=None, max_bytes=1 << 20)
+
+
+def test_peer_first_slow_reader_waits_for_the_ack_then_grace() -> None:
+    """Issue 14: the wait for the peer's FIN starts once our bytes are acknowledged;
+    until then the plan looks at the kernel again about every RTT, bounded by timeout."""
+    plan = ClosePlan(ClosePolicy.parse("peer-first timeout=5s grace=100ms"), 0.0)
+    plan.feed(Event.FLUSHED, 0.0)
+    plan.feed(Event.UNACKED_SOME, 0.0, rtt=0.02, since_sent=0.0)
+    assert plan.phase is Phase.AWAIT_ACK
+    assert plan.next_action() == Receive(deadline=0.02, idle_timeout=None, max_bytes=1 << 20)
+    plan.feed(Event.DATA, 0.01, nbytes=10)  # the peer may talk meanwhile
+    assert plan.phase is Phase.AWAIT_ACK
+    plan.feed(Event.TIMEOUT, 0.02)
+    assert plan.next_action() == MeasureAcked()
+    plan.feed(Event.UNACKED_SOME, 0.02, rtt=1.0, since_sent=0.0)  # capped at 50 ms
+    left = (1 << 20) - 10
+    assert plan.next_action() == Receive(deadline=0.07, idle_timeout=None, max_bytes=left)
+    plan.feed(Event.TIMEOUT, 0.07)
+    plan.feed(Event.ACKED, 3.0, rtt=0.02, since_sent=0.0)
+    assert plan.next_action() == Receive(deadline=3.1, idle_timeout=None, max_bytes=left)
+    plan.feed(Event.TIMEOUT, 3.1)
+    assert plan.next_action() == Flush(deadline=33.1)  # the graceful fallback
+    assert [event for _, event in plan.result().trace].count(Event.RECHECK) == 2
+
+
+def test_peer_first_slow_reader_bounded_by_timeout() -> None:
+    plan = ClosePlan(ClosePolicy.parse("peer-first timeout=1s"), 0.0)
+    plan.feed(Event.FLUSHED, 0.0)
+    plan.feed(Event.UNACKED_SOME, 0.0, rtt=0.05, since_sent=0.0)
+    plan.feed(Event.TIMEOUT, 1.0)
+    assert plan.next_action() == Flush(deadline=31.0)
+    assert plan.result().fallback is Fallback.GRACEFUL
+
+
+def test_peer_first_idle_connection_is_not_waited_on() -> None:
+    """Issue 14: keep-alive expiry, server shutdown: the peer's last ACK is older than
+    its grace, so no FIN is waited for; the fallback runs at once."""
+    plan = ClosePlan(ClosePolicy.parse("peer-first"), 0.0)
+    plan.feed(Event.FLUSHED, 0.0)
+    plan.feed(Event.ACKED, 0.0, rtt=0.0001, since_sent=5.0)
+    assert plan.next_action() == Flush(deadline=30.0)
+    plan.feed(Event.FLUSHED, 0.0)
+    assert plan.next_action() == ShutdownWrite()
+    assert (Phase.CHECK_ACKED, Event.IDLE) in plan.result().trace
+
+
+def test_peer_first_recent_data_from_the_peer_is_not_idle() -> None:
+    """Issue 14, client side: our request left 2 s ago, the server's response arrived
+    just now; the server's FIN may follow it: the grace counts from its data."""
+    plan = ClosePlan(ClosePolicy.parse("peer-first grace=50ms"), 0.0)
+    plan.feed(Event.FLUSHED, 0.0)
+    plan.feed(Event.ACKED, 0.0, rtt=0.001, since_sent=2.0, since_recv=0.01)
+    assert plan.next_action() == Receive(deadline=0.04, idle_timeout=None, max_bytes=1 << 20)
+    # nothing sent or received for a while: idle
+    plan = ClosePlan(ClosePolicy.parse("peer-first grace=50ms"), 0.0)
+    plan.feed(Event.FLUSHED, 0.0)
+    plan.feed(Event.ACKED, 0.0, rtt=0.001, since_sent=2.0, since_recv=0.5)
+    assert plan.next_action() == Flush(deadline=30.0)
+
+
+def test_peer_first_kernel_cannot_tell_grace_from_now() -> None:
+    plan = ClosePlan(ClosePolicy.parse("peer-first grace=20ms"), 0.0)
+    plan.feed(Event.FLUSHED, 1.0)
+    plan.feed(Event.ERROR, 1.0)
+    assert plan.next_action() == Receive(deadline=1.02, idle_timeout=None, max_bytes=1 << 20)
+
+
+def test_peer_first_silence_is_not_a_reason_to_stop() -> None:
+    plan = peer_first_to_grace("peer-first timeout=5s idle_timeout=1s")
     action = plan.next_action()
     assert isinstance(action, Receive)
     assert action.idle_timeout is None
 
 
 def test_peer_first_fallback_graceful() -> None:
-    plan = ClosePlan(ClosePolicy.parse("peer-first timeout=2s fallback=graceful linger_time=3s"), 0)
-    plan.feed(Event.FLUSHED, 0.0)
-    plan.feed(Event.TIMEOUT, 2.0)
-    assert plan.next_action() == Flush(deadline=5.0)  # a whole graceful close: writes first
-    plan.feed(Event.FLUSHED, 2.0)
+    plan = peer_first_to_grace("peer-first timeout=2s fallback=graceful linger_time=3s")
+    plan.feed(Event.TIMEOUT, 0.05)
+    assert plan.next_action() == Flush(deadline=3.05)  # a whole graceful close: writes first
+    plan.feed(Event.FLUSHED, 0.05)
     assert plan.next_action() == ShutdownWrite()
-    plan.feed(Event.DONE, 2.0)
-    assert plan.next_action() == Receive(deadline=5.0, idle_timeout=5.0, max_bytes=1 << 20)
-    plan.feed(Event.PEER_EOF, 2.1)
-    result = finish(plan, 2.1)
+    plan.feed(Event.DONE, 0.05)
+    assert plan.next_action() == Receive(deadline=3.05, idle_timeout=5.0, max_bytes=1 << 20)
+    plan.feed(Event.PEER_EOF, 0.1)
+    result = finish(plan, 0.1)
     assert result.mode_applied is CloseMode.GRACEFUL
     assert result.fallback is Fallback.GRACEFUL
     assert result.outcome is Outcome.PEER_EOF
@@ -177,15 +277,27 @@ def test_graceful_fallback_flushes_before_its_fin() -> None:
 
 
 def test_peer_first_fallback_abort() -> None:
-    plan = ClosePlan(ClosePolicy.parse("peer-first timeout=2s fallback=abort"), 0.0)
-    plan.feed(Event.FLUSHED, 0.0)
-    plan.feed(Event.TIMEOUT, 2.0)
+    plan = peer_first_to_grace("peer-first timeout=2s fallback=abort")
+    plan.feed(Event.TIMEOUT, 0.05)
     assert plan.next_action() == SetLingerZero()
-    result = finish(plan, 2.0)
+    result = finish(plan, 0.05)
     assert result.outcome is Outcome.ABORTED
     assert result.mode_applied is CloseMode.ABORT
     assert result.fallback is Fallback.ABORT
     assert result.linger_zero
+
+
+@pytest.mark.parametrize("fallback", ["abort", "auto"])
+def test_half_close_always_falls_back_to_our_fin(fallback: str) -> None:
+    """Issue 14: write_eof() under peer-first: grace, then our FIN (RFC 6455 servers
+    half-close and wait for the client, which waits for our TCP close)."""
+    plan = ClosePlan(ClosePolicy.parse(f"peer-first fallback={fallback}"), 0.0, half_close=True)
+    plan.feed(Event.FLUSHED, 0.0)
+    plan.feed(Event.ACKED, 0.0, rtt=0.0001, since_sent=0.0)
+    plan.feed(Event.TIMEOUT, 0.05)
+    assert plan.next_action() == Flush(deadline=30.05)
+    plan.feed(Event.FLUSHED, 0.05)
+    assert plan.next_action() == ShutdownWrite()
 
 
 @pytest.mark.parametrize(
@@ -197,8 +309,9 @@ def test_peer_first_fallback_abort() -> None:
     ],
 )
 def test_peer_first_fallback_auto(measured: Event, mode: CloseMode, first: object) -> None:
-    plan = ClosePlan(ClosePolicy.parse("peer-first timeout=1s fallback=auto"), 0.0)
+    plan = ClosePlan(ClosePolicy.parse("peer-first timeout=1s grace=1s fallback=auto"), 0.0)
     plan.feed(Event.FLUSHED, 0.0)
+    plan.feed(Event.ACKED, 0.0, rtt=0.0001, since_sent=0.0)
     plan.feed(Event.TIMEOUT, 1.0)
     assert plan.next_action() == MeasureUnacked()
     plan.feed(measured, 1.0)
@@ -207,13 +320,12 @@ def test_peer_first_fallback_auto(measured: Event, mode: CloseMode, first: objec
 
 
 def test_peer_first_flood_spends_budget_then_fallback_closes_at_once() -> None:
-    plan = ClosePlan(ClosePolicy.parse("peer-first max_drain_bytes=100 fallback=graceful"), 0.0)
-    plan.feed(Event.FLUSHED, 0.0)
-    plan.feed(Event.DATA, 0.1, nbytes=100)
-    plan.feed(Event.FLUSHED, 0.1)
+    plan = peer_first_to_grace("peer-first max_drain_bytes=100 fallback=graceful")
+    plan.feed(Event.DATA, 0.01, nbytes=100)
+    plan.feed(Event.FLUSHED, 0.01)
     assert plan.next_action() == ShutdownWrite()
-    plan.feed(Event.DONE, 0.1)
-    result = finish(plan, 0.1)
+    plan.feed(Event.DONE, 0.01)
+    result = finish(plan, 0.01)
     assert result.outcome is Outcome.BYTE_CAP
     assert result.drained_bytes == 100
     assert result.fin_sent
@@ -241,6 +353,8 @@ def test_abort_and_default() -> None:
 def test_known_peer_eof_before_start(policy: str) -> None:
     plan = ClosePlan(ClosePolicy.parse(policy), 0.0, peer_eof=True)
     plan.feed(Event.FLUSHED, 0.0)
+    if plan.next_action() == MeasureAcked():
+        plan.feed(Event.ACKED, 0.0, rtt=0.0001, since_sent=60.0)  # idle, yet the FIN is here
     if plan.next_action() == ShutdownWrite():
         plan.feed(Event.DONE, 0.0)  # graceful sends its FIN after the peer's
     plan.feed(Event.PEER_EOF, 0.0)
@@ -276,20 +390,23 @@ _policies = st.sampled_from(
         "peer-first timeout=2s fallback=graceful linger_time=3s max_drain_bytes=10KiB",
         "peer-first timeout=2s fallback=abort",
         "peer-first timeout=2s fallback=auto linger_time=3s",
+        "peer-first timeout=2s grace=1s fallback=abort",
         "abort",
         "default",
     ]
 )
 
 
-@given(_policies, _peer_events, st.booleans())
+@given(_policies, _peer_events, st.booleans(), st.lists(st.floats(0.0, 3.0), max_size=50))
 def test_every_close_ends_within_bounds(
-    text: str, events: list[tuple[Event, float, int]], unacked: bool
+    text: str, events: list[tuple[Event, float, int]], unacked: bool, acks: list[float]
 ) -> None:
     policy = ClosePolicy.parse(text)
     plan = ClosePlan(policy, 0.0)
     now = 0.0
     feed = iter(events)
+    # Each look at the kernel: unacknowledged (negative) or acknowledged that long ago.
+    kernel = iter([a - 1.5 for a in acks])
     for _ in range(1000):
         action = plan.next_action()
         if isinstance(action, Finished):
@@ -313,6 +430,10 @@ def test_every_close_ends_within_bounds(
             plan.feed(Event.FLUSHED, now)
         elif isinstance(action, MeasureUnacked):
             plan.feed(Event.UNACKED_SOME if unacked else Event.UNACKED_NONE, now)
+        elif isinstance(action, MeasureAcked):
+            since = next(kernel, 0.0)
+            event = Event.UNACKED_SOME if since < 0 else Event.ACKED
+            plan.feed(event, now, rtt=0.05, since_sent=max(since, 0.0))
         else:
             plan.feed(Event.DONE, now)
     else:

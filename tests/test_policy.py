@@ -41,7 +41,38 @@ def test_defaults_are_documented_values() -> None:
     assert policy.linger_time == 30.0
     assert policy.max_drain_bytes == 1 << 20
     assert policy.timeout == 5.0
-    assert policy.fallback is Fallback.AUTO
+    assert policy.grace == 0.05
+    assert policy.fallback is Fallback.GRACEFUL
+
+
+@pytest.mark.parametrize(
+    ("old", "canonical"),
+    [
+        ("peer-first timeout=5s fallback=auto", "peer-first fallback=auto"),
+        ("peer-first timeout=2s fallback=abort", "peer-first timeout=2s fallback=abort"),
+        ("client-first fallback=graceful", "peer-first"),
+        ("peer-first timeout=200ms", "peer-first timeout=200ms"),
+        ("peer-first timeout=10ms", "peer-first timeout=10ms"),
+    ],
+)
+def test_issue_14_old_strings_keep_their_words(old: str, canonical: str) -> None:
+    """Issue 14: strings written before ``grace`` existed still parse, every word they
+    say keeps its value, and the canonical text round-trips. (A ``timeout`` below
+    ``grace`` is fine: the wait ends at whichever bound comes first.)"""
+    policy = ClosePolicy.parse(old)
+    assert str(policy) == canonical
+    assert ClosePolicy.parse(canonical) == policy
+    for word in old.split()[1:]:
+        key, _, _ = word.partition("=")
+        assert getattr(policy, key) == getattr(ClosePolicy.parse(f"peer-first {word}"), key)
+
+
+def test_grace_belongs_to_peer_first() -> None:
+    with pytest.raises(PolicyError, match="'grace' does not apply to mode 'graceful'") as info:
+        ClosePolicy.parse("graceful grace=10ms")
+    assert "peer-first" in str(info.value)
+    assert ClosePolicy.peer_first(grace=0.2) == ClosePolicy.parse("peer-first grace=200ms")
+    assert ClosePolicy.peer_first().fallback is Fallback.GRACEFUL
 
 
 def test_issue_example_prints_canonical_form() -> None:
@@ -65,6 +96,8 @@ def test_issue_example_prints_canonical_form() -> None:
         ("graceful max_drain_bytes=0", "max_drain_bytes", 0),
         ("peer-first timeout=0", "timeout", 0.0),
         ("peer-first timeout=5s", "timeout", 5.0),
+        ("peer-first grace=20ms", "grace", 0.02),
+        ("peer-first grace=0", "grace", 0.0),
         ("peer-first fallback=graceful", "fallback", Fallback.GRACEFUL),
         ("peer-first fallback=abort", "fallback", Fallback.ABORT),
         ("peer-first fallback=auto", "fallback", Fallback.AUTO),
@@ -268,6 +301,7 @@ def policies(draw: st.DrawFn) -> ClosePolicy:
         kwargs["max_drain_bytes"] = draw(sizes)
     if mode is CloseMode.PEER_FIRST:
         kwargs["timeout"] = draw(durations)
+        kwargs["grace"] = draw(durations)
         kwargs["fallback"] = draw(st.sampled_from(list(Fallback)))
     return ClosePolicy(**kwargs)
 

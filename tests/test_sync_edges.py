@@ -19,20 +19,7 @@ import pytest
 import tcpclose
 from tcpclose import TcpState
 from tcpclose._plan import Outcome
-from tests._support import addr, ss_lookup, tcp_pair, wait_until
-
-
-def fill_send_queue(sock: socket.socket) -> int:
-    """Send until the kernel refuses more (the peer is not reading); return bytes sent."""
-    sock.setblocking(False)
-    chunk = b"x" * 65536
-    sent = 0
-    for _ in range(10_000):
-        try:
-            sent += sock.send(chunk)
-        except BlockingIOError:
-            return sent
-    raise AssertionError("the send queue never filled")
+from tests._support import addr, fill_send_queue, ss_lookup, tcp_pair, wait_until
 
 
 def set_linger(sock: socket.socket, on: int, seconds: int) -> None:

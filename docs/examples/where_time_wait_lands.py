@@ -1,11 +1,13 @@
 """Where TIME_WAIT lands, per policy: one loopback connection each, as the kernel shows it.
 
 The server writes a response and closes with tcpclose.close(); the client reads it,
-waits briefly for the server's FIN, and closes. For each policy the script prints the
+waits 10 ms for the server's FIN, and closes (a prompt client: within peer-first's
+50 ms grace). For each policy the script prints the
 server's report and the client side's kernel state from tcpclose.lookup():
 
 * graceful:   the server sends FIN first, so TIME_WAIT is on the server;
-* peer-first: the server waits for the client's FIN, so TIME_WAIT is on the client;
+* peer-first: the server gives the client its grace to close first, so TIME_WAIT is
+              on the client;
 * abort:      RST, so TIME_WAIT is nowhere. The server aborts only after the client has
               read everything, so nothing is lost (what fallback=auto checks).
 
@@ -31,15 +33,15 @@ TRANSIENT = {TcpState.FIN_WAIT1, TcpState.FIN_WAIT2, TcpState.CLOSING, TcpState.
 
 
 def client(sock: socket.socket, done_reading: threading.Event, seen: dict[str, object]) -> None:
-    """Read the response, wait up to 200 ms for the server's FIN, then close."""
+    """Read the response, wait up to 10 ms for the server's FIN, then close."""
     seen.update(local=sock.getsockname(), peer=sock.getpeername())
     received = 0
     while received < len(RESPONSE) and (chunk := sock.recv(65536)):
         received += len(chunk)
     done_reading.set()
-    ending = "no FIN within 200 ms, so it closed first"
+    ending = "no FIN within 10 ms, so it closed first"
     try:
-        if select.select([sock], [], [], 0.2)[0] and sock.recv(1) == b"":
+        if select.select([sock], [], [], 0.01)[0] and sock.recv(1) == b"":
             ending = "the server's FIN"
     except ConnectionResetError:
         ending = "the server's RST"

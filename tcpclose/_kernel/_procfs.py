@@ -36,6 +36,7 @@ from typing import Final, Literal
 from tcpclose._errors import KernelViewError
 
 from ._address import MAPPED_PREFIX, FourTuple
+from ._summary import Summary
 from ._types import KernelState, TcpState, TimerKind
 
 __all__ = ("ProcfsBackend", "address_hex", "parse_tcp_line", "parse_tcp_table")
@@ -288,6 +289,12 @@ class ProcfsBackend:
             if text is not None:
                 tables.append((family, text))
         return self._filter(tables, states, port)
+
+    def summary(
+        self, states: Collection[TcpState], port: int | None, families: Collection[int]
+    ) -> Summary:
+        """:meth:`dump`'s sockets counted."""
+        return Summary.from_states(self.dump(states, port, families), "procfs")
 
     def _filter(
         self,

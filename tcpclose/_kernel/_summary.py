@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -14,6 +15,17 @@ __all__ = ("Summary",)
 
 def _frozen(counter: Counter[TcpState] | Counter[int] | Counter[Address]) -> Mapping[object, int]:
     return MappingProxyType(dict(counter.most_common()))
+
+
+def _by_count(
+    counts: Mapping[TcpState, int] | Mapping[int, int] | Mapping[Address, int],
+) -> Mapping[object, int]:
+    """Read-only, largest count first (ties in their first-seen order, as
+    ``Counter.most_common``)."""
+    return MappingProxyType(dict(sorted(counts.items(), key=_count_of, reverse=True)))
+
+
+_count_of = operator.itemgetter(1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +74,25 @@ class Summary:
             _frozen(by_state),  # type: ignore[arg-type]
             _frozen(by_port),  # type: ignore[arg-type]
             _frozen(by_destination),  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def from_counts(
+        cls,
+        source: Source,
+        by_state: Mapping[TcpState, int],
+        time_wait_by_local_port: Mapping[int, int],
+        time_wait_by_destination: Mapping[Address, int],
+    ) -> Summary:
+        """A summary of counts made elsewhere (the netlink view counts a dump without
+        decoding each socket): positive counts only; ``total`` is the sum of
+        ``by_state``."""
+        return cls(
+            source,
+            sum(by_state.values()),
+            _by_count(by_state),  # type: ignore[arg-type]
+            _by_count(time_wait_by_local_port),  # type: ignore[arg-type]
+            _by_count(time_wait_by_destination),  # type: ignore[arg-type]
         )
 
     def count(self, state: TcpState) -> int:

@@ -11,6 +11,7 @@ from collections.abc import Collection, Iterator
 from typing import Final
 
 from ._address import FourTuple
+from ._summary import Summary
 from ._types import KernelState, TcpState
 
 __all__ = ("UNKNOWN_STATE", "UnsupportedBackend")
@@ -31,3 +32,8 @@ class UnsupportedBackend:
         self, states: Collection[TcpState], port: int | None, families: Collection[int]
     ) -> Iterator[KernelState]:
         return iter(())
+
+    def summary(
+        self, states: Collection[TcpState], port: int | None, families: Collection[int]
+    ) -> Summary:
+        return Summary.from_states((), self.name)

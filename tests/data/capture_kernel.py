@@ -14,7 +14,7 @@ Drives real loopback connections into known states and stores, under ``tests/dat
   other than our decoders (``getsockname``, ``fstat``, ``SO_COOKIE``, the state the
   script drove the socket into, ``ss``).
 
-Requests are packed with ``tcpclose._kernel._netlink`` (the encoder is checked by
+Requests are packed with ``tcpclose._kernel._diag`` (the encoder is checked by
 its own worked examples); replies are stored untouched.
 """
 
@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from tcpclose._kernel._address import parse_four_tuple
-from tcpclose._kernel._netlink import (
+from tcpclose._kernel._diag import (
     NETLINK_SOCK_DIAG,
     encode_dump_request,
     encode_lookup_request,
     scan_dump_chunk,
 )
-from tcpclose._kernel._netlink import port_filter_bytecode as port_bytecode
+from tcpclose._kernel._diag import port_filter_bytecode as port_bytecode
 
 HERE = Path(__file__).resolve().parent
 SO_COOKIE = 57

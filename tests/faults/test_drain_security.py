@@ -34,6 +34,8 @@ DRIVERS = ("sync", "asyncio", "uvloop")
 IDLE_S = 0.2
 LINGER_S = 0.8
 TIMEOUT_S = 0.3
+#: Longer than the timeout: peer-first waits the whole timeout (the bounds under test).
+GRACE_S = 60.0
 #: About 1 MiB, and no multiple of a read size: a drain that overshoots the budget by a
 #: partial read cannot land on it by chance.
 CAP = 1_000_003
@@ -132,7 +134,7 @@ class Trickler:
     [
         (f"graceful idle_timeout={IDLE_S}s linger_time={LINGER_S}s", LINGER_S),
         (
-            f"peer-first timeout={TIMEOUT_S}s fallback=graceful "
+            f"peer-first timeout={TIMEOUT_S}s grace={GRACE_S}s fallback=graceful "
             f"idle_timeout={IDLE_S}s linger_time={LINGER_S}s",
             TIMEOUT_S + LINGER_S,
         ),

@@ -123,12 +123,12 @@ def test_tls_peer_closes_without_close_notify(case: Case) -> None:
             case.close_and_check(run, outcome=Outcome.ABORTED, states={TcpState.CLOSED})
         elif name == "graceful":
             # Our close_notify first; our FIN waits for the peer's answer, which is its
-            # FIN here: TIME_WAIT lands on the peer (issue 20).
+            # FIN here: the peer closed TCP first, TIME_WAIT lands on it (issue 20).
             report = case.close_and_check(
                 run, outcome=Outcome.PEER_EOF, states={TcpState.LAST_ACK, TcpState.CLOSED}
             )
-            assert report.fin_sent
-            assert not report.peer_closed_first
+            assert report.fin_sent  # (our close_notify: the end of our stream)
+            assert report.peer_closed_first
         else:
             report = case.close_and_check(
                 run, outcome=Outcome.PEER_EOF, states={TcpState.LAST_ACK, TcpState.CLOSED}
