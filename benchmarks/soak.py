@@ -27,14 +27,26 @@ Invariants (the exit status is non-zero when one fails):
   not abandon it (``graceful``, ``peer-first`` with ``fallback=graceful`` or ``auto``),
   and for ``fallback=abort`` unless the server did reset that connection;
 * every close ends within its policy's bound (+10 %, plus ``--late`` seconds for a
-  loop busy with ``--concurrency`` other connections, whose timers run late);
+  loop busy with ``--concurrency`` other connections, whose timers run late, or twice
+  the worst loop lag measured in the main run when that is more);
+* the servers' ``wait_closed()`` returns within 30 s of ``close()``;
 * the server process's fds and asyncio tasks are back to their baseline, and its RSS
   grew by less than 10 MiB from the baseline (taken after a warm-up of
   ``--warmup`` connections, once first-use allocations are made);
 * the run ends within ``--time-limit`` seconds (a hard cap: the client stops opening
   connections and the run fails).
 
-Usage: python benchmarks/soak.py [--quick] [--connections N] [--json PATH]
+With ``--tls`` every connection is TLS: the servers get an ``ssl=`` context with a
+certificate made by ``trustme`` at run time (a throwaway CA, in memory), and the
+client process trusts that CA (its PEM travels in the client's plan; no file is
+written). The same invariants hold, except that the RSS check is on the RSS after
+``malloc_trim(0)`` (see ``check``). The server's loop lag (how late a 10 ms timer
+runs) is measured during the main run, to tell a late timer from a late close.
+
+Results go to ``benchmarks/results/soak[_netns][_tls][_uvloop].json`` unless ``--json``
+says otherwise.
+
+Usage: python benchmarks/soak.py [--quick] [--tls] [--uvloop] [--connections N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ import json
 import os
 import random
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -65,7 +78,9 @@ import tcpclose
 import tcpclose.aio
 from tcpclose import CloseMode, ClosePolicy, CloseReport, Fallback
 
-RESULTS: Final = Path(__file__).parent / "results" / "soak.json"
+RESULTS_DIR: Final = Path(__file__).parent / "results"
+#: The name the certificate is issued for, and the name the client checks.
+TLS_NAME: Final = "localhost"
 
 IDLE_S: Final = 0.2
 TIMEOUT_S: Final = 0.3
@@ -91,8 +106,10 @@ BEHAVIOURS: Final[dict[str, int]] = {  # name: weight
 }
 ABANDONING: Final = frozenset({"close-early", "reset"})
 
-#: Request header: connection id, body length, response length, SHA-256 of the body.
-REQUEST: Final = struct.Struct("!IIIx32s")
+#: Request header: connection id, body length, response length, the peer's behaviour
+#: (its index in BEHAVIOURS, so the server can file each report under it), SHA-256 of
+#: the body.
+REQUEST: Final = struct.Struct("!IIIB32s")
 #: Response header: response length, SHA-256 of the response.
 RESPONSE: Final = struct.Struct("!I32s")
 SLOW_PAUSE_S: Final = 0.4  # > peer-first's timeout, < linger_time
@@ -100,6 +117,7 @@ SLOW_RESPONSE: Final = 1 << 20
 FLOOD_BYTES: Final = 1 << 20
 BLOB_SIZE: Final = 2 << 20
 PEER_WAIT_S: Final = 5.0
+WAIT_CLOSED_S: Final = 30.0
 #: An abort waits for nothing: its bound is the time its syscalls and report take.
 ABORT_BOUND_S: Final = 0.05  # how long a client waits for the server's end of a connection
 
@@ -127,6 +145,25 @@ def trimmed_rss_bytes() -> int:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     return rss_bytes()
+
+
+@dataclasses.dataclass(frozen=True)
+class Tls:
+    """The servers' TLS context and the PEM of the CA the client must trust."""
+
+    server: ssl.SSLContext
+    ca_pem: str
+
+
+def make_tls() -> Tls:
+    """A throwaway CA and a certificate for ``TLS_NAME``, in memory (trustme is only
+    needed for ``--tls``)."""
+    import trustme
+
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(TLS_NAME).configure_cert(server)
+    return Tls(server, ca.cert_pem.bytes().decode())
 
 
 def fd_count() -> int:
@@ -225,24 +262,27 @@ async def one_client(
     policy: str,
     behaviour: str,
     rng: random.Random,
+    tls: ssl.SSLContext | None,
 ) -> None:
     body = bytes(payload(data, conn_id + 1, rng.randint(1, 16 * 1024)))
     size = SLOW_RESPONSE if behaviour == "slow" else rng.randint(1, 64 * 1024)
-    head = REQUEST.pack(conn_id, len(body), size, hashlib.sha256(body).digest())
+    kind = list(BEHAVIOURS).index(behaviour)
+    head = REQUEST.pack(conn_id, len(body), size, kind, hashlib.sha256(body).digest())
+    secure: dict[str, Any] = {} if tls is None else {"ssl": tls, "server_hostname": TLS_NAME}
     try:
         if behaviour == "slow":
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
             sock.setblocking(False)
             await asyncio.get_running_loop().sock_connect(sock, (host, port))
-            reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+            reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20, **secure)
             # Really not reading: otherwise the loop reads into the StreamReader at once
             # (and a StreamReader raises a reset before handing out what it buffered).
             transport = writer.transport
             assert isinstance(transport, asyncio.ReadTransport)
             transport.pause_reading()
         else:
-            reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+            reader, writer = await asyncio.open_connection(host, port, limit=1 << 20, **secure)
     except OSError as exc:
         tally.connect_errors += 1
         tally.error(f"connect: {exc!r}")
@@ -272,6 +312,9 @@ async def one_client(
         if behaviour == "reset":
             tally.lost_bytes_abandoned += size - len(got)
             _linger_zero(writer)
+            # abort(): a TLS transport's close() would first send close_notify and wait
+            # for the answer; the plain one resets the same either way.
+            writer.transport.abort()
             return
         whole = len(got) == size
         if whole and hashlib.sha256(got).digest() != digest:
@@ -295,8 +338,14 @@ async def one_client(
             async def flood() -> None:
                 with contextlib.suppress(OSError):
                     for _ in range(FLOOD_BYTES // len(junk)):
+                        # Over TLS, drain() does not notice at once that the TCP
+                        # connection is lost, and asyncio's TLS transport writes on,
+                        # logging each send: stop at the first sign of the end.
+                        if writer.is_closing() or reader.at_eof():
+                            break
                         writer.write(junk)
                         await writer.drain()
+                        await asyncio.sleep(0)  # let the loop deliver a reset
 
             flooding = asyncio.create_task(flood())
             end = await _wait_end(reader)
@@ -331,6 +380,9 @@ async def run_clients(plan: dict[str, Any]) -> ClientTally:
     deadline = time.monotonic() + plan["time_limit"]
     limit = asyncio.Semaphore(plan["concurrency"])
     tasks: set[asyncio.Task[None]] = set()
+    tls = None
+    if plan["ca_pem"] is not None:
+        tls = ssl.create_default_context(cadata=plan["ca_pem"])
     for conn_id in range(plan["connections"]):
         if time.monotonic() >= deadline:
             tally.timed_out = True
@@ -348,6 +400,7 @@ async def run_clients(plan: dict[str, Any]) -> ClientTally:
                 policy,
                 behaviour,
                 random.Random(rng.random()),
+                tls,
             )
         )
         tasks.add(task)
@@ -380,12 +433,20 @@ class ServerTally:
     reports: int = 0
     outcomes: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     by_policy: dict[str, collections.Counter[str]] = dataclasses.field(default_factory=dict)
+    #: policy -> behaviour -> outcome (with "/fallback") -> count
+    by_behaviour: dict[str, dict[str, collections.Counter[str]]] = dataclasses.field(
+        default_factory=dict
+    )
+    #: the behaviour of each connection whose handler has read its request, by peer address
+    behaviour_of: dict[tuple[str, int], str] = dataclasses.field(default_factory=dict)
     rst_sent: int = 0
     peer_resets: int = 0
     drained_bytes: int = 0
     discarded_bytes: int = 0
     max_over_bound_s: float = 0.0
     over_bound: int = 0
+    #: "policy behaviour" -> [closes over their bound (+10 %), the most over, seconds]
+    over_bound_by: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     loop_errors: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -394,7 +455,7 @@ def make_handler(tally: ServerTally, data: bytes) -> Any:
         tally.handlers += 1
         try:
             async with asyncio.timeout(10):
-                conn_id, body_len, size, digest = REQUEST.unpack(
+                conn_id, body_len, size, kind, digest = REQUEST.unpack(
                     await reader.readexactly(REQUEST.size)
                 )
                 body = await reader.readexactly(body_len)
@@ -403,6 +464,8 @@ def make_handler(tally: ServerTally, data: bytes) -> Any:
             tally.loop_errors.append(f"handler: {exc!r}")
             return
         tally.request_bytes += body_len
+        peer = writer.get_extra_info("peername")
+        tally.behaviour_of[peer[0], peer[1]] = list(BEHAVIOURS)[kind]
         if hashlib.sha256(body).digest() != digest:
             tally.bodies_bad += 1
         response = payload(data, conn_id, size)
@@ -421,17 +484,26 @@ def make_on_close(tally: ServerTally, name: str, late_s: float) -> Any:
         tally.reports += 1
         outcome = report.outcome.value
         tally.outcomes[outcome] += 1
-        counter[outcome if report.fallback is None else f"{outcome}/{report.fallback.value}"] += 1
+        key = outcome if report.fallback is None else f"{outcome}/{report.fallback.value}"
+        counter[key] += 1
+        peer = None if report.peer is None else (report.peer[0], report.peer[1])
+        behaviour = tally.behaviour_of.pop(peer, "unknown") if peer else "unknown"
+        tally.by_behaviour.setdefault(name, {}).setdefault(behaviour, collections.Counter())[
+            key
+        ] += 1
         tally.rst_sent += report.rst_sent
         tally.peer_resets += outcome == "reset"
         tally.drained_bytes += report.drained_bytes
         if outcome == "error" and len(tally.loop_errors) < 20:
-            tally.loop_errors.append(f"outcome error: {report}")
+            tally.loop_errors.append(f"outcome error ({behaviour}): {report}")
         tally.discarded_bytes += report.discarded_bytes
         over = report.duration - bound_of(report.policy, report.fallback) * 1.1
         if over > 0:
             tally.over_bound += 1
             tally.max_over_bound_s = max(tally.max_over_bound_s, over)
+            cell = tally.over_bound_by.setdefault(f"{name} {behaviour}", [0, 0.0])
+            cell[0] += 1
+            cell[1] = max(cell[1], over)
             if over > late_s and len(tally.loop_errors) < 20:
                 tally.loop_errors.append(f"over its bound by {over:.3f}s: {report}")
 
@@ -439,10 +511,13 @@ def make_on_close(tally: ServerTally, name: str, late_s: float) -> Any:
 
 
 async def serve(
-    args: argparse.Namespace, host: str = "127.0.0.1", client_prefix: tuple[str, ...] = ()
+    args: argparse.Namespace,
+    host: str = "127.0.0.1",
+    client_prefix: tuple[str, ...] = (),
+    tls: Tls | None = None,
 ) -> dict[str, Any]:
-    """Run the servers on ``host``; the client process is started with ``client_prefix``
-    (e.g. ``ip netns exec <ns>``) in front of its command line."""
+    """Run the servers on ``host`` (over TLS with ``tls``); the client process is started
+    with ``client_prefix`` (e.g. ``ip netns exec <ns>``) in front of its command line."""
     loop = asyncio.get_running_loop()
     tally = ServerTally()
 
@@ -461,6 +536,7 @@ async def serve(
             close_policy=text,
             on_close=make_on_close(tally, name, args.late),
             backlog=1024,
+            ssl=None if tls is None else tls.server,
         )
         for name, text in POLICIES.items()
     }
@@ -476,6 +552,7 @@ async def serve(
             "ports": ports,
             "concurrency": args.concurrency,
             "time_limit": time_limit,
+            "ca_pem": None if tls is None else tls.ca_pem,
         }
         proc = await asyncio.create_subprocess_exec(
             *client_prefix,
@@ -496,19 +573,28 @@ async def serve(
         result: dict[str, Any] = json.loads(out)
         return result
 
+    lags: list[float] = []
+
+    async def measure_lag() -> None:
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(0.01)
+            lags.append(loop.time() - t0 - 0.01)
+
     async def settle(expected_reports: int) -> None:
         deadline = time.monotonic() + 10
         while tally.reports < expected_reports and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         me = asyncio.current_task()
         while time.monotonic() < deadline:
-            if not [t for t in asyncio.all_tasks() if t is not me and not t.done()]:
+            if not [t for t in asyncio.all_tasks() if t not in (me, ticker) and not t.done()]:
                 break
             await asyncio.sleep(0.05)
 
     if args.trace_memory:
         tracemalloc.start(8)
     # warm-up: first-use allocations (buffers, caches, code paths)
+    ticker: asyncio.Task[None] | None = None
     warm = await clients(args.warmup, args.seed + 1, args.time_limit)
     await settle(warm["connections"])
     gc.collect()
@@ -519,7 +605,11 @@ async def serve(
     rss_before_trimmed = trimmed_rss_bytes()
     reports_before = tally.reports
     time_left = args.time_limit - (time.monotonic() - started)
+    ticker = asyncio.create_task(measure_lag())
     main_run = await clients(args.connections, args.seed, max(1.0, time_left))
+    ticker.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await ticker
     await settle(reports_before + main_run["connections"])
     gc.collect()
     fds_after = fd_count()
@@ -537,8 +627,13 @@ async def serve(
     elapsed = time.monotonic() - started
     for server in servers.values():
         server.close()
-    for server in servers.values():
-        await server.wait_closed()
+    hung: list[str] = []
+    for name, server in servers.items():
+        try:
+            async with asyncio.timeout(WAIT_CLOSED_S):
+                await server.wait_closed()
+        except TimeoutError:
+            hung.append(f"{name}: wait_closed() still waiting after {WAIT_CLOSED_S}s")
     return {
         "server": tally,
         "warmup": warm,
@@ -555,7 +650,26 @@ async def serve(
         "elapsed_s": elapsed,
         "reports_main": tally.reports - reports_before,
         "memory_growth": growth,
+        "loop_lag_s": sorted(lags),
+        "wait_closed_hung": hung,
     }
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def late_allowance(res: dict[str, Any], args: argparse.Namespace) -> float:
+    """How late a close may end past its bound (+10 %) before it counts as the close's
+    fault: ``--late``, or twice the worst loop lag measured in the main run when that is
+    more. A close's timer runs no earlier than the loop gets to it, and its end needs
+    one more pass (the transport closes the fd in a callback; the report's lookup comes
+    after it). Over TLS the loop also does every handshake and every record's crypto:
+    on this 2-core machine its worst stall (e.g. 252-288 ms, p99 42-77 ms, over 20,000
+    connections) passes ``--late``, and a close that met two stalls ran 264 ms late
+    where the worst stall was 252 ms."""
+    late: float = args.late
+    return max(late, 2 * _quantile(res["loop_lag_s"], 1.0))
 
 
 def check(res: dict[str, Any], args: argparse.Namespace) -> list[str]:
@@ -589,24 +703,40 @@ def check(res: dict[str, Any], args: argparse.Namespace) -> list[str]:
             if lost:
                 failed.append(f"{lost} response bytes lost under {policy} without a reset")
     # Tracing allocations slows the loop and keeps traces: no verdict on time or RSS.
-    if server.max_over_bound_s > args.late and not args.trace_memory:
-        failed.append(f"a close ran {server.max_over_bound_s:.3f}s past its bound (+10%)")
+    if server.max_over_bound_s > late_allowance(res, args) and not args.trace_memory:
+        failed.append(
+            f"a close ran {server.max_over_bound_s:.3f}s past its bound (+10%), "
+            f"loop lag at most {_quantile(res['loop_lag_s'], 1.0):.3f}s"
+        )
     if server.loop_errors and any(e.startswith("loop:") for e in server.loop_errors):
         failed.append("errors reached the loop's exception handler")
     if client["errors"]:
         failed.append(f"client errors, e.g. {client['errors'][:3]}")
+    failed.extend(res["wait_closed_hung"])
     if res["fds_after"] != res["fds_before"]:
         failed.append(f"fds {res['fds_before']} -> {res['fds_after']}")
     if res["tasks_after"] != res["tasks_before"]:
         failed.append(f"tasks {res['tasks_before']} -> {res['tasks_after']}")
     growth = res["rss_after"] - res["rss_before"]
+    what = "RSS"
+    if args.tls:
+        # Over TLS, glibc keeps most of what the TLS buffers freed: RSS as read grew by
+        # 88 MiB over 1,000 connections and 306 MiB over 20,000 (asyncio loop), while
+        # after malloc_trim(0) the growth was 1.7 and 3.4 MiB, and a plain asyncio TLS
+        # server (no tcpclose) grew 24 MiB as read, 1.3 MiB trimmed, over 5,000. Freed
+        # memory that malloc holds is not a leak: over TLS the check is on the trimmed
+        # RSS, the memory in use. Both are in the results.
+        growth = res["rss_after_trimmed"] - res["rss_before_trimmed"]
+        what = "RSS after malloc_trim"
     if growth >= 10 << 20 and not args.trace_memory:
-        failed.append(f"RSS grew by {growth / (1 << 20):.1f} MiB")
+        failed.append(f"{what} grew by {growth / (1 << 20):.1f} MiB")
     return failed
 
 
 def serve_in_namespaces(
-    args: argparse.Namespace, factory: Callable[[], asyncio.AbstractEventLoop] | None
+    args: argparse.Namespace,
+    factory: Callable[[], asyncio.AbstractEventLoop] | None,
+    tls: Tls | None,
 ) -> dict[str, Any]:
     """The soak across two network namespaces (root only), with packet loss: the
     server's host loses the first FIN of every connection it receives and the client's
@@ -627,7 +757,7 @@ def serve_in_namespaces(
             reset_channel()  # lookups from this thread must see the server namespace
             try:
                 with asyncio.Runner(loop_factory=factory) as runner:
-                    return runner.run(serve(args, hosts.server.ipv4, prefix))
+                    return runner.run(serve(args, hosts.server.ipv4, prefix, tls))
             finally:
                 reset_channel()
 
@@ -646,8 +776,11 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds a busy loop's timers may run late past a bound (+10%%)",
     )
     parser.add_argument("--seed", type=int, default=9)
-    parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--json", type=Path, default=None, help="default results/soak[_netns][_tls][_uvloop].json"
+    )
     parser.add_argument("--uvloop", action="store_true", help="run the server on uvloop")
+    parser.add_argument("--tls", action="store_true", help="every connection over TLS")
     parser.add_argument(
         "--trace-memory",
         type=int,
@@ -669,6 +802,13 @@ def main(argv: list[str] | None = None) -> int:
         args.connections = 1_000 if args.quick else 20_000
     if args.warmup is None:
         args.warmup = 200 if args.quick else 1_000
+    if args.json is None:
+        suffix = "".join(
+            name
+            for name, on in (("_netns", args.netns), ("_tls", args.tls), ("_uvloop", args.uvloop))
+            if on
+        )
+        args.json = RESULTS_DIR / f"soak{suffix}.json"
     if args.time_limit is None:
         args.time_limit = 45.0 if args.quick else 900.0
     warnings.simplefilter("ignore", tcpclose.TcpCloseWarning)  # aborts warn by design
@@ -677,11 +817,12 @@ def main(argv: list[str] | None = None) -> int:
         import uvloop
 
         factory = uvloop.new_event_loop
+    tls = make_tls() if args.tls else None
     if args.netns:
-        res = serve_in_namespaces(args, factory)
+        res = serve_in_namespaces(args, factory, tls)
     else:
         with asyncio.Runner(loop_factory=factory) as runner:
-            res = runner.run(serve(args))
+            res = runner.run(serve(args, tls=tls))
     failed = check(res, args)
     server: ServerTally = res["server"]
     client = res["client"]
@@ -691,6 +832,7 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(res["elapsed_s"], 2),
         "loop": "uvloop" if args.uvloop else "asyncio",
         "network": "two namespaces, FIN and final ACK lost once" if args.netns else "loopback",
+        "tls": args.tls,
         "concurrency": args.concurrency,
         "policies": POLICIES,
         "behaviours": client["by_behaviour"],
@@ -707,10 +849,21 @@ def main(argv: list[str] | None = None) -> int:
         "peer_resets_seen_by_server": server.peer_resets,
         "outcomes": dict(server.outcomes),
         "outcomes_by_policy": {k: dict(v) for k, v in server.by_policy.items()},
+        "outcomes_by_policy_and_behaviour": {
+            policy: {behaviour: dict(c) for behaviour, c in by.items()}
+            for policy, by in server.by_behaviour.items()
+        },
         "drained_bytes": server.drained_bytes,
         "discarded_bytes": server.discarded_bytes,
         "closes_over_bound": server.over_bound,
         "max_over_bound_s": round(server.max_over_bound_s, 4),
+        "loop_lag_p99_ms": round(_quantile(res["loop_lag_s"], 0.99) * 1000, 1),
+        "loop_lag_max_ms": round(_quantile(res["loop_lag_s"], 1.0) * 1000, 1),
+        "late_allowance_s": round(late_allowance(res, args), 4),
+        "closes_over_bound_by_policy_and_behaviour": {
+            key: {"closes": int(n), "max_over_s": round(worst, 4)}
+            for key, (n, worst) in sorted(server.over_bound_by.items())
+        },
         "fds_before": res["fds_before"],
         "fds_after": res["fds_after"],
         "tasks_before": res["tasks_before"],
