@@ -237,7 +237,12 @@ class _Deadlines:
         waiting = self._slots.pop(slot, None)
         if waiting:
             for closer in waiting:
-                closer.on_deadline(slot)
+                try:
+                    closer.on_deadline(slot)
+                except Exception as exc:  # one close's bug must not stall the others
+                    self._loop.call_exception_handler(
+                        {"message": "tcpclose: a close failed at its deadline", "exception": exc}
+                    )
 
     async def end_all(self) -> None:
         """The loop is ending: cut every close under way short and wait (bounded) for
@@ -620,7 +625,7 @@ class _Closer:
         except OSError as exc:
             self._watch.error = _observe.errno_name(exc)
             return _EVENT_RESET if exc.errno in _RESET_ERRNOS else _EVENT_ERROR
-        except (RuntimeError, NotImplementedError, TypeError, AttributeError) as exc:
+        except (RuntimeError, NotImplementedError, TypeError, AttributeError, ValueError) as exc:
             self._watch.error = f"{type(exc).__name__}: {exc}"
             return _EVENT_ERROR
         return _EVENT_DONE
@@ -634,6 +639,11 @@ class _Closer:
             conn.optsock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
         except OSError as exc:
             self._watch.error = _observe.errno_name(exc)
+            return _EVENT_ERROR
+        except ValueError as exc:
+            # uvloop's socket wrapper once its transport has closed the fd and not yet
+            # reported it: "negative file descriptor" (a ValueError, not an OSError).
+            self._watch.error = f"ValueError: {exc}"
             return _EVENT_ERROR
         self._linger_zero = True
         return _EVENT_DONE
@@ -668,7 +678,7 @@ class _Closer:
                     self._watch.before_abort(
                         allow_data_loss=self._allow_data_loss, buffered=buffered
                     )
-                    with contextlib.suppress(OSError):
+                    with contextlib.suppress(OSError, ValueError):
                         conn.socket().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
                         self._linger_zero = True
                     real.abort()
@@ -783,7 +793,12 @@ class _Closer:
         if exc is None:
             if receiving:
                 # The transport ended without an error while we waited for the peer:
-                # the peer closed (uvloop's TLS layer reports a bare FIN this way).
+                # the peer closed (uvloop's TLS layer reports a bare FIN this way) or
+                # reset it (TLS layers in their shutdown report that as no error too):
+                # the kernel tells the two apart.
+                if self._watch.reset_received():
+                    self._watch.error = "ECONNRESET"
+                    return _EVENT_RESET
                 return _EVENT_PEER_EOF
             self._watch.error = self._watch.error or "connection-lost"
             return _EVENT_ERROR

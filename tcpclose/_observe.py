@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import ssl
 import struct
 from typing import Protocol
 
@@ -169,6 +170,18 @@ class Watch:
             if finding is not None:
                 self.findings.append(finding)
 
+    def reset_received(self) -> bool:
+        """The kernel's TCP state is CLOSE: the peer's RST arrived (a FIN leaves
+        CLOSE_WAIT, LAST_ACK, CLOSING or TIME_WAIT). From TCP_INFO as read before the
+        close when there is one, else asked now; False when it cannot be known."""
+        info = self.tcp_info_bytes
+        if not info:
+            try:
+                info = read_tcp_info_bytes(self._sock)
+            except (OSError, ValueError, TypeError):
+                return False
+        return info is not None and len(info) > 0 and info[0] == TcpState.CLOSE
+
     def before_close(self, mode: CloseMode, *, unread: int | None = None) -> None:
         """Measure just before the fd goes: unread bytes (always: a plain close with
         unread bytes sends RST, which ``rst_sent`` reports even with reports off) and
@@ -255,7 +268,11 @@ def time_wait_table_overflowed(proc: str = "/proc") -> bool:
 
 
 def errno_name(exc: OSError) -> str:
-    """``"ECONNRESET"`` for an OSError, or its text when it has no errno."""
+    """``"ECONNRESET"`` for an OSError, or its text when it has no errno. A TLS error's
+    errno is an OpenSSL code, not the system's: its reason, e.g.
+    ``"SSLError: APPLICATION_DATA_AFTER_CLOSE_NOTIFY"``."""
+    if isinstance(exc, ssl.SSLError):
+        return f"{type(exc).__name__}: {exc.reason or exc}"
     return errno.errorcode.get(exc.errno or 0, str(exc))
 
 

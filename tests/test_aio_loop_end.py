@@ -13,6 +13,7 @@ import gc
 import socket
 import threading
 import warnings
+from typing import Any
 
 import pytest
 
@@ -68,3 +69,40 @@ def test_loop_end_cuts_pending_closes_short(loop_name: str, policy: str) -> None
     assert unclosed == []
     assert len(reports) == 1
     assert reports[0].error == "RuntimeError: event loop closing"
+
+
+def test_one_failing_close_does_not_stall_the_others_in_its_deadline_slot(
+    loop_name: str,
+) -> None:
+    """The closes due in one deadline slot are woken in a loop; an exception from one
+    of them (uvloop's socket wrapper raised ValueError in the TLS soak) stopped the
+    rest, whose closes then never ended (issue 20). Now the loop's exception handler
+    gets it and every other close is woken."""
+    from tcpclose._aio import _Deadlines
+
+    woken: list[str] = []
+    handled: list[dict[str, Any]] = []
+
+    class Due:
+        def __init__(self, name: str, fail: bool) -> None:
+            self.name = name
+            self.fail = fail
+
+        def on_deadline(self, slot: int) -> None:
+            woken.append(self.name)
+            if self.fail:
+                raise ValueError("negative file descriptor")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: handled.append(context))
+        deadlines = _Deadlines.of(loop)
+        when = deadlines.clock() + 0.01
+        for name, fail in (("first", True), ("second", False), ("third", False)):
+            deadlines.add(Due(name, fail), when)  # type: ignore[arg-type]  # stand-ins
+        await wait_for(lambda: len(woken) == 3, 2, "every close in the slot")
+
+    with asyncio.Runner(loop_factory=loop_factory(loop_name)) as runner:
+        runner.run(main())
+    assert woken == ["first", "second", "third"]
+    assert [type(c["exception"]) for c in handled] == [ValueError]

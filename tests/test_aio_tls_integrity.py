@@ -244,3 +244,19 @@ def test_fin_right_behind_close_notify_cuts_uvloop_clients(tmp_path: Any) -> Non
     # (A server written by hand: its own leftovers are not what this test is about.)
     fetched = run("asyncio", main, timeout=60, expected_errors=("",), check_fds=False)
     assert any(not f.whole for f in fetched), "no response was cut: the matrix could not fail"
+
+
+def test_a_tls_error_is_named_by_its_reason_not_as_an_errno() -> None:
+    """An SSLError's errno is OpenSSL's code: code 1 was reported as EPERM (issue 20,
+    the TLS soak: a flooding peer's data after our close_notify)."""
+    from tcpclose._observe import errno_name
+
+    ctx = ssl.create_default_context()
+    a, b = socket.socketpair()
+    with a, b, ctx.wrap_socket(a, server_hostname="x", do_handshake_on_connect=False) as tls_a:
+        b.sendall(b"this is not TLS" * 10)
+        with pytest.raises(ssl.SSLError) as raised:
+            tls_a.do_handshake()
+    name = errno_name(raised.value)
+    assert name.startswith("SSLError: ")
+    assert "EPERM" not in name
