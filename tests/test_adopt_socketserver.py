@@ -164,9 +164,9 @@ def test_plain_server_loses_answers_in_the_rst_trap(kind: str) -> None:
         whole_curl, whole_client, errors = trap(port)
     # Measured on loopback (20 + 20 tries): http.server 0 whole by curl, 6-7 by the
     # client; wsgiref 13-14 by curl (it stops its upload when the HTTP/1.0 answer
-    # comes), 3 by the client.
-    assert whole_client <= TRIES * 0.5, (whole_client, errors[:3])
-    assert whole_curl + whole_client <= TRIES * 2 * 0.75, (whole_curl, errors[:3])
+    # comes), 3 by the client, and in one CI run 15 by the client. How many is timing;
+    # that answers are cut, by resets, is the point (with the policy: every one whole).
+    assert whole_curl + whole_client < TRIES * 2, (whole_curl, whole_client, errors[:3])
     assert any("reset" in error.lower() for error in errors), errors[:3]
 
 
