@@ -599,8 +599,8 @@ class _Closer:
         if self._wait is not _WAIT_QUIET:  # the first look: start reading
             self._quiet_deadline = now + self._plan.policy.idle_timeout
             self._resume_reading()
-        elif now >= self._quiet_deadline or not self._watch.unread():
-            return True
+        elif now >= self._quiet_deadline or not self.budget_left() or not self._watch.unread():
+            return True  # (past the byte budget nothing more is read: waiting cannot help)
         self._sleep(_WAIT_QUIET, now + _FLUSH_POLL_FIRST_S, precise=True)
         return False
 
