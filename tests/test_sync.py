@@ -423,9 +423,10 @@ def test_flooding_peer_is_cut_off(family: int, policy: str, outcome: Outcome, bo
     flooder.result()
     client.close()
     assert report.outcome is outcome
-    # +10%, and 50 ms for the scheduler: the flooder and the kernel's loopback work
-    # share the machine's two cores with the close (a quiet machine ends within 1 ms).
-    assert report.duration <= bound * 1.1 + 0.05, report
+    # +10%, and 100 ms for the scheduler: the flooder (a thread of this process) and the
+    # kernel's loopback work share the machine's two cores with the close (a quiet
+    # machine ends within 1 ms; a CI run took 0.495 s for the 0.4 s bound, 1 run in 4).
+    assert report.duration <= bound * 1.1 + 0.1, report
     assert report.drained_bytes <= parsed.max_drain_bytes
     if outcome is Outcome.BYTE_CAP:
         assert report.drained_bytes == parsed.max_drain_bytes
