@@ -608,6 +608,11 @@ class _Closer:
         conn = self._conn
         real = conn.real
         if conn.lost:
+            if conn.ssl and self._lost_exc is None:
+                # The peer closed while we waited to send close_notify (uvloop's TLS
+                # layer reports that as connection_lost alone): nothing left to end;
+                # the drain step reads how the peer ended it.
+                return _EVENT_DONE
             return self._lost_event(receiving=False)
         try:
             if conn.ssl:

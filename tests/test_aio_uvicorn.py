@@ -79,12 +79,12 @@ def reports_at_least(reports: list[CloseReport], count: int) -> Callable[[], boo
 
 def test_plain_uvicorn_resets_curl(loop_name: str) -> None:
     """Without a policy: curl is reset and gets part of the answer (the race is one
-    curl nearly always loses: three tries)."""
+    curl nearly always loses: up to ten tries; three were once not enough under load)."""
 
     async def main() -> None:
         outcomes = []
         async with uvicorn_server(h11_impl.H11Protocol) as url:
-            for _ in range(3):
+            for _ in range(10):
                 code, out, err = await curl(url, body=REQUEST_BODY)
                 outcomes.append((code, len(out)))
                 if code == 56:
