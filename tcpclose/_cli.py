@@ -225,7 +225,7 @@ examples:
   tcpclose states --port 8080              only sockets with local or remote port 8080
   tcpclose states --state time-wait,fin-wait2
   tcpclose states --watch 2                refresh every 2 s: changes and rates per second
-  tcpclose states --watch 5 --close-wait-age 60   CLOSE_WAIT held 60 s or more: leaks
+  tcpclose states --close-wait-age 60      CLOSE_WAIT held 60 s or more: leaks
   tcpclose states --watch 1 --count 5 --json   five JSON lines, one per second
 
 TIME_WAIT is split by who closed first: "accepted" on a listening port (a server
@@ -236,8 +236,9 @@ sockets towards a destination whose local port is in the ephemeral range
 free one per destination, so "full" is how close that destination is to "Cannot
 assign requested address" (EADDRNOTAVAIL). The TIME_WAIT table line compares the
 kernel's TIME_WAIT count with net.ipv4.tcp_max_tw_buckets: past it the kernel
-closes without TIME_WAIT and counts TCPTimeWaitOverflow. The kernel does not say
-how old a CLOSE_WAIT socket is: --watch remembers since when each was seen.
+closes without TIME_WAIT and counts TCPTimeWaitOverflow. A CLOSE_WAIT socket is
+held at least as long as the kernel's time since it last received a segment (the
+peer's FIN or later; sock_diag's tcp_info), or since --watch first saw it.
 Each finding ends in one line of advice with a link. With --state, only the
 sockets in those states are counted.
 
@@ -305,7 +306,7 @@ def _configure_states(cmd: argparse.ArgumentParser) -> None:
         type=_seconds(0, 86400),
         default=60.0,
         metavar="SECONDS",
-        help="with --watch: CLOSE_WAIT seen this long is a leak; shows its process (default 60)",
+        help="CLOSE_WAIT held this long is a leak; shows its process (default 60)",
     )
     cmd.set_defaults(handler=_run_states)
 
@@ -331,15 +332,18 @@ def _run_states(args: argparse.Namespace) -> int:
             except (OSError, TcpCloseError) as exc:
                 return _fail("states", f"kernel view failed: {exc}")
             refreshes += 1
-            seen = ages.update(view.close_wait)
-            leaks = find_leaks(view, seen, args.close_wait_age) if args.watch is not None else []
+            seen = ages.update(view.close_wait, view.close_wait_received)
+            # how long each is held: the kernel says (sock_diag), or --watch remembers
+            knows_age = args.watch is not None or bool(view.close_wait_received)
+            leak_after = args.close_wait_age if knows_age else None
+            leaks = find_leaks(view, seen, args.close_wait_age) if knows_age else []
             if args.json:
                 document = view_as_dict(
                     view,
                     top=args.top,
                     leaks=leaks,
                     previous=previous,
-                    leak_after=args.close_wait_age if args.watch is not None else None,
+                    leak_after=leak_after,
                 )
                 print(json.dumps(document, indent=None if args.watch else 2))
             else:
@@ -356,7 +360,7 @@ def _run_states(args: argparse.Namespace) -> int:
                         top=args.top,
                         leaks=leaks,
                         previous=previous,
-                        leak_after=args.close_wait_age if args.watch is not None else None,
+                        leak_after=leak_after,
                     )
                 )
             sys.stdout.flush()
