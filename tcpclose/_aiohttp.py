@@ -34,11 +34,15 @@ class TCPSite(web.TCPSite):
         await runner.cleanup()      # stops the site, as for aiohttp's own
 
     Args:
-        runner, host, port, **kwargs: as for ``aiohttp.web.TCPSite``.
+        runner: the set-up ``aiohttp.web.AppRunner`` (or another runner).
+        host: as for ``aiohttp.web.TCPSite``.
+        port: as for ``aiohttp.web.TCPSite``.
         close_policy: the policy; None (default): ``TCPCLOSE_POLICY``, ``graceful``
             when unset (``off``: aiohttp's own close).
         on_close: receives each :class:`CloseReport`, in the event loop; None: the
             per-close log line when ``TCPCLOSE_LOG_REPORTS`` asks for it.
+        **kwargs: the other keywords of ``aiohttp.web.TCPSite`` (``ssl_context``,
+            ``backlog``, ``reuse_port``, ...).
 
     Raises:
         PolicyError: the policy is invalid.

@@ -22,6 +22,7 @@ import pytest
 
 from tests._adopt_support import (
     ANSWER,
+    ASGI_APP,
     clean_env,
     free_port,
     launched,
@@ -29,6 +30,7 @@ from tests._adopt_support import (
     server_command,
     time_wait_placement,
     trap_runs,
+    write_app,
 )
 from tests._support import wait_until
 
@@ -185,3 +187,37 @@ def test_launcher_hook_replaces_gunicorns_two_workers_and_is_undone() -> None:
         deactivate()
     assert gunicorn.util.load_class is original
     assert not any(type(finder).__name__ == "GunicornHook" for finder in sys.meta_path)
+
+
+UVICORN_WORKERS = """
+from uvicorn.workers import UvicornWorker
+
+
+class PolicyUvicornWorker(UvicornWorker):
+    CONFIG_KWARGS = {"loop": "asyncio", "http": "tcpclose.uvicorn:H11Protocol"}
+"""
+
+
+def test_uvicorn_worker_under_gunicorn(tmp_path: Path) -> None:
+    """gunicorn's uvicorn worker, both routes the docs give: a worker subclass whose
+    ``CONFIG_KWARGS`` names ``tcpclose.uvicorn:H11Protocol`` (policy from
+    ``TCPCLOSE_POLICY``), and ``tcpclose run`` with the stock worker (the loop-level
+    adapter). uvicorn as it is loses these answers (tests/test_adopt_uvicorn.py)."""
+    pytest.importorskip("uvicorn")
+    write_app(tmp_path, ASGI_APP, "asgi_app.py")
+    (tmp_path / "workers.py").write_text(UVICORN_WORKERS)
+    runs = {
+        "subclass": (["-k", "workers.PolicyUvicornWorker"], None),
+        "tcpclose run": (["-k", "uvicorn.workers.UvicornWorker"], ["--log-reports"]),
+    }
+    for name, (args, launcher) in runs.items():
+        port = free_port()
+        command = [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-w", "1"]
+        command += [*args, "asgi_app:app"]
+        env = clean_env(TCPCLOSE_POLICY="graceful", TCPCLOSE_LOG_REPORTS="1")
+        argv = launched(command, launcher)
+        with server_command(argv, port, cwd=tmp_path, env=env, name="gunicorn") as err:
+            whole_curl, whole_client, errors = trap_runs(port, TRIES // 2)
+            wait_until(lambda: len(report_lines(err)) >= TRIES, 10, message="report lines")
+        print(f"gunicorn uvicorn worker, {name}: whole {whole_curl}, {whole_client}")
+        assert (whole_curl, whole_client) == (TRIES // 2, TRIES // 2), errors[:3]
