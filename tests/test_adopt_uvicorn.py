@@ -79,11 +79,13 @@ def test_plain_uvicorn_loses_answers_in_the_rst_trap(tmp_path: Path, http: str) 
     assert any("reset" in error.lower() for error in errors), errors[:3]
 
 
-@pytest.mark.parametrize("http", ["h11", "httptools"])
-@pytest.mark.parametrize("policy", ["graceful", "peer-first timeout=5s"])
+@pytest.mark.parametrize(
+    ("http", "policy"), [("h11", "graceful"), ("httptools", "peer-first timeout=5s")]
+)
 def test_protocol_classes_answer_whole(tmp_path: Path, http: str, policy: str) -> None:
     """``--http tcpclose.uvicorn:H11Protocol`` (``HttpToolsProtocol``), the policy from
-    ``TCPCLOSE_POLICY``, reports from ``TCPCLOSE_LOG_REPORTS``."""
+    ``TCPCLOSE_POLICY``, reports from ``TCPCLOSE_LOG_REPORTS``: every answer whole,
+    every close ended by the client's FIN."""
     env = clean_env(TCPCLOSE_POLICY=policy, TCPCLOSE_LOG_REPORTS="1")
     with uvicorn(tmp_path, CLASSES[http], env=env) as (port, err):
         whole_curl, whole_client, errors = trap_runs(port, TRIES)
@@ -112,23 +114,21 @@ def test_time_wait_placement(tmp_path: Path) -> None:
 
 def test_tcpclose_run_uvicorn_with_two_workers(tmp_path: Path) -> None:
     """``tcpclose run -- uvicorn app:app --workers 2``: the policy reaches both worker
-    processes (spawned, not forked: they get it from the environment); every answer
-    whole, and with ``peer-first`` no TIME_WAIT on the server."""
-    launcher = ["--policy", "graceful", "--log-reports"]
+    processes (spawned, not forked: they get it from the environment). ``peer-first``:
+    every answer whole, every close reported, no TIME_WAIT on the server."""
+    launcher = ["--policy", "peer-first timeout=5s", "--log-reports"]
     with uvicorn(tmp_path, "h11", "--workers", "2", launcher=launcher) as (port, err):
         wait_until(
             lambda: err.read_text().count("Started server process") >= 2, 20, message="workers"
         )
         whole_curl, whole_client, errors = trap_runs(port, TRIES)
-        wait_until(lambda: len(report_lines(err)) >= 2 * TRIES, 10, message="report lines")
-    assert (whole_curl, whole_client) == (TRIES, TRIES), errors[:3]
-    launcher = ["--policy", "peer-first timeout=5s"]
-    with uvicorn(tmp_path, "httptools", "--workers", "2", launcher=launcher) as (port, err):
-        wait_until(
-            lambda: err.read_text().count("Started server process") >= 2, 20, message="workers"
-        )
         on_server, on_clients = time_wait_placement(port, CONNECTIONS)
-    print(f"tcpclose run -- uvicorn --workers 2, peer-first: TIME_WAIT {on_server}, {on_clients}")
+        wait_until(lambda: len(report_lines(err)) >= 2 * TRIES + CONNECTIONS, 10, message="reports")
+    print(
+        f"tcpclose run -- uvicorn --workers 2, peer-first: whole {whole_curl}/{TRIES} by "
+        f"curl, {whole_client} by client; TIME_WAIT {on_server} server, {on_clients} clients"
+    )
+    assert (whole_curl, whole_client) == (TRIES, TRIES), errors[:3]
     assert on_server == 0, on_server
     assert on_clients >= CONNECTIONS * 0.9, on_clients
 
