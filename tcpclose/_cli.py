@@ -655,14 +655,15 @@ Run 'tcpclose COMMAND --help' for a command's options and examples.
 _RUN_EPILOG = """\
 Runs COMMAND with the close policy applied in every Python process it starts (worker
 processes included), with no change to its code: asyncio servers (create_server of
-asyncio's loops and uvloop's) and socketserver servers (http.server, wsgiref and the
-servers built on them). The policy comes from --policy, else TCPCLOSE_POLICY, else
-"graceful"; TCPCLOSE_POLICY=off turns the patches off. How it works and what it
-patches: the "Your server" page of the docs.
+asyncio's loops and uvloop's), socketserver servers (http.server, wsgiref and the
+servers built on them) and gunicorn's sync and gthread workers. The policy comes
+from --policy, else TCPCLOSE_POLICY, else "graceful"; TCPCLOSE_POLICY=off turns the
+patches off. How it works and what it patches: the "Your server" page of the docs.
 
 examples:
   tcpclose run --policy "peer-first timeout=2s" -- python -m http.server 8000
   TCPCLOSE_POLICY=graceful tcpclose run --log-reports -- hypercorn app:app
+  tcpclose run --log-reports 0.01 -- gunicorn -w 4 app:app
 
 exit status: COMMAND's own; 2 for a bad policy; 127 when COMMAND cannot be run.
 """
@@ -672,7 +673,16 @@ def _configure_run(cmd: argparse.ArgumentParser) -> None:
     cmd.formatter_class = argparse.RawDescriptionHelpFormatter
     cmd.epilog = _RUN_EPILOG
     cmd.add_argument("--policy", metavar="TEXT", help="the close policy (default: TCPCLOSE_POLICY)")
-    cmd.add_argument("--log-reports", action="store_true", help="log one line per close on stderr")
+    cmd.add_argument(
+        "--log-reports",
+        nargs="?",
+        const=True,
+        default=False,
+        type=float,
+        metavar="FRACTION",
+        help="log one line per close on stderr; with FRACTION (0 to 1), that share of the "
+        "ordinary closes (closes that sent RST or warned are always logged)",
+    )
     cmd.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     cmd.set_defaults(handler=_run_run)
 
@@ -687,7 +697,7 @@ def _run_run(args: argparse.Namespace) -> int:
         raise UsageError("run", "expected a command after --")
     try:
         env = command_environment(args.policy, log_reports=args.log_reports)
-    except TcpCloseError as exc:
+    except (TcpCloseError, ValueError) as exc:
         raise UsageError("run", str(exc)) from exc
     sys.stdout.flush()
     sys.stderr.flush()
