@@ -752,10 +752,10 @@ def check_report(conn: Conn, closed: Closed) -> None:
         assert report.rst_sent, report
     if report.rst_sent:
         assert reported is TcpState.CLOSED, report
+    elif report.peer_closed_first:  # (our FIN, if any, went second)
+        assert reported in (TcpState.LAST_ACK, TcpState.CLOSED), report
     elif report.fin_sent:
         assert reported in _LATER[TcpState.FIN_WAIT1] | {TcpState.FIN_WAIT1}, report
-    elif report.peer_closed_first:
-        assert reported in (TcpState.LAST_ACK, TcpState.CLOSED), report
     if reported is TcpState.TIME_WAIT:
         assert report.kernel_state.seconds_left is not None, report
         assert 50 < report.kernel_state.seconds_left <= 60, report

@@ -17,6 +17,7 @@ the family).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import socket
@@ -270,6 +271,7 @@ def _rst_trap(
     conn.send(ANSWER)
     closed = conn.close()
     data, how = peer.result()
+    assert closed.queued > 0  # part of the answer was still ours when the close began
     if policy == "default":
         assert closed.warnings == ("TC102",), closed  # unread bytes at close: RST
     elif policy is not None:
@@ -382,7 +384,7 @@ def test_flooding_peer_is_cut_off(driver: Driver) -> None:
 def test_trickling_peer_cannot_pass_linger_time(driver: Driver) -> None:
     """Issue 9: one byte every idle_timeout - ε keeps the idle timer from firing; the
     close still ends at linger_time."""
-    conn = driver.connect(socket.AF_INET, "graceful idle_timeout=150ms linger_time=500ms")
+    conn = driver.connect(socket.AF_INET, "graceful idle_timeout=150ms linger_time=400ms")
     stop = threading.Event()
 
     def trickle() -> int:
@@ -400,7 +402,7 @@ def test_trickling_peer_cannot_pass_linger_time(driver: Driver) -> None:
     peer.result()
     report = closed.get()
     assert report.outcome is Outcome.LINGER_TIME
-    assert within(report.duration, 0.5), report
+    assert within(report.duration, 0.4), report
     assert report.drained_bytes > 0
     assert closed.warnings == ()
 
@@ -545,7 +547,7 @@ def test_peer_first_fallback_auto_keeps_unacknowledged_data(driver: Driver) -> N
 
     peer = Peer(read_after_go)
     # The scenario, not synchronisation: the peer starts reading after the fallback.
-    timer = threading.Timer(0.4, go.set)
+    timer = threading.Timer(0.5, go.set)
     timer.start()
     closed = conn.close()
     timer.join()
@@ -567,7 +569,7 @@ def test_stuck_reader_at_linger_time_every_byte_accounted_for(driver: Driver) ->
     event loop cannot keep its transport's buffer, and resets), but the report accounts
     for every byte: the peer gets exactly what was written less ``discarded_bytes``, a
     loss comes with TC101 and a reset, and no loss with a clean EOF."""
-    policy = "peer-first timeout=200ms fallback=auto linger_time=300ms"
+    policy = "peer-first timeout=100ms fallback=auto linger_time=200ms"
     conn = driver.connect(socket.AF_INET, policy)
     big = os.urandom(8 << 20)
     written = conn.send_nowait(big)
@@ -580,7 +582,7 @@ def test_stuck_reader_at_linger_time_every_byte_accounted_for(driver: Driver) ->
     assert report.fallback is Fallback.GRACEFUL
     assert report.mode is CloseMode.GRACEFUL
     assert report.outcome is Outcome.LINGER_TIME
-    assert within(report.duration, 0.5), report
+    assert within(report.duration, 0.3), report  # timeout, then linger_time
     data, how = read_all(conn.peer)
     assert sha(data) == sha(big[: written - report.discarded_bytes])
     lost = report.discarded_bytes > 0
@@ -593,10 +595,11 @@ def test_stuck_reader_at_linger_time_every_byte_accounted_for(driver: Driver) ->
 
 def test_rst_not_claimed_while_another_process_holds_the_socket(driver: Driver) -> None:
     """Issue 20 (8): a forked process holding the fd keeps the socket open after our
-    close, so no RST goes out: the report says so (the kernel decides), and the reset
-    comes when the last holder lets go."""
-    for policy in ("abort", "default"):
-        conn = driver.connect(socket.AF_INET, policy)
+    close, so no RST goes out; the sync driver's report said ``rst_sent=True`` while
+    the 4-tuple was still ESTABLISHED (4 of 300 in the probe). The kernel decides: the
+    report says no RST, and the reset comes when the last holder lets go."""
+    for family, policy in itertools.product(families(), ("abort", "default")):
+        conn = driver.connect(family, policy)
         conn.peer.sendall(b"unread: a plain close would reset")
         wait_until(conn.unread, message="the bytes arrive")
         child = subprocess.Popen(
