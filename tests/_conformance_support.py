@@ -189,7 +189,8 @@ class Driver:
         self.conns: list[Conn] = []
 
     @property
-    def tls(self) -> bool:
+    def on_a_loop(self) -> bool:
+        """An event-loop driver: its transport buffers writes, and it can carry TLS."""
         return self.name in LOOP_DRIVERS
 
     def connect(

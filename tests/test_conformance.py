@@ -589,7 +589,7 @@ def test_stuck_reader_at_linger_time_every_byte_accounted_for(driver: Driver) ->
     assert report.rst_sent is lost
     assert how == ("reset" if lost else "eof")
     assert closed.warnings == (("TC101",) if lost else ())
-    if driver.tls:  # (an event loop: more was written than the kernel holds)
+    if driver.on_a_loop:  # (its transport took more than the kernel holds)
         assert lost
 
 
@@ -709,7 +709,7 @@ def _peer_sees(conn: Conn, state: TcpState, timeout: float) -> bool:
 def test_tls_graceful_close_notify_then_fin(driver: Driver, tmp_path: Any) -> None:
     """graceful over TLS: every byte, then close_notify, then, once the peer has
     answered it, our FIN; no ragged EOF, no reset."""
-    if not driver.tls:
+    if not driver.on_a_loop:
         pytest.skip(f"the {driver.name} driver closes plain TCP sockets (no TLS layer)")
     contexts = tls(str(tmp_path))
     conn = driver.connect(
