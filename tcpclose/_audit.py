@@ -1,6 +1,6 @@
 """Gathering the facts the checks need: sysctls, kernel counters, the socket table,
-one socket's options. All the I/O of warnings and audit lives here; the rules are in
-``_checks.py``.
+one socket's options, the TIME_WAIT table's fill for a report. All the I/O of warnings
+and audit lives here; the fact records are in ``_facts.py``, the rules in ``_checks.py``.
 
 Every reader takes a ``root`` directory (default ``/``) and reads ``proc/...`` below it,
 so tests and captured snapshots stand in for a live kernel. Whatever does not exist
@@ -27,19 +27,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from ._checks import (
-    Counters,
-    Finding,
-    LingerUnit,
-    SocketFacts,
-    Sysctls,
-    check_socket_facts,
-    check_system,
-    sort_findings,
-    summarize_time_wait,
-    unreadable_input,
-)
+from ._checks import check_socket_facts, check_system, unreadable_input
 from ._errors import KernelViewError, NotTcpSocketError, TcpCloseError
+from ._facts import Counters, LingerUnit, SocketFacts, Sysctls, summarize_time_wait
+from ._findings import Finding, sort_findings
 from ._kernel import dump
 from ._kernel._procfs import parse_tcp_table
 from ._kernel._sockopt import SupportsFileno, borrow
@@ -54,6 +45,7 @@ __all__ = (
     "read_socket_table",
     "read_sysctls",
     "socket_facts",
+    "time_wait_table_overflowed",
 )
 
 Root = str | os.PathLike[str]
@@ -304,6 +296,32 @@ def _read_counters(reader: _Reader) -> Counters:
         orphans=tcp.get("orphan"),
         time_wait_overflows=ext.get("TCPTimeWaitOverflow"),
     )
+
+
+# -- the TIME_WAIT table, for one close ------------------------------------------------
+
+#: ``TCPTimeWaitOverflow`` at the last look (:func:`time_wait_table_overflowed`).
+_last_overflows: list[int | None] = [None]
+
+
+def time_wait_table_overflowed(root: Root = "/") -> bool:
+    """Whether the kernel's TIME_WAIT table is full or has just overflowed, for a close
+    whose TIME_WAIT is missing: ``TCPTimeWaitOverflow`` (``proc/net/netstat``) rose
+    since the last call, or the TIME_WAIT count (``proc/net/sockstat``) has reached
+    ``net.ipv4.tcp_max_tw_buckets``. Both are per network namespace: ``/proc/net`` is
+    the calling thread's. False when they cannot be read.
+
+    Reads three small files (tens of microseconds): the report asks only when it finds
+    CLOSED where TIME_WAIT was due.
+    """
+    reader = _Reader(root)
+    counters = _read_counters(reader)
+    overflows = counters.time_wait_overflows
+    previous, _last_overflows[0] = _last_overflows[0], overflows
+    if overflows is not None and previous is not None and overflows > previous:
+        return True
+    limit = reader.sysctl("tcp_max_tw_buckets", _int)
+    return counters.time_wait is not None and limit is not None and counters.time_wait >= limit
 
 
 # -- the socket table --------------------------------------------------------------------

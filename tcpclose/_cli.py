@@ -30,11 +30,10 @@ from typing import IO, Final, NoReturn
 
 from . import _kernel
 from ._audit import audit, read_sysctls
-from ._checks import Finding, Severity
 from ._errors import TcpCloseError
-from ._kernel._address import parse_endpoint
+from ._findings import Finding, Severity, count_by_severity
+from ._kernel._address import format_address, parse_endpoint
 from ._kernel._types import KernelState, TcpState, TimerKind
-from ._report import format_address
 from ._version import __version__
 
 __all__ = ("build_parser", "main")
@@ -171,24 +170,14 @@ def _format_findings(findings: Sequence[Finding]) -> str:
     for f in findings:
         lines.append(f"{f.code:<6} {f.severity.value:<8} {f.title}")
         if f.evidence:
-            pairs = ", ".join(f"{k}={_evidence_text(v)}" for k, v in f.evidence.items())
-            lines.append(f"{indent}evidence: {pairs}")
+            lines.append(f"{indent}evidence: {f.evidence_text}")
         lines.append(f"{indent}advice:   {f.advice}")
         lines.append(f"{indent}docs:     {f.docs_url}")
-    counts = {s: sum(1 for f in findings if f.severity is s) for s in Severity}
+    counts = ", ".join(f"{n} {s.value}" for s, n in count_by_severity(findings).items())
     noun = "finding" if len(findings) == 1 else "findings"
     lines.append("")
-    lines.append(
-        f"{len(findings)} {noun}: {counts[Severity.ERROR]} error, "
-        f"{counts[Severity.WARNING]} warning, {counts[Severity.INFO]} info"
-    )
+    lines.append(f"{len(findings)} {noun}: {counts}")
     return "\n".join(lines)
-
-
-def _evidence_text(value: object) -> str:
-    if isinstance(value, list | tuple):
-        return ",".join(str(v) for v in value)
-    return str(value)
 
 
 def _check_root(root: str) -> None:
@@ -209,8 +198,8 @@ def _run_audit(args: argparse.Namespace) -> int:
         print(f"tcpclose audit: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        summary = {s.value: sum(1 for f in findings if f.severity is s) for s in Severity}
-        document = {"findings": [f.as_dict() for f in findings], "counts": summary}
+        counts = {s.value: n for s, n in count_by_severity(findings).items()}
+        document = {"findings": [f.as_dict() for f in findings], "counts": counts}
         print(json.dumps(document, indent=2))
     else:
         print(_format_findings(findings))

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 from . import _kernel
 from ._audit import read_counters, read_sysctls
-from ._checks import Counters, Sysctls
+from ._facts import Counters, Sysctls
 from ._kernel._types import Address, KernelState, TcpState
 
 __all__ = (

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from ._frozen import positional_constructor
+from ._kernel._address import format_address as format_address  # (importers of old)
 from ._kernel._tcpinfo import decode_tcp_info
 from ._kernel._types import Address, KernelState, TcpState
 from ._plan import Outcome, PlanResult
@@ -187,7 +188,7 @@ def build_report(policy: ClosePolicy, result: PlanResult, seen: Observed) -> Clo
     ):
         # TIME_WAIT was due here and is missing: ask whether the kernel's table is
         # full (file reads, on this rare path only).
-        from ._observe import time_wait_table_overflowed
+        from ._audit import time_wait_table_overflowed
 
         skipped = time_wait_table_overflowed()
     # (positionally, in field order: see _new_report)
@@ -303,12 +304,6 @@ def report_fields(report: CloseReport) -> dict[str, object]:
     if report.trigger != "close":
         fields["close_trigger"] = report.trigger
     return fields
-
-
-def format_address(address: Address) -> str:
-    """``host:port``, with brackets around an IPv6 host."""
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _jsonable(value: object) -> object:

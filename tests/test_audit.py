@@ -31,8 +31,9 @@ from tcpclose._audit import (
     read_sysctls,
     socket_facts,
 )
-from tcpclose._checks import Sysctls, format_address
 from tcpclose._cli import main
+from tcpclose._facts import Sysctls
+from tcpclose._kernel._address import format_address
 from tests._support import LOOPBACK, listener, tcp_pair, wait_until
 
 Address = tuple[str, int]

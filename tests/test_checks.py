@@ -6,6 +6,7 @@ kernels and platforms this machine is not (tcp_tw_recycle, macOS ticks, Windows)
 
 from __future__ import annotations
 
+import doctest
 import inspect
 import json
 import re
@@ -17,22 +18,14 @@ from typing import Any
 import pytest
 
 import tcpclose
-from tcpclose import _checks
-from tcpclose._checks import (
-    CATALOGUE,
-    Counters,
-    Finding,
-    Severity,
-    SocketFacts,
-    Sysctls,
-    TimeWaitSummary,
-)
+from tcpclose import _checks, _facts, _findings, _warnings
+from tcpclose._facts import Counters, SocketFacts, Sysctls, TimeWaitSummary
+from tcpclose._findings import CATALOGUE, Finding, Severity, warn
 from tcpclose._warnings import (
     BlockingCloseWarning,
     DataLossWarning,
     TcpCloseWarning,
     UnsafeReuseWarning,
-    warn,
 )
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "warnings.md"
@@ -151,7 +144,7 @@ def test_sort_findings_most_severe_first() -> None:
     assert info is not None
     assert error is not None
     assert warning is not None
-    assert codes(_checks.sort_findings([info, warning, error])) == ["TC307", "TC101", "TC309"]
+    assert codes(_findings.sort_findings([info, warning, error])) == ["TC307", "TC101", "TC309"]
 
 
 # -- TC1xx -------------------------------------------------------------------------------
@@ -518,14 +511,14 @@ def test_summarize_time_wait_classifies_by_who_closed_first() -> None:
         (("10.0.0.1", 5000), ("10.0.0.5", 443)),  # chosen port, no listener
         (("10.0.0.1", 40000), ("10.0.0.5", 443)),  # reserved: chosen too
     ]
-    s = _checks.summarize_time_wait(entries, listening_ports={8080}, sysctls=sysctls)
+    s = _facts.summarize_time_wait(entries, listening_ports={8080}, sysctls=sysctls)
     assert s.total == 6
     assert s.accepted == 1
     assert dict(s.towards) == {("10.0.0.5", 443): 2, ("127.0.0.1", 6379): 1}
     assert s.outgoing_non_loopback == 2
     assert dict(s.fixed_port) == {5000: 1, 40000: 1}
     # Unknown range: everything without a listener counts as outgoing.
-    s = _checks.summarize_time_wait(entries, listening_ports=set(), sysctls=Sysctls())
+    s = _facts.summarize_time_wait(entries, listening_ports=set(), sysctls=Sysctls())
     assert sum(s.towards.values()) == 6
     assert not s.fixed_port
 
@@ -644,3 +637,10 @@ def test_every_code_is_reachable_and_its_evidence_documented() -> None:
             entry.advice,
             entry.category,
         )
+
+
+def test_the_findings_modules_docstring_examples() -> None:
+    for module in (_checks, _facts, _findings, _warnings):
+        failures, tried = doctest.testmod(module)
+        assert failures == 0, module.__name__
+        assert tried > 0, module.__name__

@@ -439,7 +439,7 @@ def test_docstring_examples(module: str) -> None:
 def test_host_view_sorts_a_constructed_table() -> None:
     """The pure sort, on a table made by hand: a listener's TIME_WAIT, outgoing ones,
     one on a bound port, a CLOSE_WAIT, against a 10-port ephemeral range."""
-    from tcpclose._checks import Counters, Sysctls
+    from tcpclose._facts import Counters, Sysctls
     from tcpclose._hostview import HostView
     from tcpclose.kernel import KernelState
 
