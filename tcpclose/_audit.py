@@ -424,8 +424,7 @@ def audit(port: int | None = None, *, root: Root = "/") -> list[Finding]:
     summary = None
     if time_wait is not None:
         listening = {s.local[1] for s in listeners or () if s.local is not None}
-        pairs = [(s.local, s.peer) for s in time_wait if s.local is not None and s.peer is not None]
-        summary = summarize_time_wait(pairs, listening_ports=listening, sysctls=sysctls)
+        summary = summarize_time_wait(time_wait, listening_ports=listening, sysctls=sysctls)
         if counters.time_wait is None and port is None:
             counters = Counters(
                 time_wait=summary.total,

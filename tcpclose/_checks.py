@@ -34,6 +34,8 @@ __all__ = (
     "FIN_TIMEOUT_HIGH",
     "FIN_TIMEOUT_LOW",
     "NON_LOOPBACK_TIME_WAIT_THRESHOLD",
+    "PORT_RANGE_ERROR",
+    "PORT_RANGE_WARNING",
     "TW_BUCKETS_NEAR",
     "abort_discards",
     "blocking_linger",
@@ -218,13 +220,13 @@ def fixed_port_time_wait(summary: TimeWaitSummary, *, examples: int = 5) -> Find
     its clients' ephemeral ports: not this.) Evidence lists the busiest ``examples``
     ports.
     """
-    if not summary.fixed_port:
+    bound = summary.bound_by_port
+    if not bound:
         return None
-    busiest = sorted(summary.fixed_port.items(), key=lambda kv: (-kv[1], kv[0]))
     return new_finding(
         "TC301",
-        time_wait=sum(summary.fixed_port.values()),
-        local_ports=[port for port, _ in busiest[:examples]],
+        time_wait=summary.by_side["bound"],
+        local_ports=list(bound)[:examples],  # (largest count first)
     )
 
 
@@ -232,6 +234,12 @@ def _tw_reuse_applies(sysctls: Sysctls, host: str) -> bool:
     if not sysctls.tcp_timestamps:
         return False
     return sysctls.tcp_tw_reuse == 1 or (sysctls.tcp_tw_reuse == 2 and is_loopback(host))
+
+
+#: Share of the ephemeral ports one destination's TIME_WAIT holds from which TC303 warns.
+PORT_RANGE_WARNING = 0.5
+#: ... and from which it is an error (unless ``tcp_tw_reuse`` applies).
+PORT_RANGE_ERROR = 0.9
 
 
 def time_wait_near_port_range(towards: Mapping[Address, int], sysctls: Sysctls) -> list[Finding]:
@@ -256,10 +264,10 @@ def time_wait_near_port_range(towards: Mapping[Address, int], sysctls: Sysctls) 
     findings: list[Finding] = []
     for (host, port), count in sorted(towards.items(), key=lambda kv: (-kv[1], kv[0])):
         share = count / ports
-        if share <= 0.5:
+        if share <= PORT_RANGE_WARNING:
             continue
         reuse = _tw_reuse_applies(sysctls, host)
-        severity = Severity.ERROR if share > 0.9 and not reuse else Severity.WARNING
+        severity = Severity.ERROR if share > PORT_RANGE_ERROR and not reuse else Severity.WARNING
         findings.append(
             new_finding(
                 "TC303",
@@ -491,7 +499,8 @@ def check_system(
     if time_wait is not None:
         found.append(
             tw_reuse_for_accepted(
-                tcp_tw_reuse=sysctls.tcp_tw_reuse, accepted_time_wait=time_wait.accepted
+                tcp_tw_reuse=sysctls.tcp_tw_reuse,
+                accepted_time_wait=time_wait.by_side["accepted"],
             )
         )
         found.append(
@@ -501,7 +510,8 @@ def check_system(
             )
         )
         found.append(fixed_port_time_wait(time_wait))
-        found.extend(time_wait_near_port_range(time_wait.towards, sysctls))
+        towards = {d: t.count for d, t in time_wait.outgoing_by_destination.items()}
+        found.extend(time_wait_near_port_range(towards, sysctls))
     return sort_findings(f for f in found if f is not None)
 
 

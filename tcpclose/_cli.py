@@ -35,6 +35,7 @@ from ._findings import Finding, Severity, count_by_severity
 from ._kernel._address import format_address, parse_endpoint
 from ._kernel._types import KernelState, TcpState, TimerKind
 from ._version import __version__
+from ._warnings import DOCS_URL
 
 __all__ = ("build_parser", "main")
 
@@ -118,7 +119,7 @@ def _format_seconds(seconds: float | None) -> str:
 
 # -- audit ----------------------------------------------------------------------------
 
-_AUDIT_EPILOG = """\
+_AUDIT_EPILOG = f"""\
 examples:
   tcpclose audit                   check sysctls, counters and every TCP socket
   tcpclose audit --port 443        only sockets with local or remote port 443
@@ -126,7 +127,7 @@ examples:
   tcpclose audit >/dev/null || echo 'error-severity finding'   (health check, CI)
 
 Host-wide sysctl and counter checks always run; --port narrows the socket table.
-Each code is explained at https://tcpclose.readthedocs.io/en/latest/warnings/
+Each code is explained at {DOCS_URL}
 
 exit status: 0 no finding of severity error, 1 at least one, 2 bad arguments or failure.
 """
@@ -218,8 +219,9 @@ examples:
   tcpclose states --watch 1 --count 5 --json   five JSON lines, one per second
 
 TIME_WAIT is split by who closed first: "accepted" on a listening port (a server
-here closed first), "outgoing" on an ephemeral port (a client here closed first),
-"bound" on a port bound on purpose with no listener. "ports in use" counts the
+here closed first; also towards a client's ephemeral port once the listener is gone),
+"outgoing" on an ephemeral port (a client here closed first), "bound" on a port a
+client here bound on purpose. "ports in use" counts the
 sockets towards a destination whose local port is in the ephemeral range
 (net.ipv4.ip_local_port_range minus ip_local_reserved_ports): connect() needs a
 free one per destination, so "full" is how close that destination is to "Cannot

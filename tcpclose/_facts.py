@@ -10,23 +10,26 @@ container, an option the platform lacks): the rules over it stay silent.
 from __future__ import annotations
 
 import ipaddress
-from collections import Counter as _Tally
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Final, Literal
 
-from ._kernel._types import Address
+from ._kernel._types import Address, KernelState, TcpState
 
 __all__ = (
+    "SIDES",
     "TICKS_PER_SECOND",
     "Counters",
     "LingerUnit",
     "SocketFacts",
     "Sysctls",
     "TimeWaitSummary",
+    "Timers",
     "is_loopback",
+    "side_of",
     "summarize_time_wait",
+    "unmap_host",
 )
 
 #: What ``l_linger`` counts: seconds (Linux, Windows, macOS ``SO_LINGER_SEC``) or clock
@@ -110,30 +113,6 @@ class Counters:
 
 
 @dataclass(frozen=True, slots=True)
-class TimeWaitSummary:
-    """The socket table's TIME_WAIT entries, sorted by who closed first.
-
-    Attributes:
-        total: TIME_WAIT entries seen.
-        accepted: the server closed first: on a local port that has a listener, or on
-            a fixed port whose listener is gone, towards a peer port in the ephemeral
-            range (a client's port, as a server's own TIME_WAIT is).
-        towards: outgoing (local port in the ephemeral range, no listener), counted
-            per destination ``(host, port)``; IPv4-mapped hosts are unmapped.
-        outgoing_non_loopback: the part of ``towards`` going to non-loopback hosts.
-        fixed_port: on a local port outside the ephemeral range with no listener,
-            towards a peer port outside it (a service's port): a client bound to a
-            fixed port closed first. Per local port.
-    """
-
-    total: int = 0
-    accepted: int = 0
-    towards: Mapping[Address, int] = field(default_factory=dict)
-    outgoing_non_loopback: int = 0
-    fixed_port: Mapping[int, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
 class SocketFacts:
     """One socket's options and situation, as :func:`check_socket_facts` needs them.
 
@@ -171,8 +150,14 @@ class SocketFacts:
     listener_on_port: bool | None = None
 
 
-def _unmap(host: str) -> str:
-    if host.lower().startswith("::ffff:") and "." in host:
+def unmap_host(host: str) -> str:
+    """An IPv4-mapped IPv6 host as plain IPv4 (both name one destination); any other
+    host as it is.
+
+    >>> unmap_host("::ffff:10.0.0.5"), unmap_host("::1")
+    ('10.0.0.5', '::1')
+    """
+    if host[:7].lower() == "::ffff:" and "." in host:
         return host[7:]
     return host
 
@@ -185,56 +170,157 @@ def is_loopback(host: str) -> bool:
     (True, False)
     """
     try:
-        return ipaddress.ip_address(_unmap(host).split("%")[0]).is_loopback
+        return ipaddress.ip_address(unmap_host(host).split("%")[0]).is_loopback
     except ValueError:
         return False
 
 
+# -- TIME_WAIT by who closed first -------------------------------------------------------
+
+#: Who closed first, for a TIME_WAIT entry:
+#: ``accepted`` -- this host's server (a listener on the local port, or a port bound on
+#: purpose towards a client's ephemeral port: a server whose listener has closed since);
+#: ``outgoing`` -- this host's client, on a port ``connect()`` picked;
+#: ``bound`` -- this host's client, on a port it bound on purpose, towards a service port.
+SIDES: Final = ("accepted", "outgoing", "bound")
+
+
+def side_of(local_port: int, listening_ports: Collection[int], sysctls: Sysctls) -> str:
+    """Which of :data:`SIDES` a socket on ``local_port`` is on, by its port alone:
+    ``accepted`` with a listener on it, ``bound`` on a port ``connect()`` would never
+    pick, else ``outgoing`` (also when the ephemeral range is unknown). A TIME_WAIT
+    entry on a ``bound`` port towards an ephemeral peer port is ``accepted``
+    (:func:`summarize_time_wait` asks).
+
+    >>> s = Sysctls(ip_local_port_range=(32768, 60999))
+    >>> side_of(8080, {8080}, s), side_of(40000, {8080}, s), side_of(5000, {8080}, s)
+    ('accepted', 'outgoing', 'bound')
+    """
+    if local_port in listening_ports:
+        return "accepted"
+    return "bound" if sysctls.is_ephemeral(local_port) is False else "outgoing"
+
+
+@dataclass(frozen=True, slots=True)
+class Timers:
+    """How many TIME_WAIT entries a group holds, and the shortest and longest time
+    they have left (seconds; ``None`` when the kernel view does not say)."""
+
+    count: int = 0
+    min_left: float | None = None
+    max_left: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TimeWaitSummary:
+    """The socket table's TIME_WAIT entries sorted by who closed first (:data:`SIDES`):
+    the one tally that the audit's rules, ``tcpclose states`` and the metrics' host
+    gauges read. Made by :func:`summarize_time_wait`.
+
+    Mappings are read-only and ordered from the largest count down.
+
+    Attributes:
+        accepted_by_port: this host's server closed first, per local port.
+        outgoing_by_destination: this host's client closed first on an ephemeral
+            port, per destination ``(host, port)`` (IPv4-mapped hosts unmapped): each
+            entry holds one of the ports ``connect()`` can pick towards it.
+        bound_by_port: this host's client closed first on a port it bound on
+            purpose, per local port: binding it again fails for 60 s.
+    """
+
+    accepted_by_port: Mapping[int, Timers] = field(default_factory=dict)
+    outgoing_by_destination: Mapping[Address, Timers] = field(default_factory=dict)
+    bound_by_port: Mapping[int, Timers] = field(default_factory=dict)
+
+    @property
+    def by_side(self) -> Mapping[str, int]:
+        """TIME_WAIT count per side, every side of :data:`SIDES` present."""
+        counts = (
+            sum(t.count for t in self.accepted_by_port.values()),
+            sum(t.count for t in self.outgoing_by_destination.values()),
+            sum(t.count for t in self.bound_by_port.values()),
+        )
+        return MappingProxyType(dict(zip(SIDES, counts, strict=True)))
+
+    @property
+    def total(self) -> int:
+        """Every TIME_WAIT entry counted."""
+        return sum(self.by_side.values())
+
+    @property
+    def outgoing_non_loopback(self) -> int:
+        """Outgoing TIME_WAIT towards hosts that are not loopback."""
+        return sum(
+            t.count
+            for (host, _), t in self.outgoing_by_destination.items()
+            if not is_loopback(host)
+        )
+
+
+def _largest_first(groups: dict[Any, list[float | None]]) -> Mapping[Any, Timers]:
+    """Each group's seconds left as :class:`Timers`, the largest group first."""
+    timers = {}
+    for key, lefts in groups.items():
+        known = [left for left in lefts if left is not None]
+        low, high = (min(known), max(known)) if known else (None, None)
+        timers[key] = Timers(len(lefts), low, high)
+    ordered = sorted(timers.items(), key=lambda kv: (-kv[1].count, kv[0]))
+    return MappingProxyType(dict(ordered))
+
+
 def summarize_time_wait(
-    entries: Iterable[tuple[Address, Address]],
+    entries: Iterable[KernelState],
     *,
     listening_ports: Collection[int],
     sysctls: Sysctls,
 ) -> TimeWaitSummary:
-    """Sort TIME_WAIT ``(local, peer)`` entries by who closed first.
+    """Sort the TIME_WAIT ``entries`` (others are skipped) by who closed first.
 
     A local port with a listener means the server side closed first (``accepted``);
-    a port ``connect()`` could have picked means an outgoing connection (``towards``
-    its destination); any other port was bound on purpose. Bound on purpose towards a
-    peer port in the ephemeral range is a server whose listener has closed since
+    a port ``connect()`` could have picked means an outgoing connection, counted per
+    destination; any other port was bound on purpose. Bound on purpose towards a peer
+    port in the ephemeral range is a server whose listener has closed since
     (``accepted``: its clients' ports are ephemeral); towards any other peer port it is
-    a client bound to a fixed port (``fixed_port``). When the ephemeral range is
-    unknown, every entry without a listener counts as outgoing.
+    a client bound to a fixed port (``bound``). When the ephemeral range is unknown,
+    every entry without a listener counts as outgoing.
 
+    >>> from tcpclose._kernel._types import KernelState, TcpState
     >>> s = summarize_time_wait(
-    ...     [(("10.0.0.1", 40000), ("10.0.0.5", 443)), (("10.0.0.1", 80), ("10.9.9.9", 5555))],
+    ...     [
+    ...         KernelState(TcpState.TIME_WAIT, "procfs", ("10.0.0.1", 40000), ("10.0.0.5", 443)),
+    ...         KernelState(TcpState.TIME_WAIT, "procfs", ("10.0.0.1", 80), ("10.9.9.9", 5555)),
+    ...     ],
     ...     listening_ports={80},
     ...     sysctls=Sysctls(ip_local_port_range=(32768, 60999)),
     ... )
-    >>> s.accepted, dict(s.towards), s.outgoing_non_loopback
-    (1, {('10.0.0.5', 443): 1}, 1)
+    >>> dict(s.by_side), list(s.outgoing_by_destination), s.outgoing_non_loopback
+    ({'accepted': 1, 'outgoing': 1, 'bound': 0}, [('10.0.0.5', 443)], 1)
     """
-    total = accepted = non_loopback = 0
-    towards: _Tally[Address] = _Tally()
-    fixed: _Tally[int] = _Tally()
-    for (_, local_port), (peer_host, peer_port) in entries:
-        total += 1
-        if local_port in listening_ports:
-            accepted += 1
-        elif sysctls.is_ephemeral(local_port) is False:
-            if sysctls.is_ephemeral(peer_port):
-                accepted += 1  # a server's own, its listener closed since
-            else:
-                fixed[local_port] += 1
+    # (plain lists of seconds left and one answer per local port while counting: a
+    # table can hold 100,000 sockets, and a value per socket would cost more than the dump)
+    accepted: dict[int, list[float | None]] = {}
+    outgoing: dict[Address, list[float | None]] = {}
+    bound: dict[int, list[float | None]] = {}
+    side_by_port: dict[int, str] = {}
+    time_wait = TcpState.TIME_WAIT
+    for entry in entries:
+        local, peer = entry.local, entry.peer
+        if entry.state is not time_wait or local is None or peer is None:
+            continue
+        port = local[1]
+        side = side_by_port.get(port)
+        if side is None:
+            side = side_by_port[port] = side_of(port, listening_ports, sysctls)
+        if side == "outgoing":
+            destination = (unmap_host(peer[0]), peer[1]) if ":" in peer[0] else peer
+            outgoing.setdefault(destination, []).append(entry.seconds_left)
+        elif side == "accepted" or sysctls.is_ephemeral(peer[1]):
+            # (on a bound port towards a client's port: a server's, its listener gone)
+            accepted.setdefault(port, []).append(entry.seconds_left)
         else:
-            host = _unmap(peer_host)
-            towards[(host, peer_port)] += 1
-            if not is_loopback(host):
-                non_loopback += 1
+            bound.setdefault(port, []).append(entry.seconds_left)
     return TimeWaitSummary(
-        total=total,
-        accepted=accepted,
-        towards=MappingProxyType(dict(towards)),
-        outgoing_non_loopback=non_loopback,
-        fixed_port=MappingProxyType(dict(fixed)),
+        accepted_by_port=_largest_first(accepted),
+        outgoing_by_destination=_largest_first(outgoing),
+        bound_by_port=_largest_first(bound),
     )

@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import ClassVar
 
 __all__ = (
+    "DOCS_ROOT",
     "DOCS_URL",
     "BlockingCloseWarning",
     "DataLossWarning",
@@ -32,8 +33,10 @@ __all__ = (
     "docs_url",
 )
 
+#: The documentation's root (``mkdocs.yml``'s ``site_url``).
+DOCS_ROOT = "https://tcpclose.readthedocs.io/en/latest/"
 #: Where the warnings reference lives; each code is an anchor on that page.
-DOCS_URL = "https://tcpclose.readthedocs.io/en/latest/warnings/"
+DOCS_URL = f"{DOCS_ROOT}warnings/"
 
 
 def docs_url(code: str) -> str:
