@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from ._kernel._address import format_address
 from ._metrics import DURATION_BUCKETS, CloseTally, KeyTotals
-from ._report import format_address
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric

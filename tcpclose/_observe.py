@@ -34,7 +34,7 @@ from ._kernel._sockopt import (
 )
 from ._kernel._types import Address, KernelState, TcpState
 from ._policy import CloseMode
-from ._report import Observed, new_observed
+from ._report import Observed
 
 __all__ = ("SocketLike", "Watch", "emit_findings")
 
@@ -211,7 +211,7 @@ class Watch:
         return _kernel.lookup(self.local, self.peer, cookie=self._cookie)
 
     def observed(self, *, trigger: str, kernel_state: KernelState | None) -> Observed:
-        return new_observed(
+        return Observed(
             self.local,
             self.peer,
             self.tcp_info_bytes,

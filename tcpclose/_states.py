@@ -15,8 +15,8 @@ from typing import Any, Final
 from ._checks import PORT_RANGE_WARNING, TW_BUCKETS_NEAR
 from ._facts import SIDES, Timers
 from ._hostview import HostView, owners_by_inode
+from ._kernel._address import format_address
 from ._kernel._types import Address, KernelState, TcpState
-from ._report import format_address
 from ._warnings import DOCS_ROOT, docs_url
 
 __all__ = (

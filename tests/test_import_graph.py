@@ -24,7 +24,6 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "_errors",
                 "_units",
                 "_version",
-                "_frozen",
                 "_warnings",
                 "_kernel._types",
                 "_kernel._address",
@@ -175,4 +174,4 @@ def test_the_walk_sees_deferred_and_type_checking_imports() -> None:
     assert "_audit" in GRAPH["_report"]  # inside build_report
     assert "_report" in GRAPH["_logsink"]  # under TYPE_CHECKING
     assert "_checks" in GRAPH["_sync"]  # ``from . import _checks``
-    assert "_frozen" in GRAPH["_kernel._tcpinfo"]  # absolute ``from tcpclose._frozen``
+    assert "_errors" in GRAPH["_kernel._tcpinfo"]  # absolute ``from tcpclose._errors``
