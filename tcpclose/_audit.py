@@ -6,8 +6,10 @@ Every reader takes a ``root`` directory (default ``/``) and reads ``proc/...`` b
 so tests and captured snapshots stand in for a live kernel. Whatever does not exist
 (a sysctl another kernel lacks, ``/proc`` hidden in a container) or cannot be read or
 parsed is *unknown* (``None``), never an exception: the checks over it stay silent.
-Files are read as regular files only, without blocking and up to a size limit;
-:func:`audit` reports each file that exists but could not be used as a TC313 finding.
+Files are read as regular files only, without blocking and up to a size limit, and
+decoded by the kernel view's decoders (``_kernel/_proctext.py`` for sockstat, netstat
+and sysctl values); :func:`audit` reports each file that exists but could not be used
+as a TC313 finding.
 
 The live socket table comes from the kernel view's ``dump()`` when ``root`` is ``/``
 and the dump succeeds; otherwise from ``proc/net/tcp`` and ``tcp6`` under ``root``,
@@ -33,14 +35,19 @@ from ._facts import Counters, LingerUnit, SocketFacts, Sysctls, summarize_time_w
 from ._findings import Finding, sort_findings
 from ._kernel import dump
 from ._kernel._procfs import parse_tcp_table
+from ._kernel._proctext import (
+    parse_int,
+    parse_netstat,
+    parse_port_list,
+    parse_port_range,
+    parse_sockstat,
+)
 from ._kernel._sockopt import SupportsFileno, borrow
 from ._kernel._types import Address, KernelState, TcpState
 
 __all__ = (
     "audit",
     "check_socket",
-    "parse_netstat",
-    "parse_sockstat",
     "read_counters",
     "read_socket_table",
     "read_sysctls",
@@ -72,10 +79,6 @@ _DEFAULT_EPHEMERAL: dict[str, tuple[int, int]] = {
 #: 150 bytes per socket (32 MiB is some 200,000 sockets). Past it a file is a problem.
 _SMALL_FILE_LIMIT = 64 * 1024
 _TABLE_FILE_LIMIT = 32 * 1024 * 1024
-
-#: The longest number read from a file: 2**64 has 20 digits. Longer is malformed (and
-#: ``int()`` of 4,300 digits or more raises).
-_MAX_DIGITS = 20
 
 
 class _Reader:
@@ -153,56 +156,7 @@ def _read_text(root: Root, relative: str | Path) -> str | None:
     return _Reader(root).text(relative)
 
 
-def _number(word: str) -> int | None:
-    """A non-negative decimal number of at most 20 digits, else ``None``."""
-    if not (word.isascii() and word.isdigit()) or len(word) > _MAX_DIGITS:
-        return None
-    return int(word)
-
-
 # -- sysctls -----------------------------------------------------------------------------
-
-
-def _int(text: str | None) -> int | None:
-    """``"1\n"`` -> 1, ``"-1"`` -> -1; ``None`` when malformed."""
-    if text is None:
-        return None
-    word = text.strip()
-    number = _number(word.removeprefix("-"))
-    if number is None:
-        return None
-    return -number if word.startswith("-") else number
-
-
-def _port_range(text: str | None) -> tuple[int, int] | None:
-    """``"32768\t60999\n"`` -> ``(32768, 60999)``."""
-    if text is None:
-        return None
-    parts = text.split()
-    if len(parts) != 2:
-        return None
-    low, high = _number(parts[0]), _number(parts[1])
-    if low is None or high is None:
-        return None
-    return low, high
-
-
-def _port_list(text: str | None) -> tuple[tuple[int, int], ...] | None:
-    """``"8080,9000-9010\n"`` -> ``((8080, 8080), (9000, 9010))``; empty -> ``()``."""
-    if text is None:
-        return None
-    ranges: list[tuple[int, int]] = []
-    for item in text.strip().split(","):
-        item = item.strip()
-        if not item:
-            continue
-        first_text, _, last_text = item.partition("-")
-        first = _number(first_text)
-        last = _number(last_text) if last_text else first
-        if first is None or last is None:
-            return None
-        ranges.append((first, last))
-    return tuple(ranges)
 
 
 def read_sysctls(root: Root = "/") -> Sysctls:
@@ -219,65 +173,19 @@ def read_sysctls(root: Root = "/") -> Sysctls:
 
 def _read_sysctls(reader: _Reader) -> Sysctls:
     return Sysctls(
-        ip_local_port_range=reader.sysctl("ip_local_port_range", _port_range),
-        ip_local_reserved_ports=reader.sysctl("ip_local_reserved_ports", _port_list),
-        tcp_tw_reuse=reader.sysctl("tcp_tw_reuse", _int),
-        tcp_timestamps=reader.sysctl("tcp_timestamps", _int),
-        tcp_tw_recycle=reader.sysctl("tcp_tw_recycle", _int),
-        tcp_max_tw_buckets=reader.sysctl("tcp_max_tw_buckets", _int),
-        tcp_max_orphans=reader.sysctl("tcp_max_orphans", _int),
-        tcp_rfc1337=reader.sysctl("tcp_rfc1337", _int),
-        tcp_fin_timeout=reader.sysctl("tcp_fin_timeout", _int),
+        ip_local_port_range=reader.sysctl("ip_local_port_range", parse_port_range),
+        ip_local_reserved_ports=reader.sysctl("ip_local_reserved_ports", parse_port_list),
+        tcp_tw_reuse=reader.sysctl("tcp_tw_reuse", parse_int),
+        tcp_timestamps=reader.sysctl("tcp_timestamps", parse_int),
+        tcp_tw_recycle=reader.sysctl("tcp_tw_recycle", parse_int),
+        tcp_max_tw_buckets=reader.sysctl("tcp_max_tw_buckets", parse_int),
+        tcp_max_orphans=reader.sysctl("tcp_max_orphans", parse_int),
+        tcp_rfc1337=reader.sysctl("tcp_rfc1337", parse_int),
+        tcp_fin_timeout=reader.sysctl("tcp_fin_timeout", parse_int),
     )
 
 
 # -- counters ----------------------------------------------------------------------------
-
-
-def parse_sockstat(text: str) -> dict[str, dict[str, int]]:
-    """Decode ``/proc/net/sockstat``: protocol -> field -> number.
-
-    >>> parse_sockstat("sockets: used 13\\nTCP: inuse 1 orphan 0 tw 7 alloc 1 mem 0\\n")["TCP"]
-    {'inuse': 1, 'orphan': 0, 'tw': 7, 'alloc': 1, 'mem': 0}
-
-    Pairs that are not ``name number`` are skipped.
-    """
-    table: dict[str, dict[str, int]] = {}
-    for line in text.splitlines():
-        proto, sep, rest = line.partition(":")
-        if not sep:
-            continue
-        words = rest.split()
-        fields: dict[str, int] = {}
-        for name, value in zip(words[::2], words[1::2], strict=False):
-            number = _number(value)
-            if number is not None:
-                fields[name] = number
-        table[proto.strip()] = fields
-    return table
-
-
-def parse_netstat(text: str) -> dict[str, dict[str, int]]:
-    """Decode ``/proc/net/netstat`` (or ``snmp``): header/value line pairs per group.
-
-    >>> parse_netstat("TcpExt: TW TCPTimeWaitOverflow\\nTcpExt: 9 3\\n")
-    {'TcpExt': {'TW': 9, 'TCPTimeWaitOverflow': 3}}
-
-    A group whose two lines do not match in length is skipped.
-    """
-    table: dict[str, dict[str, int]] = {}
-    lines = [line.split() for line in text.splitlines() if line.strip()]
-    for names, values in zip(lines[::2], lines[1::2], strict=False):
-        if not names or names[0] != values[0] or len(names) != len(values):
-            continue
-        group = names[0].rstrip(":")
-        fields: dict[str, int] = {}
-        for name, value in zip(names[1:], values[1:], strict=True):
-            number = _int(value)
-            if number is not None:
-                fields[name] = number
-        table[group] = fields
-    return table
 
 
 def read_counters(root: Root = "/") -> Counters:
@@ -320,7 +228,7 @@ def time_wait_table_overflowed(root: Root = "/") -> bool:
     previous, _last_overflows[0] = _last_overflows[0], overflows
     if overflows is not None and previous is not None and overflows > previous:
         return True
-    limit = reader.sysctl("tcp_max_tw_buckets", _int)
+    limit = reader.sysctl("tcp_max_tw_buckets", parse_int)
     return counters.time_wait is not None and limit is not None and counters.time_wait >= limit
 
 

@@ -40,6 +40,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "_kernel._diag",
                 "_kernel._netlink",
                 "_kernel._procfs",
+                "_kernel._proctext",
                 "_kernel._sockopt",
                 "_kernel._unsupported",
             }
