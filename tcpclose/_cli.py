@@ -215,7 +215,7 @@ examples:
   tcpclose states --port 8080              only sockets with local or remote port 8080
   tcpclose states --state time-wait,fin-wait2
   tcpclose states --watch 2                refresh every 2 s: changes and rates per second
-  tcpclose states --watch 5 --close-wait-age 60   CLOSE_WAIT held 60 s or more: leaks
+  tcpclose states --close-wait-age 60      CLOSE_WAIT held 60 s or more: leaks
   tcpclose states --watch 1 --count 5 --json   five JSON lines, one per second
 
 TIME_WAIT is split by who closed first: "accepted" on a listening port (a server
@@ -227,8 +227,9 @@ sockets towards a destination whose local port is in the ephemeral range
 free one per destination, so "full" is how close that destination is to "Cannot
 assign requested address" (EADDRNOTAVAIL). The TIME_WAIT table line compares the
 kernel's TIME_WAIT count with net.ipv4.tcp_max_tw_buckets: past it the kernel
-closes without TIME_WAIT and counts TCPTimeWaitOverflow. The kernel does not say
-how old a CLOSE_WAIT socket is: --watch remembers since when each was seen.
+closes without TIME_WAIT and counts TCPTimeWaitOverflow. A CLOSE_WAIT socket is
+held at least as long as the kernel's time since it last received a segment (the
+peer's FIN or later; sock_diag's tcp_info), or since --watch first saw it.
 Each finding ends in one line of advice with a link. With --state, only the
 sockets in those states are counted.
 
@@ -296,7 +297,7 @@ def _configure_states(cmd: argparse.ArgumentParser) -> None:
         type=_seconds(0, 86400),
         default=60.0,
         metavar="SECONDS",
-        help="with --watch: CLOSE_WAIT seen this long is a leak; shows its process (default 60)",
+        help="CLOSE_WAIT held this long is a leak; shows its process (default 60)",
     )
     cmd.set_defaults(handler=_run_states)
 
@@ -322,15 +323,18 @@ def _run_states(args: argparse.Namespace) -> int:
             except (OSError, TcpCloseError) as exc:
                 return _fail("states", f"kernel view failed: {exc}")
             refreshes += 1
-            seen = ages.update(view.close_wait)
-            leaks = find_leaks(view, seen, args.close_wait_age) if args.watch is not None else []
+            seen = ages.update(view.close_wait, view.close_wait_received)
+            # how long each is held: the kernel says (sock_diag), or --watch remembers
+            knows_age = args.watch is not None or bool(view.close_wait_received)
+            leak_after = args.close_wait_age if knows_age else None
+            leaks = find_leaks(view, seen, args.close_wait_age) if knows_age else []
             if args.json:
                 document = view_as_dict(
                     view,
                     top=args.top,
                     leaks=leaks,
                     previous=previous,
-                    leak_after=args.close_wait_age if args.watch is not None else None,
+                    leak_after=leak_after,
                 )
                 print(json.dumps(document, indent=None if args.watch else 2))
             else:
@@ -347,7 +351,7 @@ def _run_states(args: argparse.Namespace) -> int:
                         top=args.top,
                         leaks=leaks,
                         previous=previous,
-                        leak_after=args.close_wait_age if args.watch is not None else None,
+                        leak_after=leak_after,
                     )
                 )
             sys.stdout.flush()
@@ -642,14 +646,15 @@ Run 'tcpclose COMMAND --help' for a command's options and examples.
 _RUN_EPILOG = """\
 Runs COMMAND with the close policy applied in every Python process it starts (worker
 processes included), with no change to its code: asyncio servers (create_server of
-asyncio's loops and uvloop's) and socketserver servers (http.server, wsgiref and the
-servers built on them). The policy comes from --policy, else TCPCLOSE_POLICY, else
-"graceful"; TCPCLOSE_POLICY=off turns the patches off. How it works and what it
-patches: the "Your server" page of the docs.
+asyncio's loops and uvloop's), socketserver servers (http.server, wsgiref and the
+servers built on them) and gunicorn's sync and gthread workers. The policy comes
+from --policy, else TCPCLOSE_POLICY, else "graceful"; TCPCLOSE_POLICY=off turns the
+patches off. How it works and what it patches: the "Your server" page of the docs.
 
 examples:
   tcpclose run --policy "peer-first timeout=2s" -- python -m http.server 8000
   TCPCLOSE_POLICY=graceful tcpclose run --log-reports -- hypercorn app:app
+  tcpclose run --log-reports 0.01 -- gunicorn -w 4 app:app
 
 exit status: COMMAND's own; 2 for a bad policy; 127 when COMMAND cannot be run.
 """
@@ -659,7 +664,16 @@ def _configure_run(cmd: argparse.ArgumentParser) -> None:
     cmd.formatter_class = argparse.RawDescriptionHelpFormatter
     cmd.epilog = _RUN_EPILOG
     cmd.add_argument("--policy", metavar="TEXT", help="the close policy (default: TCPCLOSE_POLICY)")
-    cmd.add_argument("--log-reports", action="store_true", help="log one line per close on stderr")
+    cmd.add_argument(
+        "--log-reports",
+        nargs="?",
+        const=True,
+        default=False,
+        type=float,
+        metavar="FRACTION",
+        help="log one line per close on stderr; with FRACTION (0 to 1), that share of the "
+        "ordinary closes (closes that sent RST or warned are always logged)",
+    )
     cmd.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     cmd.set_defaults(handler=_run_run)
 
@@ -674,7 +688,7 @@ def _run_run(args: argparse.Namespace) -> int:
         raise UsageError("run", "expected a command after --")
     try:
         env = command_environment(args.policy, log_reports=args.log_reports)
-    except TcpCloseError as exc:
+    except (TcpCloseError, ValueError) as exc:
         raise UsageError("run", str(exc)) from exc
     sys.stdout.flush()
     sys.stderr.flush()

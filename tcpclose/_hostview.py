@@ -56,6 +56,9 @@ class HostView:
             per destination (IPv4-mapped hosts unmapped): ``connect()`` needs a free
             one per destination.
         close_wait: the CLOSE_WAIT sockets: the peer closed, the program has not.
+        close_wait_received: seconds since each CLOSE_WAIT socket last received a
+            segment, by cookie (sock_diag's ``tcp_info``; empty from ``/proc``): how
+            long it has been in CLOSE_WAIT at least.
         sysctls: the sysctls read (ephemeral range, ``tcp_max_tw_buckets``).
         counters: the kernel's counters (TIME_WAIT in use, ``TCPTimeWaitOverflow``).
     """
@@ -69,6 +72,7 @@ class HostView:
     ephemeral_by_destination: Mapping[Address, int]
     close_wait: tuple[KernelState, ...]
     sysctls: Sysctls = field(default_factory=Sysctls)
+    close_wait_received: Mapping[int, float] = field(default_factory=lambda: MappingProxyType({}))
     counters: Counters = field(default_factory=Counters)
 
     @classmethod
@@ -81,6 +85,7 @@ class HostView:
         counters: Counters,
         source: str,
         taken: float,
+        close_wait_received: Mapping[int, float] | None = None,
     ) -> HostView:
         """Sort ``entries`` (a dump). Pure."""
         # (plain dicts and per-port answers while counting: a table can hold 100,000
@@ -126,6 +131,7 @@ class HostView:
             close_wait=tuple(close_wait),
             sysctls=sysctls,
             counters=counters,
+            close_wait_received=MappingProxyType(dict(close_wait_received or {})),
         )
 
     def count(self, state: TcpState) -> int:
@@ -163,6 +169,9 @@ def collect_host_view(
     else:  # listeners tell whose TIME_WAIT these are: read them whatever the filter
         listeners = list(_kernel.dump([TcpState.LISTEN], port))
     listening_ports = {e.local[1] for e in listeners if e.local is not None}
+    received: dict[int, float] = {}
+    if any(e.state is TcpState.CLOSE_WAIT for e in entries):  # how old: a second, small dump
+        received = _kernel.received_ages([TcpState.CLOSE_WAIT], port)
     return HostView.build(
         entries,
         listening_ports=listening_ports,
@@ -170,6 +179,7 @@ def collect_host_view(
         counters=read_counters(),
         source=_kernel.backend(),
         taken=time.monotonic(),
+        close_wait_received=received,
     )
 
 

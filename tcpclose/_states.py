@@ -1,8 +1,9 @@
 """What ``tcpclose states`` prints: a :class:`~tcpclose._hostview.HostView` as a table
 that answers "whose TIME_WAIT are these, and what do I do about them".
 
-Pure formatting and findings, plus :class:`CloseWaitAges`, which remembers since when
-each CLOSE_WAIT socket has been seen (the kernel does not say how old one is).
+Pure formatting and findings, plus :class:`CloseWaitAges`, which tells how long each
+CLOSE_WAIT socket has been held at least: the kernel's time since it last received a
+segment (sock_diag) or, across refreshes, since when it has been seen.
 """
 
 from __future__ import annotations
@@ -51,17 +52,28 @@ def _key(entry: KernelState) -> SocketKey:
 
 
 class CloseWaitAges:
-    """Since when each CLOSE_WAIT socket has been seen, across refreshes."""
+    """How long each CLOSE_WAIT socket has been held at least: the longer of the time
+    since it was first seen, across refreshes, and the kernel's time since it last
+    received a segment (:attr:`HostView.close_wait_received`: the peer's FIN, or
+    anything after it)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._first: dict[SocketKey, float] = {}
 
-    def update(self, close_wait: Iterable[KernelState]) -> dict[SocketKey, float]:
-        """Note the sockets now in CLOSE_WAIT; returns each one's age in seconds (0 the
-        first time it is seen). Sockets gone are forgotten."""
+    def update(
+        self, close_wait: Iterable[KernelState], received: Mapping[int, float] | None = None
+    ) -> dict[SocketKey, float]:
+        """Note the sockets now in CLOSE_WAIT; returns each one's age in seconds (from
+        ``received``, by cookie, else 0 the first time it is seen). Sockets gone are
+        forgotten."""
         now = self._clock()
-        first = {_key(e): self._first.get(_key(e), now) for e in close_wait}
+        received = received or {}
+        first: dict[SocketKey, float] = {}
+        for entry in close_wait:
+            key = _key(entry)
+            quiet = received.get(entry.cookie or 0, 0.0)
+            first[key] = min(self._first.get(key, now), now - quiet)
         self._first = first
         return {key: now - since for key, since in first.items()}
 
@@ -79,7 +91,7 @@ class Leak:
         return {
             "local": format_address(self.entry.local) if self.entry.local else None,
             "peer": format_address(self.entry.peer) if self.entry.peer else None,
-            "seen_for_s": round(self.age, 3),
+            "held_for_s": round(self.age, 3),
             "recv_queue": self.entry.recv_queue,
             "pid": self.pid,
             "command": self.command,
@@ -328,7 +340,7 @@ def format_view(
             )
             out.extend(
                 _table(
-                    ("LOCAL", "PEER", "SEEN FOR", "RECV-Q", "PROCESS"),
+                    ("LOCAL", "PEER", "HELD FOR", "RECV-Q", "PROCESS"),
                     (
                         (
                             format_address(leak.entry.local) if leak.entry.local else "-",

@@ -59,21 +59,32 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
         "sinks and views of reports",
         frozenset({"_logsink", "_metrics", "_metrics_otel", "_metrics_prometheus", "_states"}),
     ),
+    ("settings from the environment", frozenset({"_environment"})),
     (
-        "adoption",
+        "adoption: servers, the launcher, gunicorn's workers",
         frozenset(
             {
                 "_aio_server",
                 "_loop_adapter",
                 "_socketserver",
+                "_gunicorn",
+                "_gunicorn_hook",
                 "_launcher",
                 "_bootstrap.sitecustomize",
             }
         ),
     ),
     (
-        "public modules",
-        frozenset({"", "aio", "kernel", "metrics", "socketserver"}),
+        "public modules of the core",
+        frozenset({"", "aio", "kernel", "metrics", "socketserver", "gunicorn"}),
+    ),
+    (
+        "server integrations over the public asyncio API",
+        frozenset({"_protocol_class", "_aiohttp", "_sanic", "_uvicorn", "_websockets"}),
+    ),
+    (
+        "public modules of the integrations",
+        frozenset({"aiohttp", "sanic", "uvicorn", "websockets"}),
     ),
     ("command line and demo", frozenset({"_demo_client", "_demo", "_cli", "__main__"})),
 )
