@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from ._background import OnClose
-from ._launcher import environment_on_close, environment_policy
+from ._environment import environment_on_close, environment_policy
 from ._policy import PolicyLike, as_policy
 
 __all__ = ("TCPSite",)

@@ -30,12 +30,12 @@ from typing import IO, Final, NoReturn
 
 from . import _kernel
 from ._audit import audit, read_sysctls
-from ._checks import Finding, Severity
 from ._errors import TcpCloseError
-from ._kernel._address import parse_endpoint
+from ._findings import Finding, Severity, count_by_severity
+from ._kernel._address import format_address, parse_endpoint
 from ._kernel._types import KernelState, TcpState, TimerKind
-from ._report import format_address
 from ._version import __version__
+from ._warnings import DOCS_URL
 
 __all__ = ("build_parser", "main")
 
@@ -119,7 +119,7 @@ def _format_seconds(seconds: float | None) -> str:
 
 # -- audit ----------------------------------------------------------------------------
 
-_AUDIT_EPILOG = """\
+_AUDIT_EPILOG = f"""\
 examples:
   tcpclose audit                   check sysctls, counters and every TCP socket
   tcpclose audit --port 443        only sockets with local or remote port 443
@@ -127,7 +127,7 @@ examples:
   tcpclose audit >/dev/null || echo 'error-severity finding'   (health check, CI)
 
 Host-wide sysctl and counter checks always run; --port narrows the socket table.
-Each code is explained at https://tcpclose.readthedocs.io/en/latest/warnings/
+Each code is explained at {DOCS_URL}
 
 exit status: 0 no finding of severity error, 1 at least one, 2 bad arguments or failure.
 """
@@ -171,24 +171,14 @@ def _format_findings(findings: Sequence[Finding]) -> str:
     for f in findings:
         lines.append(f"{f.code:<6} {f.severity.value:<8} {f.title}")
         if f.evidence:
-            pairs = ", ".join(f"{k}={_evidence_text(v)}" for k, v in f.evidence.items())
-            lines.append(f"{indent}evidence: {pairs}")
+            lines.append(f"{indent}evidence: {f.evidence_text}")
         lines.append(f"{indent}advice:   {f.advice}")
         lines.append(f"{indent}docs:     {f.docs_url}")
-    counts = {s: sum(1 for f in findings if f.severity is s) for s in Severity}
+    counts = ", ".join(f"{n} {s.value}" for s, n in count_by_severity(findings).items())
     noun = "finding" if len(findings) == 1 else "findings"
     lines.append("")
-    lines.append(
-        f"{len(findings)} {noun}: {counts[Severity.ERROR]} error, "
-        f"{counts[Severity.WARNING]} warning, {counts[Severity.INFO]} info"
-    )
+    lines.append(f"{len(findings)} {noun}: {counts}")
     return "\n".join(lines)
-
-
-def _evidence_text(value: object) -> str:
-    if isinstance(value, list | tuple):
-        return ",".join(str(v) for v in value)
-    return str(value)
 
 
 def _check_root(root: str) -> None:
@@ -209,8 +199,8 @@ def _run_audit(args: argparse.Namespace) -> int:
         print(f"tcpclose audit: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        summary = {s.value: sum(1 for f in findings if f.severity is s) for s in Severity}
-        document = {"findings": [f.as_dict() for f in findings], "counts": summary}
+        counts = {s.value: n for s, n in count_by_severity(findings).items()}
+        document = {"findings": [f.as_dict() for f in findings], "counts": counts}
         print(json.dumps(document, indent=2))
     else:
         print(_format_findings(findings))
@@ -229,8 +219,9 @@ examples:
   tcpclose states --watch 1 --count 5 --json   five JSON lines, one per second
 
 TIME_WAIT is split by who closed first: "accepted" on a listening port (a server
-here closed first), "outgoing" on an ephemeral port (a client here closed first),
-"bound" on a port bound on purpose with no listener. "ports in use" counts the
+here closed first; also towards a client's ephemeral port once the listener is gone),
+"outgoing" on an ephemeral port (a client here closed first), "bound" on a port a
+client here bound on purpose. "ports in use" counts the
 sockets towards a destination whose local port is in the ephemeral range
 (net.ipv4.ip_local_port_range minus ip_local_reserved_ports): connect() needs a
 free one per destination, so "full" is how close that destination is to "Cannot

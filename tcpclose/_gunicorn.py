@@ -28,8 +28,8 @@ from gunicorn.workers.gthread import ThreadWorker as _GunicornThreadWorker
 from gunicorn.workers.sync import SyncWorker as _GunicornSyncWorker
 
 from ._background import OnClose, close_in_background
+from ._environment import environment_on_close, environment_policy
 from ._errors import TcpCloseError
-from ._launcher import environment_on_close, environment_policy
 from ._policy import ClosePolicy, PolicyLike, as_policy
 from ._report import CloseReport
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Final
 
 from ._background import OnClose
-from ._launcher import environment_on_close, environment_policy
+from ._environment import environment_on_close, environment_policy
 from ._policy import PolicyLike, as_policy
 
 __all__ = ("PolicyProtocolBase", "PolicyProtocolClass")

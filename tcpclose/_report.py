@@ -7,9 +7,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
-from ._frozen import positional_constructor
+from ._kernel._address import format_address as format_address  # (tests import it here)
 from ._kernel._tcpinfo import decode_tcp_info
 from ._kernel._types import Address, KernelState, TcpState
 from ._plan import Outcome, PlanResult
@@ -187,11 +187,11 @@ def build_report(policy: ClosePolicy, result: PlanResult, seen: Observed) -> Clo
     ):
         # TIME_WAIT was due here and is missing: ask whether the kernel's table is
         # full (file reads, on this rare path only).
-        from ._observe import time_wait_table_overflowed
+        from ._audit import time_wait_table_overflowed
 
         skipped = time_wait_table_overflowed()
-    # (positionally, in field order: see _new_report)
-    return _new_report(
+    # (positionally, in field order)
+    return CloseReport(
         policy,
         result.mode_applied,
         result.fallback,
@@ -213,11 +213,6 @@ def build_report(policy: ClosePolicy, result: PlanResult, seen: Observed) -> Clo
         seen.trigger,
         skipped,
     )
-
-
-#: ``CloseReport(*fields)`` and ``Observed(*fields)`` without the frozen ``__init__``.
-_new_report: Final = positional_constructor(CloseReport)
-new_observed: Final = positional_constructor(Observed)
 
 
 def format_report(report: CloseReport) -> str:
@@ -303,12 +298,6 @@ def report_fields(report: CloseReport) -> dict[str, object]:
     if report.trigger != "close":
         fields["close_trigger"] = report.trigger
     return fields
-
-
-def format_address(address: Address) -> str:
-    """``host:port``, with brackets around an IPv6 host."""
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _jsonable(value: object) -> object:
