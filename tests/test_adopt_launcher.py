@@ -172,9 +172,10 @@ def hypercorn_command(
 @pytest.mark.parametrize("worker_class", ["asyncio", "uvloop"])
 def test_hypercorn_under_tcpclose_run_answers_whole(tmp_path: Path, worker_class: str) -> None:
     """hypercorn started as a command (``python -m hypercorn app:app``), its code and
-    the application's unchanged: plain, it loses answers to the RST trap (shown on
-    the asyncio worker class, where it loses nearly all: on uvloop it loses 1 to 3 of
-    20); under ``tcpclose run`` every answer is whole, on either worker class."""
+    the application's unchanged: plain, it loses answers to the RST trap, cut by a
+    reset (shown on the asyncio worker class, where runs lost 8 to 19 of 20: on uvloop
+    it loses 1 to 3 of 20); under ``tcpclose run`` every answer is whole, on either
+    worker class."""
     pytest.importorskip("hypercorn")
     if worker_class == "uvloop":
         pytest.importorskip("uvloop")
@@ -182,9 +183,11 @@ def test_hypercorn_under_tcpclose_run_answers_whole(tmp_path: Path, worker_class
     (tmp_path / "app.py").write_text(HYPERCORN_APP)
     if worker_class == "asyncio":
         with hypercorn_command(tmp_path, worker_class) as (port, _):
-            plain_curl, plain_client, _errors = trap_post(port)
+            plain_curl, plain_client, plain_errors = trap_post(port)
         print(f"plain hypercorn: whole {plain_curl}/{TRIES} by curl, {plain_client} by client")
-        assert plain_curl + plain_client <= TRIES, (plain_curl, plain_client)
+        # (how many are cut varies with the machine's load: that some are, by resets)
+        assert plain_curl + plain_client < 2 * TRIES, (plain_curl, plain_client)
+        assert any("reset" in e.lower() or "(56)" in e for e in plain_errors), plain_errors
     launcher = ("--policy", "graceful", "--log-reports")
     with hypercorn_command(tmp_path, worker_class, *launcher) as (port, err):
         whole_curl, whole_client, errors = trap_post(port)
