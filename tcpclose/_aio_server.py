@@ -21,7 +21,8 @@ from typing import Any, TypedDict
 
 from typing_extensions import Unpack
 
-from ._aio import ConnectionRegistry, OnClose, PolicyProtocolFactory, connection_of
+from ._aio import OnClose, PolicyProtocolFactory, connection_of
+from ._aio_proxy import ConnectionRegistry
 from ._policy import PolicyLike, as_policy
 
 __all__ = (
