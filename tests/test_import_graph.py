@@ -54,6 +54,9 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("host facts (I/O): audit, host view", frozenset({"_audit", "_hostview"})),
     ("reports", frozenset({"_report"})),
     ("what a driver measures around a close", frozenset({"_observe", "_linger"})),
+    ("asyncio driver: what it knows of transports (TLS, uvloop)", frozenset({"_aio_transport"})),
+    ("asyncio driver: the closer", frozenset({"_aio_closer"})),
+    ("asyncio driver: the wrapper protocol and proxy transport", frozenset({"_aio_proxy"})),
     ("drivers", frozenset({"_sync", "_aio", "_background"})),
     (
         "sinks and views of reports",
