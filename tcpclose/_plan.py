@@ -1281,13 +1281,16 @@ class FastPlan:
                         self._took(index, now)
                         return
                 elif event is not _EVENT_FLUSHED or now < self._deadline:
-                    # The step is taken (as _took, inline: the common case).
+                    # The step is taken (as _took, inline: the common case), and the
+                    # next action is at hand when it carries no times.
                     self._finished = now
-                    self._action = None
                     index += 1
                     self._index = index
-                    if index == len(steps) and self._course.ends:
-                        self.done = True
+                    if index < len(steps):
+                        self._action = steps[index].action
+                    else:
+                        self._action = None
+                        self.done = self._course.ends
                     return
             elif event is _EVENT_PASSIVE_END and self.done and not self._passive:
                 self._passive = True
