@@ -15,7 +15,8 @@ from collections.abc import Callable
 from typing import Any, Final, cast
 
 from . import _observe
-from ._aio_proxy import ConnectionRegistry, _DrainSink, _new_wrapper
+from ._aio_closer import KernelStateChoice, kernel_state_choice
+from ._aio_proxy import ConnectionRegistry, ListenerLinger, _DrainSink, _new_wrapper
 from ._aio_proxy import OnClose as OnClose
 from ._aio_proxy import PolicyProtocol as PolicyProtocol
 from ._aio_proxy import PolicyTransport as PolicyTransport
@@ -53,9 +54,22 @@ class PolicyProtocolFactory:
         on_close: receives each :class:`CloseReport`, or None.
         report: whether reports are built (the kernel lookups cost a few microseconds
             per close).
+        kernel_state: when the reports' kernel state is looked up: ``"eager"``,
+            ``"lazy"`` or ``"sampled:F"`` (see :func:`with_policy`).
+        listener: what is known of the ``SO_LINGER`` its connections inherit from
+            their listener (:class:`~tcpclose._aio_proxy.ListenerLinger`).
     """
 
-    __slots__ = ("_registry", "on_close", "policy", "protocol_factory", "report")
+    __slots__ = (
+        "_kernel_choice",
+        "_registry",
+        "kernel_state",
+        "listener",
+        "on_close",
+        "policy",
+        "protocol_factory",
+        "report",
+    )
 
     def __init__(
         self,
@@ -65,6 +79,7 @@ class PolicyProtocolFactory:
         *,
         report: bool | None = None,
         registry: ConnectionRegistry | None = None,
+        kernel_state: str | KernelStateChoice = "eager",
     ) -> None:
         if not callable(protocol_factory):
             raise TypeError(
@@ -77,11 +92,22 @@ class PolicyProtocolFactory:
         self.on_close = on_close
         self.report = (on_close is not None) if report is None else report
         self._registry = registry
+        self._kernel_choice = kernel_state_choice(kernel_state)
+        self.kernel_state = self._kernel_choice.text
+        self.listener = ListenerLinger()
 
     def __call__(self, *args: Any, **kwargs: Any) -> PolicyProtocol:
         inner = self.protocol_factory(*args, **kwargs)
         registry = self._registry
-        wrapper = _new_wrapper(inner, self.policy, self.on_close, self.report, registry)
+        wrapper = _new_wrapper(
+            inner,
+            self.policy,
+            self.on_close,
+            self.report,
+            registry,
+            self._kernel_choice,
+            self.listener,
+        )
         if registry is not None and registry.handshaking is not None:
             registry.handshaking.add(wrapper)
         return wrapper
@@ -92,7 +118,10 @@ class PolicyProtocolFactory:
         return getattr(self.protocol_factory, name)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_factory, (self.protocol_factory, self.policy, self.on_close, self.report))
+        return (
+            _rebuild_factory,
+            (self.protocol_factory, self.policy, self.on_close, self.report, self.kernel_state),
+        )
 
     def __repr__(self) -> str:
         return f"with_policy({self.protocol_factory!r}, {str(self.policy)!r})"
@@ -103,8 +132,11 @@ def _rebuild_factory(
     policy: ClosePolicy,
     on_close: OnClose | None,
     report: bool,
+    kernel_state: str = "eager",
 ) -> PolicyProtocolFactory:
-    return PolicyProtocolFactory(protocol_factory, policy, on_close, report=report)
+    return PolicyProtocolFactory(
+        protocol_factory, policy, on_close, report=report, kernel_state=kernel_state
+    )
 
 
 def with_policy(
@@ -113,6 +145,7 @@ def with_policy(
     on_close: OnClose | None = None,
     *,
     report: bool | None = None,
+    kernel_state: str = "eager",
 ) -> PolicyProtocolFactory:
     """Wrap an asyncio protocol factory so that its connections close with ``policy``.
 
@@ -138,12 +171,18 @@ def with_policy(
             exceptions are logged on the ``tcpclose`` logger, never raised.
         report: build reports (kernel state lookups). Default: only when ``on_close``
             is given.
+        kernel_state: when each report's kernel state (the 4-tuple's, after the
+            close) is looked up: ``"eager"`` (default: before ``on_close`` gets the
+            report), ``"lazy"`` (when ``report.kernel_state`` is first read: a report
+            nobody asks costs no lookup; TLS connections stay eager) or
+            ``"sampled:F"`` (eagerly for a fraction F of the closes, 0 < F <= 1; the
+            others have none). ``report.kernel_state_mode`` says which.
 
     Returns:
         A picklable :class:`PolicyProtocolFactory`.
 
     Raises:
-        PolicyError: ``policy`` is invalid.
+        PolicyError: ``policy`` or ``kernel_state`` is invalid.
         TypeError: ``protocol_factory`` or ``on_close`` is not callable.
 
     Example::
@@ -152,7 +191,9 @@ def with_policy(
             tcpclose.aio.with_policy(HttpProtocol, "peer-first timeout=5s"), host, port
         )
     """
-    return PolicyProtocolFactory(protocol_factory, policy, on_close, report=report)
+    return PolicyProtocolFactory(
+        protocol_factory, policy, on_close, report=report, kernel_state=kernel_state
+    )
 
 
 # -- aclose -----------------------------------------------------------------------------------
@@ -207,6 +248,7 @@ async def aclose(
     *,
     report: bool = True,
     allow_data_loss: bool = False,
+    kernel_state: str = "eager",
 ) -> CloseReport:
     """Close an asyncio connection with ``policy`` and report what happened.
 
@@ -222,13 +264,15 @@ async def aclose(
         policy: a :class:`ClosePolicy`, policy text or mapping. Default ``"graceful"``.
         report: when False, skip the measurements made only for the report.
         allow_data_loss: do not warn when an abort discards queued bytes.
+        kernel_state: when the report's kernel state is looked up: ``"eager"``
+            (default), ``"lazy"`` or ``"sampled:F"``, as for :func:`with_policy`.
 
     Returns:
         The :class:`CloseReport`. When the connection is already closing under a
         policy (:func:`with_policy`, the servers here), that close's report.
 
     Raises:
-        PolicyError: ``policy`` is invalid.
+        PolicyError: ``policy`` or ``kernel_state`` is invalid.
         TypeError: ``obj`` is not an asyncio transport or StreamWriter, or not over
             TCP (:class:`NotTcpSocketError`).
         ValueError: the transport is already closing or closed.
@@ -240,11 +284,12 @@ async def aclose(
         log.info("%s", report)
     """
     resolved = as_policy(policy)
+    choice = kernel_state_choice(kernel_state)
     transport = _transport_of(obj)
     conn = connection_of(transport)
     if conn is None:
         _check_tcp_transport(transport)
-        conn = PolicyProtocol.adopt(transport, resolved, report=report)
+        conn = PolicyProtocol.adopt(transport, resolved, report=report, kernel_state=choice)
     elif conn.closer is None and conn.lost:
         raise ValueError("the connection is already closed")
     started = conn.closer is None
@@ -255,6 +300,7 @@ async def aclose(
         allow_data_loss=allow_data_loss,
         background=False,
         requested=True,
+        kernel_state=choice,
     )
     if closer.deliver:  # write_eof() under peer-first was pending: now it is a close
         conn.request_close("aclose")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import socket
 import struct
@@ -40,10 +41,11 @@ import time
 from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any, Final, Protocol, cast
 
-from . import _checks, _observe
+from . import _checks, _kernel, _observe
 from ._aio_transport import _Addressed, _TransportLike
+from ._errors import PolicyError
 from ._kernel._types import KernelState, TcpState
-from ._linger import disarm_linger
+from ._linger import LINGER_OFF
 from ._plan import (
     Close,
     Event,
@@ -89,6 +91,94 @@ class _Wait(enum.Enum):
     DONE = "done"
 
 
+# -- when the kernel state is looked up ---------------------------------------------------
+
+
+class KernelStateChoice:
+    """When a report's kernel state (the 4-tuple's, just after the close) is looked up:
+    the ``kernel_state`` keyword of :func:`~tcpclose.aio.with_policy`,
+    :func:`~tcpclose.aio.aclose` and the servers.
+
+    * ``"eager"`` (default): once the fd is closed, before the report is delivered.
+    * ``"lazy"``: when the report's ``kernel_state`` is first read (never, when
+      nothing reads it). TLS connections are looked up eagerly: over TLS the kernel's
+      state tells who closed first.
+    * ``"sampled:F"``: eagerly for a fraction ``F`` (0 < F <= 1) of the closes, the
+      first one included; the others report no kernel state.
+
+    Made by :func:`kernel_state_choice`; one object per spelling, shared by every
+    close that uses it (the sampling counts across them).
+    """
+
+    __slots__ = ("_credit", "fraction", "how", "text")
+
+    def __init__(self, how: str, fraction: float = 1.0) -> None:
+        #: ``"eager"``, ``"lazy"`` or ``"sampled"``.
+        self.how = how
+        self.fraction = fraction
+        #: The canonical spelling, which reports state (``CloseReport.kernel_state_mode``).
+        self.text = f"sampled:{fraction:g}" if how == "sampled" else how
+        self._credit = 1.0  # (so that the first close is sampled)
+
+    def __repr__(self) -> str:
+        return f"KernelStateChoice({self.text!r})"
+
+    def sample(self) -> bool:
+        """For ``sampled``: whether this close is looked up (every 1/F-th close)."""
+        credit = self._credit
+        if credit >= 1.0 - 1e-9:
+            self._credit = credit - 1.0 + self.fraction
+            return True
+        self._credit = credit + self.fraction
+        return False
+
+
+_KERNEL_STATE_ACCEPTED: Final = ("eager", "lazy", "sampled:FRACTION (0 < FRACTION <= 1)")
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_kernel_state(text: str) -> KernelStateChoice:
+    how, sep, rest = text.strip().lower().partition(":")
+    if not sep and how in ("eager", "lazy"):
+        return KernelStateChoice(how)
+    if how == "sampled" and sep:
+        try:
+            fraction = float(rest)
+        except ValueError:
+            fraction = -1.0
+        if 0.0 < fraction <= 1.0:
+            return KernelStateChoice("sampled", fraction)
+        raise PolicyError(
+            f"kernel_state: the fraction must be a number in (0, 1], got {rest.strip()!r}",
+            word=text,
+            accepted=_KERNEL_STATE_ACCEPTED,
+        )
+    raise PolicyError(
+        f"kernel_state: unknown value {text!r}", word=text, accepted=_KERNEL_STATE_ACCEPTED
+    )
+
+
+def kernel_state_choice(value: str | KernelStateChoice) -> KernelStateChoice:
+    """The :class:`KernelStateChoice` for ``value``: ``"eager"``, ``"lazy"`` or
+    ``"sampled:F"`` (case and spaces around it ignored).
+
+    Raises:
+        PolicyError: an unknown value, or a fraction outside (0, 1].
+        TypeError: ``value`` is not a string.
+    """
+    if isinstance(value, KernelStateChoice):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(
+            "kernel_state: expected 'eager', 'lazy' or 'sampled:FRACTION', "
+            f"got {type(value).__qualname__} instead"
+        )
+    return _parse_kernel_state(value)
+
+
+EAGER: Final = kernel_state_choice("eager")
+
+
 # -- deadlines ----------------------------------------------------------------------------
 
 #: The closes on one loop wait in deadline slots this long, each slot with one loop
@@ -120,7 +210,7 @@ class _Deadlines:
     but a set entry.
     """
 
-    __slots__ = ("_loop", "_loop_end", "_slots", "active", "clock")
+    __slots__ = ("_completing", "_loop", "_loop_end", "_slots", "active", "clock")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -133,6 +223,8 @@ class _Deadlines:
         self._slots: dict[int, dict[_Closer, None]] = {}
         #: The closes under way on this loop.
         self.active: set[_Closer] = set()
+        #: The closes to complete on the next loop turn (:meth:`complete_soon`).
+        self._completing: list[_Closer] = []
         self._loop_end = _at_loop_end(self)
         _start_async_generator(self._loop_end)
 
@@ -172,6 +264,24 @@ class _Deadlines:
                     self._loop.call_exception_handler(
                         {"message": "tcpclose: a close failed at its deadline", "exception": exc}
                     )
+
+    def complete_soon(self, closer: _Closer) -> None:
+        """Complete ``closer`` on the next loop turn, with every close that ends in
+        this one: one loop callback for all of them, not one each."""
+        completing = self._completing
+        if not completing:
+            self._loop.call_soon(self._complete_all)
+        completing.append(closer)
+
+    def _complete_all(self) -> None:
+        completing, self._completing = self._completing, []
+        for closer in completing:
+            try:
+                closer._complete()
+            except Exception as exc:  # one close's bug must not stall the others
+                self._loop.call_exception_handler(
+                    {"message": "tcpclose: completing a close failed", "exception": exc}
+                )
 
     async def end_all(self) -> None:
         """The loop is ending: cut every close under way short and wait (bounded) for
@@ -247,6 +357,15 @@ class ClosingConnection(Protocol):
     def close_finished(self, closer: _Closer) -> None:
         """The close is over (its report can be had)."""
 
+    @property
+    def linger_check(self) -> bool:
+        """``SO_LINGER`` may have been set where the library has not looked: the
+        application had the socket, or the listener's setting, which accepted sockets
+        inherit, is not known yet."""
+
+    def linger_seen(self, lingers: bool) -> None:
+        """What a check found: ``SO_LINGER`` on with a time (``lingers``) or not."""
+
 
 class _Detached:
     """What a finished closer holds instead of its connection: lost, with no
@@ -276,6 +395,11 @@ class _Detached:
     def close_finished(self, closer: _Closer) -> None:
         pass
 
+    linger_check = False
+
+    def linger_seen(self, lingers: bool) -> None:
+        pass
+
 
 _DETACHED: Final = _Detached()
 
@@ -299,7 +423,9 @@ class _Closer:
         "_deadline",
         "_deadlines",
         "_forced",
+        "_kernel_mode",
         "_kernel_state",
+        "_kernel_when",
         "_loop",
         "_lost_exc",
         "_measured",
@@ -334,6 +460,7 @@ class _Closer:
         allow_data_loss: bool = False,
         deliver: bool = False,
         background: bool = True,
+        kernel_state: KernelStateChoice = EAGER,
     ) -> None:
         # (Positional parameters, and few calls below: a busy server makes thousands
         # of these a second, and a Python call and its few lines cost about 0.3 us.)
@@ -348,6 +475,20 @@ class _Closer:
         self.deliver = deliver
         #: True: issue the warnings when done (no caller is there to point at).
         self.background = background
+        #: When the kernel state is looked up: "eager" (once the fd is closed), "lazy"
+        #: (when the report's kernel_state is first read) or "skip"; and what the
+        #: report says of it.
+        how = kernel_state.how
+        if not report:
+            self._kernel_when, self._kernel_mode = "skip", "off"
+        elif how == "eager" or (how == "lazy" and conn.ssl):
+            # (Over TLS the state after the close tells who closed first.)
+            self._kernel_when = self._kernel_mode = "eager"
+        elif how == "lazy":
+            self._kernel_when = self._kernel_mode = "lazy"
+        else:
+            self._kernel_when = "eager" if kernel_state.sample() else "skip"
+            self._kernel_mode = kernel_state.text
         sock = conn.optsock
         self._watch = (
             _observe.Watch(_Addressed(conn.real, sock), report=True, peer_fin=conn.peer_eof)
@@ -396,21 +537,42 @@ class _Closer:
         """The report once the close is over (built when first asked for: on the
         server path with no ``on_close`` nobody may ever ask)."""
         if self._report is None and self.done:
-            observed = self._watch.observed(trigger=self._trigger, kernel_state=self._kernel_state)
-            self._report = build_report(self._plan.policy, self._plan.result(), observed)
+            watch = self._watch
+            observed = watch.observed(trigger=self._trigger, kernel_state=self._kernel_state)
+            lookup = None
+            if self._kernel_when == "lazy" and watch.local is not None and watch.peer is not None:
+                # (The lookup's own parameters, not the watch: it refers to the transport.
+                # The cookie makes sure a later connection on the 4-tuple is not taken
+                # for ours.)
+                lookup = functools.partial(
+                    _kernel.lookup, watch.local, watch.peer, cookie=watch._cookie
+                )
+            self._report = build_report(
+                self._plan.policy,
+                self._plan.result(),
+                observed,
+                kernel_state_mode=self._kernel_mode,
+                lookup=lookup,
+            )
         return self._report
 
     def start(self) -> None:
         self._deadlines.active.add(self)
-        # (SO_LINGER with a time would block the loop in the fd's close: off, TC201.)
-        disarm_linger(
-            self._watch,
-            self._conn.optsock,
-            self._plan.policy.mode,
-            nonblocking=True,
-            event_loop=True,
-        )
+        conn = self._conn
+        if conn.linger_check:
+            self._check_linger(conn)
         self._advance(self._started)
+
+    def _check_linger(self, conn: ClosingConnection) -> None:
+        """``SO_LINGER`` with a time would block the loop in the fd's close: turn it
+        off (TC201), unless the policy aborts (it sets its own {1, 0})."""
+        lingers = self._watch.check_linger(nonblocking=True, event_loop=True)
+        conn.linger_seen(lingers)
+        if lingers and self._plan.policy.mode is not CloseMode.ABORT:
+            try:
+                conn.optsock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_OFF)
+            except (OSError, ValueError) as exc:
+                logger.debug("close: could not turn SO_LINGER off: %s", exc)
 
     def cut_short(self) -> None:
         """The loop is ending: stop waiting for the peer; the transport is aborted now
@@ -574,10 +736,11 @@ class _Closer:
                     outgoing += conn.buffered()
                     plan.feed(Event.UNACKED_SOME if outgoing else Event.UNACKED_NONE, now)
         self._wait = _Wait.DONE
-        if self._watch.local is not None:
+        if self._watch.local is not None and self._kernel_when != "skip":
             # We may be inside connection_lost, before the transport closes the fd:
-            # look the 4-tuple up on the next loop turn.
-            self._loop.call_soon(self._complete)
+            # look the 4-tuple up on the next loop turn (with the other closes that
+            # end in this one).
+            self._deadlines.complete_soon(self)
         else:
             self._complete()
 
@@ -849,11 +1012,12 @@ class _Closer:
     def _complete(self) -> None:
         self._deadlines.active.discard(self)
         watch = self._watch
-        try:
-            kernel_state = watch.after_close()
-        except Exception:  # the report must not fail the close
-            logger.exception("close: kernel lookup after close failed")
-            kernel_state = None
+        kernel_state = None
+        if self._kernel_when == "eager":
+            try:
+                kernel_state = watch.after_close()
+            except Exception:  # the report must not fail the close
+                logger.exception("close: kernel lookup after close failed")
         self._kernel_state = kernel_state
         if kernel_state is not None and kernel_state.state in _PASSIVE_END_STATES:
             self._plan.feed(Event.PASSIVE_END, self._clock())

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import socket
 import weakref
 from asyncio import constants as _asyncio_constants
 from asyncio import transports as _asyncio_transports
@@ -23,14 +22,20 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final, TypeAlias, cast
 
 from . import _kernel
-from ._aio_closer import _Closer
-from ._aio_transport import _tcp_transport_under, _TransportLike, _transports_in_handshake
+from ._aio_closer import EAGER, KernelStateChoice, _Closer
+from ._aio_transport import (
+    _tcp_transport_under,
+    _TransportLike,
+    _transports_in_handshake,
+    socket_view,
+)
 from ._kernel._types import TcpState
 from ._policy import CloseMode, ClosePolicy
 from ._report import CloseReport
 
 __all__ = (
     "ConnectionRegistry",
+    "ListenerLinger",
     "OnClose",
     "PolicyProtocol",
     "PolicyTransport",
@@ -51,6 +56,31 @@ _SCRATCH: Final = memoryview(bytearray(256 * 1024))
 
 #: ``PolicyProtocol._raw_tls`` before the first look.
 _NOT_LOOKED_UP: Final = object()
+
+
+class ListenerLinger:
+    """What is known of the ``SO_LINGER`` that one server's (or one protocol
+    factory's) accepted sockets inherit from their listener.
+
+    Accepted sockets inherit the listener's ``SO_LINGER``; after that only code holding
+    the socket can change it. So a connection's close checks it (a ``getsockopt``)
+    only when the application had the socket (``get_extra_info("socket")`` on the
+    proxy transport, ``aclose`` of a transport) or while its listener's setting is not
+    known: the first close of a factory's connections tells it, or the server reads its
+    listening sockets when it starts. A listener whose ``SO_LINGER`` is changed later
+    must be shown to :meth:`listener_changed`.
+    """
+
+    __slots__ = ("inherited",)
+
+    def __init__(self) -> None:
+        #: The accepted sockets inherit ``SO_LINGER`` on with a time (True), not
+        #: (False), or not known yet (None).
+        self.inherited: bool | None = None
+
+    def listener_changed(self) -> None:
+        """The listener's ``SO_LINGER`` may have changed: the next close checks."""
+        self.inherited = None
 
 
 # -- the wrapper protocol and the proxy transport -------------------------------------------
@@ -78,6 +108,8 @@ class PolicyProtocol(asyncio.Protocol):
         "_inner",
         "_inner_buffered",
         "_inner_lost",
+        "_kernel_state",
+        "_listener",
         "_lost_reason",
         "_on_close",
         "_policy",
@@ -92,6 +124,7 @@ class PolicyProtocol(asyncio.Protocol):
         "real",
         "registry",
         "sock",
+        "socket_exposed",
         "ssl",
     )
 
@@ -104,6 +137,8 @@ class PolicyProtocol(asyncio.Protocol):
         on_close: OnClose | None = None,
         report: bool = True,
         registry: ConnectionRegistry | None = None,
+        kernel_state: KernelStateChoice = EAGER,
+        listener: ListenerLinger | None = None,
     ) -> None:
         self._inner = inner
         self._inner_buffered = isinstance(inner, asyncio.BufferedProtocol)
@@ -112,6 +147,12 @@ class PolicyProtocol(asyncio.Protocol):
         self._on_close = on_close
         self._report = report
         self.registry = registry
+        self._kernel_state = kernel_state
+        #: Its listener's ``SO_LINGER``, as far as known (None: a listener of its own).
+        self._listener = listener
+        #: The application had the socket (``get_extra_info("socket")``, ``aclose``):
+        #: it may have set ``SO_LINGER``.
+        self.socket_exposed = False
         self._closer: _Closer | None = None
         self._close_requested = False
         self._eof_by_policy = False
@@ -150,12 +191,18 @@ class PolicyProtocol(asyncio.Protocol):
 
     @classmethod
     def adopt(
-        cls, transport: _TransportLike, policy: ClosePolicy, *, report: bool
+        cls,
+        transport: _TransportLike,
+        policy: ClosePolicy,
+        *,
+        report: bool,
+        kernel_state: KernelStateChoice = EAGER,
     ) -> PolicyProtocol:
         """Put a wrapper in front of ``transport``'s current protocol (for aclose)."""
         inner = transport.get_protocol()
-        wrapper = _new_wrapper(inner, policy, None, report, None)
+        wrapper = _new_wrapper(inner, policy, None, report, None, kernel_state, None)
         wrapper._attach(transport)
+        wrapper.socket_exposed = True  # (the application had the transport all along)
         # The application may have had the peer's FIN already (a handler that read to
         # EOF): the transport will not report it again. The kernel knows.
         try:
@@ -174,8 +221,7 @@ class PolicyProtocol(asyncio.Protocol):
         sock = self.sock
         if sock is None:
             sock = self.sock = self.real.get_extra_info("socket")
-            inner = getattr(sock, "_sock", None)
-            self.optsock = inner if isinstance(inner, socket.socket) else sock
+            self.optsock = socket_view(sock)
         return sock
 
     def raw_under_tls(self) -> _TransportLike | None:
@@ -204,6 +250,20 @@ class PolicyProtocol(asyncio.Protocol):
         ``asyncio.Protocol`` subclass through ``data_received``, where nothing bounds
         a read)."""
         self.real.set_protocol(_DrainSink(self))
+
+    @property
+    def linger_check(self) -> bool:
+        """``SO_LINGER`` may have been set where the library has not looked (see
+        :class:`ListenerLinger`)."""
+        listener = self._listener
+        return self.socket_exposed or listener is None or listener.inherited is not False
+
+    def linger_seen(self, lingers: bool) -> None:
+        """A close's check found ``SO_LINGER`` on with a time (``lingers``) or not;
+        unless the application had the socket, that is the listener's setting."""
+        listener = self._listener
+        if listener is not None and not self.socket_exposed:
+            listener.inherited = lingers
 
     def close_finished(self, closer: _Closer) -> None:
         """Called by the closer once it is over."""
@@ -235,6 +295,7 @@ class PolicyProtocol(asyncio.Protocol):
         deliver: bool = False,
         background: bool = True,
         requested: bool = False,
+        kernel_state: KernelStateChoice | None = None,
     ) -> _Closer:
         """Start a close with ``policy`` unless one is under way; return the close.
 
@@ -256,6 +317,7 @@ class PolicyProtocol(asyncio.Protocol):
             allow_data_loss,
             deliver,
             background,
+            self._kernel_state if kernel_state is None else kernel_state,
         )
         self._closer = closer
         closer.start()
@@ -536,8 +598,10 @@ class _BufferedPolicyProtocol(PolicyProtocol, asyncio.BufferedProtocol):
         on_close: OnClose | None = None,
         report: bool = True,
         registry: ConnectionRegistry | None = None,
+        kernel_state: KernelStateChoice = EAGER,
+        listener: ListenerLinger | None = None,
     ) -> None:
-        super().__init__(inner, policy, on_close=on_close, report=report, registry=registry)
+        super().__init__(inner, policy, on_close, report, registry, kernel_state, listener)
         self._handed_inner = False
         self._own_scratch: memoryview | None = None
 
@@ -586,9 +650,11 @@ def _new_wrapper(
     on_close: OnClose | None,
     report: bool,
     registry: ConnectionRegistry | None,
+    kernel_state: KernelStateChoice,
+    listener: ListenerLinger | None,
 ) -> PolicyProtocol:
     cls = _BufferedPolicyProtocol if isinstance(inner, asyncio.BufferedProtocol) else PolicyProtocol
-    return cls(inner, policy, on_close, report, registry)
+    return cls(inner, policy, on_close, report, registry, kernel_state, listener)
 
 
 def _feed_buffered(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
@@ -635,6 +701,8 @@ class PolicyTransport(_asyncio_transports._FlowControlMixin):
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in ("_conn", "_real"):
             raise AttributeError(name)
+        # (The real transport's own attributes may lead to its socket.)
+        self._conn.socket_exposed = True
         return getattr(self._real, name)
 
     @property
@@ -708,6 +776,8 @@ class PolicyTransport(_asyncio_transports._FlowControlMixin):
     # -- the rest --------------------------------------------------------------------------
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            self._conn.socket_exposed = True  # (it may set SO_LINGER: checked at the close)
         return self._real.get_extra_info(name, default)
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:

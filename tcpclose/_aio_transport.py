@@ -5,6 +5,8 @@ them that neither documents.
   do not subclass ``asyncio.Transport``).
 * :class:`_Addressed`: a transport's socket answering ``getsockname``/``getpeername``
   from what the transport recorded.
+* :func:`socket_view`: what socket options go through, one per connection (a view
+  of uvloop's pseudo-socket, which makes a socket object per call).
 * The TCP transport under a TLS transport (:func:`_tcp_transport_under`) and under TLS
   handshakes (:func:`_transports_in_handshake`): CPython names it, uvloop keeps it in
   C-level fields that only ``gc.get_referents`` reaches.
@@ -14,9 +16,11 @@ Nothing here knows the close plan or the wrapper protocol.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import gc
+import socket
 from collections.abc import Sequence
 from typing import Any, Protocol, cast
 
@@ -122,3 +126,70 @@ def _transports_in_handshake(conns: Sequence[object]) -> list[asyncio.Transport]
                 found.append(cast(asyncio.Transport, candidate))
                 break
     return found
+
+
+class _DetachingSocket(_socket.socket):
+    """A ``socket`` object over a descriptor it does not own: never closes it (its
+    finalizer detaches instead)."""
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        self.detach()
+
+
+class _SocketView:
+    """One connection's view of a uvloop transport's socket, for socket options.
+
+    uvloop's pseudo-socket makes a ``socket`` object for each ``getsockopt`` or
+    ``setsockopt`` (about 5 us a call, against 1 us on a socket object): this view
+    makes one when first asked and keeps it. Each call first asks the pseudo-socket
+    for the descriptor, which it answers -1 once the transport has closed it; the view
+    then raises ``ValueError`` as the pseudo-socket does, never touching a descriptor
+    number that may already belong to another connection.
+    """
+
+    __slots__ = ("_pseudo", "_sock")
+
+    def __init__(self, pseudo: Any) -> None:
+        self._pseudo = pseudo
+        self._sock: _DetachingSocket | None = None
+
+    def _live(self) -> _DetachingSocket:
+        fd = self._pseudo.fileno()
+        sock = self._sock
+        if sock is not None and sock.fileno() == fd:
+            return sock
+        if fd < 0:
+            raise ValueError("negative file descriptor")
+        pseudo = self._pseudo
+        # (family, type and proto given: the socket object asks the kernel nothing)
+        sock = self._sock = _DetachingSocket(pseudo.family, pseudo.type, pseudo.proto, fd)
+        return sock
+
+    def fileno(self) -> int:
+        return int(self._pseudo.fileno())
+
+    def getsockopt(self, level: int, option: int, buflen: int, /) -> bytes:
+        return self._live().getsockopt(level, option, buflen)
+
+    def setsockopt(self, level: int, option: int, value: bytes, /) -> None:
+        self._live().setsockopt(level, option, value)
+
+    def getsockname(self) -> object:
+        return self._pseudo.getsockname()
+
+    def getpeername(self) -> object:
+        return self._pseudo.getpeername()
+
+
+def socket_view(sock: Any) -> Any:
+    """What socket options and ioctls of a transport's socket go through: the socket
+    object inside asyncio's ``TransportSocket`` (whose methods are Python wrappers
+    around it), a :class:`_SocketView` of uvloop's pseudo-socket, else ``sock``."""
+    inner = getattr(sock, "_sock", None)
+    if isinstance(inner, socket.socket):
+        return inner
+    if type(sock).__name__ == "PseudoSocket":
+        return _SocketView(sock)
+    return sock

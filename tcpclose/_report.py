@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
+import operator
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from itertools import repeat
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from ._frozen import positional_constructor
 from ._kernel._tcpinfo import decode_tcp_info
@@ -84,7 +89,9 @@ class CloseReport:
         tcp_info_bytes: ``TCP_INFO`` just before the close, as the kernel returned it
             (None when not measured); :attr:`tcp_info` decodes it.
         kernel_state: the 4-tuple's kernel state just after the close, or None when
-            reports were off.
+            reports were off or this close was not sampled (``kernel_state_mode``).
+            Under ``kernel_state_mode="lazy"`` it is looked up when first read, and
+            says what the kernel held then.
         duration: seconds the close took.
         warnings: codes of the warnings issued.
         error: the error that ended the close early (errno name), or None. After a
@@ -97,6 +104,9 @@ class CloseReport:
             table is full (``net.ipv4.tcp_max_tw_buckets`` reached, or its
             ``TCPTimeWaitOverflow`` counter rose since the last look): the kernel
             skipped TIME_WAIT, and the 4-tuple is unprotected against late segments.
+        kernel_state_mode: when ``kernel_state`` was looked up: ``"eager"`` (just after
+            the close), ``"lazy"`` (when first read), ``"sampled:F"`` (just after the
+            close, for a fraction F of the closes) or ``"off"`` (reports off).
     """
 
     policy: ClosePolicy
@@ -119,6 +129,7 @@ class CloseReport:
     error: str | None = None
     trigger: str = "close"
     time_wait_skipped: bool = False
+    kernel_state_mode: str = "eager"
 
     @property
     def tcp_info(self) -> TcpInfo | None:
@@ -167,8 +178,21 @@ class CloseReport:
         return format_report(self)
 
 
-def build_report(policy: ClosePolicy, result: PlanResult, seen: Observed) -> CloseReport:
-    """Combine the plan's result and what the driver saw into a report."""
+def build_report(
+    policy: ClosePolicy,
+    result: PlanResult,
+    seen: Observed,
+    *,
+    kernel_state_mode: str = "eager",
+    lookup: Callable[[], KernelState | None] | None = None,
+) -> CloseReport:
+    """Combine the plan's result and what the driver saw into a report.
+
+    ``lookup``: the kernel state is looked up by this when the report's
+    ``kernel_state`` is first read (``kernel_state_mode="lazy"``); ``rst_sent`` then
+    assumes no other process still holds the socket, and ``time_wait_skipped`` is
+    False (both would need the state now).
+    """
     # SO_LINGER {1, 0} or unread bytes make the *last* close of a socket send RST. When
     # another process still holds it (a fork), the lookup after our close finds the
     # same socket still owned by a file (inode != 0): nothing was sent yet.
@@ -191,7 +215,8 @@ def build_report(policy: ClosePolicy, result: PlanResult, seen: Observed) -> Clo
 
         skipped = time_wait_table_overflowed()
     # (positionally, in field order: see _new_report)
-    return _new_report(
+    make = _new_report if lookup is None else _LazyKernelStateReport.make(lookup)
+    return make(
         policy,
         result.mode_applied,
         result.fallback,
@@ -212,12 +237,68 @@ def build_report(policy: ClosePolicy, result: PlanResult, seen: Observed) -> Clo
         seen.error,
         seen.trigger,
         skipped,
+        kernel_state_mode,
     )
 
 
 #: ``CloseReport(*fields)`` and ``Observed(*fields)`` without the frozen ``__init__``.
 _new_report: Final = positional_constructor(CloseReport)
 new_observed: Final = positional_constructor(Observed)
+
+_log = logging.getLogger("tcpclose")
+#: The slots' setters of every CloseReport field, in field order; and kernel_state's.
+_REPORT_SLOTS: Final = tuple(CloseReport.__dict__[f.name] for f in dataclasses.fields(CloseReport))
+_KERNEL_STATE_SLOT: Final = CloseReport.__dict__["kernel_state"]
+
+
+def _set_lookup(report: object, lookup: Callable[[], KernelState | None] | None) -> None:
+    """Set ``_LazyKernelStateReport._lookup`` (the frozen ``__setattr__`` of a slotted
+    dataclass cannot serve a subclass)."""
+    object.__setattr__(report, "_lookup", lookup)
+
+
+class _LazyKernelStateReport(CloseReport):
+    """A :class:`CloseReport` whose ``kernel_state`` is looked up when first read
+    (``kernel_state_mode="lazy"``). Otherwise the same frozen value; it pickles and
+    copies as a plain :class:`CloseReport` (looked up then)."""
+
+    __slots__ = ("_lookup",)
+
+    _lookup: Callable[[], KernelState | None] | None
+
+    @classmethod
+    def make(cls, lookup: Callable[[], KernelState | None]) -> Callable[..., CloseReport]:
+        """A positional constructor (as ``_new_report``) of reports using ``lookup``."""
+
+        def make(*values: Any) -> CloseReport:
+            obj = object.__new__(cls)
+            deque(map(operator.call, [d.__set__ for d in _REPORT_SLOTS], repeat(obj), values), 0)
+            _set_lookup(obj, lookup)
+            return obj
+
+        return make
+
+    @property
+    def kernel_state(self) -> KernelState | None:
+        lookup = self._lookup
+        if lookup is not None:
+            _set_lookup(self, None)
+            try:
+                state = lookup()
+            except Exception:  # reading a report must not fail
+                _log.exception("close: kernel lookup for a report failed")
+                state = None
+            _KERNEL_STATE_SLOT.__set__(self, state)
+        return cast("KernelState | None", _KERNEL_STATE_SLOT.__get__(self, CloseReport))
+
+    @kernel_state.setter
+    def kernel_state(self, value: KernelState | None) -> None:
+        # (Only the dataclass machinery gets here: the frozen __setattr__ refuses users.)
+        _set_lookup(self, None)
+        _KERNEL_STATE_SLOT.__set__(self, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CloseReport, tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
 
 
 def format_report(report: CloseReport) -> str:
