@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import enum
-import errno
 import functools
 import logging
 import socket
@@ -50,15 +48,15 @@ from ._kernel._types import KernelState, TcpState
 from ._linger import LINGER_OFF
 from ._plan import (
     Close,
-    ClosePlan,
     Event,
     Flush,
     MeasureAcked,
     MeasureUnacked,
-    PlanResult,
     Receive,
     SetLingerZero,
     ShutdownWrite,
+    error_event,
+    start_plan,
 )
 from ._policy import CloseMode, ClosePolicy
 from ._report import CloseReport, build_report
@@ -72,11 +70,8 @@ _CLOSE_GRACE_S: Final = 1.0
 #: Flush polling: first interval and the cap of its doubling.
 _FLUSH_POLL_FIRST_S: Final = 0.002
 _FLUSH_POLL_MAX_S: Final = 0.05
-#: Errors that mean the peer reset the connection (as the sync driver counts them).
-_RESET_ERRNOS: Final = frozenset(
-    {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ECONNABORTED}
-)
 #: Where a socket that closed second ends: it has nothing to keep (CLOSED: no socket).
+#: The plan hears of it (``PASSIVE_END``) and decides what it means.
 _PASSIVE_END_STATES: Final = frozenset({TcpState.LAST_ACK, TcpState.CLOSED})
 #: The most a TCP transport hands to ``data_received`` at once: asyncio's selector
 #: transport reads 256 KiB at a time, uvloop's 256,000 bytes. While more than this is
@@ -427,13 +422,10 @@ class _Closer:
         "_conn",
         "_deadline",
         "_deadlines",
-        "_fin_sent",
         "_forced",
         "_kernel_mode",
         "_kernel_state",
         "_kernel_when",
-        "_last_data",
-        "_linger_zero",
         "_loop",
         "_lost_exc",
         "_measured",
@@ -441,13 +433,12 @@ class _Closer:
         "_plan",
         "_poll",
         "_quiet_deadline",
-        "_receiving",
         "_report",
         "_resumed",
         "_sink",
         "_slot",
+        "_started",
         "_timer",
-        "_tls",
         "_trigger",
         "_wait",
         "_waiters",
@@ -479,7 +470,6 @@ class _Closer:
         self._conn: ClosingConnection = conn
         self._trigger = trigger
         self._allow_data_loss = allow_data_loss
-        self._tls = conn.ssl
         #: While True (``write_eof()`` under peer-first, before the protocol's own
         #: close) data and EOF still reach the application's protocol.
         self.deliver = deliver
@@ -491,7 +481,7 @@ class _Closer:
         how = kernel_state.how
         if not report:
             self._kernel_when, self._kernel_mode = "skip", "off"
-        elif how == "eager" or (how == "lazy" and self._tls):
+        elif how == "eager" or (how == "lazy" and conn.ssl):
             # (Over TLS the state after the close tells who closed first.)
             self._kernel_when = self._kernel_mode = "eager"
         elif how == "lazy":
@@ -508,11 +498,17 @@ class _Closer:
         deadlines = self._deadlines = _Deadlines.of(loop)
         clock = self._clock = deadlines.clock
         now = clock()
-        # (deliver: write_eof() under peer-first, whose fallback is always our FIN)
-        self._plan = ClosePlan(
-            policy, now, peer_eof=conn.peer_eof, label=self._watch.label, half_close=deliver
+        # (deliver: write_eof() under peer-first, whose fallback is always our FIN;
+        # over TLS our FIN waits for the peer's answer to our close_notify)
+        self._plan = start_plan(
+            policy,
+            now,
+            peer_eof=conn.peer_eof,
+            label=self._watch.label,
+            half_close=deliver,
+            fin_deferred=conn.ssl,
         )
-        self._last_data = now
+        self._started = now
         self._deadline = now
         self._poll = _FLUSH_POLL_FIRST_S
         self._quiet_deadline = now
@@ -520,7 +516,6 @@ class _Closer:
         self._timer: asyncio.TimerHandle | None = None
         self._slot: int | None = None
         self._pending_bytes = 0
-        self._receiving: Receive | None = None
         self._lost_exc: BaseException | None = None
         self._measured = False
         self._resumed = False
@@ -528,8 +523,6 @@ class _Closer:
         self._forced = False
         #: close() or abort() was called on the real transport.
         self.closed_transport = False
-        self._fin_sent = False
-        self._linger_zero = False
         self._waiters: list[asyncio.Future[CloseReport]] | None = None
         self.findings: tuple[_checks.Finding, ...] = ()
         #: The close is over (its report can be had from :attr:`report`).
@@ -556,7 +549,7 @@ class _Closer:
                 )
             self._report = build_report(
                 self._plan.policy,
-                self._plan_result(),
+                self._plan.result(),
                 observed,
                 kernel_state_mode=self._kernel_mode,
                 lookup=lookup,
@@ -568,7 +561,7 @@ class _Closer:
         conn = self._conn
         if conn.linger_check:
             self._check_linger(conn)
-        self._advance(self._last_data)  # (the time the close started)
+        self._advance(self._started)
 
     def _check_linger(self, conn: ClosingConnection) -> None:
         """``SO_LINGER`` with a time would block the loop in the fd's close: turn it
@@ -609,15 +602,7 @@ class _Closer:
             self._install_sink()
         wait = self._wait
         if wait is _Wait.RECEIVE:
-            now = self._clock()
-            self._last_data = now
-            plan = self._plan
-            phase = plan.phase
-            plan.feed(Event.DATA, now, nbytes=nbytes)
-            if plan.phase is phase:
-                return  # keep waiting; the timer re-arms itself for the new idle bound
-            self._stop_waiting()
-            self._advance()
+            self._received(nbytes)
         elif wait is not _Wait.DONE:
             self._pending_bytes += nbytes
             if not self.budget_left():
@@ -627,16 +612,33 @@ class _Closer:
                     self._conn.real.pause_reading()
 
     def on_activity(self) -> None:
-        """Data reached the application's protocol (deliver mode): the peer is not idle."""
-        self._last_data = self._clock()
+        """Data reached the application's protocol (deliver mode): the peer is not idle
+        (told to the plan as data of no bytes for the drain)."""
+        if self._wait is _Wait.RECEIVE:
+            self._received(0)
+
+    def _received(self, nbytes: int) -> None:
+        """While waiting to receive: ``nbytes`` were discarded."""
+        plan = self._plan
+        phase = plan.phase
+        plan.feed(Event.DATA, self._clock(), nbytes=nbytes)
+        if plan.phase is phase:
+            return  # keep waiting; the timer re-arms itself for the new bounds
+        self._stop_waiting()
+        self._advance()
 
     def on_eof(self) -> None:
         """The peer's FIN (or TLS close_notify) arrived; ``conn.peer_eof`` is set."""
-        if self._wait is _Wait.RECEIVE:
+        wait = self._wait
+        if wait is _Wait.RECEIVE:
             self._stop_waiting()
             now = self._clock()
             self._plan.feed(Event.PEER_EOF, now)
             self._advance(now)
+        elif wait is _Wait.FLUSH or wait is _Wait.QUIET:
+            # Before our FIN (our buffer still drains, or over TLS we wait to send
+            # close_notify): the plan notes it; the wait goes on.
+            self._plan.feed(Event.PEER_EOF, self._clock())
 
     def on_lost(self, exc: BaseException | None) -> None:
         """The transport called ``connection_lost``: its fd is closed right after."""
@@ -690,35 +692,28 @@ class _Closer:
             elif kind is ShutdownWrite:
                 if conn.ssl and not self._quiet(now):
                     return
-                if not conn.peer_eof:
-                    self._fin_sent = True
                 plan.feed(self._shutdown_write(), now)
-                # A Receive usually follows: start its idle clock at our FIN.
-                self._last_data = now
             elif kind is Receive:
                 assert isinstance(action, Receive)
                 if self._pending_bytes:
                     nbytes, self._pending_bytes = self._pending_bytes, 0
-                    self._last_data = now
                     plan.feed(Event.DATA, now, nbytes=nbytes)
                 elif conn.peer_eof:
                     plan.feed(Event.PEER_EOF, now)
                 elif conn.lost:
                     plan.feed(self._lost_event(receiving=True), now)
+                elif now >= action.until:
+                    plan.feed(Event.TIMEOUT, now)
                 else:
-                    deadline = self._receive_deadline(action)
-                    if now >= deadline:
-                        plan.feed(Event.TIMEOUT, now)
-                        continue
                     self._resume_reading()
-                    self._receiving = action
-                    self._sleep(_Wait.RECEIVE, deadline)
+                    self._sleep(_Wait.RECEIVE, action.until)
                     return
             elif kind is Close:
+                assert isinstance(action, Close)
                 if conn.lost:
                     plan.feed(Event.DONE, now)
                     continue
-                self._close_transport(now)
+                self._close_transport(now, drop=action.drop)
                 return
             elif kind is SetLingerZero:
                 plan.feed(self._set_linger_zero(), now)
@@ -748,12 +743,6 @@ class _Closer:
             self._deadlines.complete_soon(self)
         else:
             self._complete()
-
-    def _receive_deadline(self, action: Receive) -> float:
-        deadline = action.deadline
-        if action.idle_timeout is not None:
-            deadline = min(deadline, self._last_data + action.idle_timeout)
-        return deadline
 
     def _quiet(self, now: float) -> bool:
         """Over TLS, before our close_notify: True once nothing the peer sent is left
@@ -801,7 +790,7 @@ class _Closer:
                 conn.socket().shutdown(socket.SHUT_WR)
         except OSError as exc:
             self._watch.error = _observe.errno_name(exc)
-            return Event.RESET if exc.errno in _RESET_ERRNOS else Event.ERROR
+            return error_event(exc)
         except (RuntimeError, NotImplementedError, TypeError, AttributeError, ValueError) as exc:
             self._watch.error = f"{type(exc).__name__}: {exc}"
             return Event.ERROR
@@ -822,10 +811,9 @@ class _Closer:
             # reported it: "negative file descriptor" (a ValueError, not an OSError).
             self._watch.error = f"ValueError: {exc}"
             return Event.ERROR
-        self._linger_zero = True
         return Event.DONE
 
-    def _close_transport(self, now: float) -> None:
+    def _close_transport(self, now: float, *, drop: bool) -> None:
         conn = self._conn
         real = conn.real
         self._measure_before_close()
@@ -835,8 +823,10 @@ class _Closer:
         # turn after close() or abort() (asyncio's and uvloop's alike): no timer then.
         certain = False
         try:
-            if self._linger_zero:
-                real.abort()  # SO_LINGER {1, 0}: the fd's close sends RST
+            if drop:
+                # The plan drops what is left (an abort, or a flush that ran out of
+                # time): after SO_LINGER {1, 0} the fd's close sends RST.
+                real.abort()
                 certain = not conn.ssl
             elif conn.ssl:
                 if default or (conn.peer_eof and not real.is_closing()):
@@ -847,22 +837,8 @@ class _Closer:
                     real.abort()  # our bounds are over: stop waiting for the peer
             else:
                 buffered = real.get_write_buffer_size()
-                if buffered and not default:
-                    # The flush ran out of time: what is left cannot go out within the
-                    # bounds. Reset, so that the peer learns its stream was cut (a FIN
-                    # would look like a complete response); everything of ours still
-                    # unacknowledged is lost with it, and the report counts it.
-                    self._watch.before_abort(
-                        allow_data_loss=self._allow_data_loss, buffered=buffered
-                    )
-                    with contextlib.suppress(OSError, ValueError):
-                        conn.socket().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-                        self._linger_zero = True
-                    real.abort()
-                    certain = True
-                else:
-                    real.close()  # (default: asyncio flushes what is buffered first)
-                    certain = not buffered
+                real.close()  # (default: asyncio flushes what is buffered first)
+                certain = not buffered
         except Exception as exc:  # a broken transport: make sure it goes
             self._watch.error = f"{type(exc).__name__}: {exc}"
             real.abort()
@@ -934,13 +910,10 @@ class _Closer:
                 self._sleep(_Wait.FLUSH, min(self._deadline, now + self._poll), precise=True)
                 return
         elif wait is _Wait.RECEIVE:
-            # The plan's Receive bounds are fixed while it stays in one phase (DATA
-            # keeps the phase): the one we waited on still holds.
-            action = self._receiving
-            assert action is not None
-            deadline = self._receive_deadline(action)
-            if now < deadline:  # data came since the timer was set: wait on
-                self._sleep(_Wait.RECEIVE, deadline)
+            action = plan.next_action()
+            assert isinstance(action, Receive)
+            if now < action.until:  # data came since the timer was set: wait on
+                self._sleep(_Wait.RECEIVE, action.until)
                 return
             plan.feed(Event.TIMEOUT, now)
         elif wait is _Wait.CLOSE:
@@ -981,9 +954,9 @@ class _Closer:
             return Event.ERROR
         if isinstance(exc, OSError):
             self._watch.error = _observe.errno_name(exc)
-            return Event.RESET if exc.errno in _RESET_ERRNOS else Event.ERROR
-        self._watch.error = f"{type(exc).__name__}: {exc}"
-        return Event.ERROR
+        else:
+            self._watch.error = f"{type(exc).__name__}: {exc}"
+        return error_event(exc)
 
     def _notify_when_flushed(self) -> None:
         """Ask for ``resume_writing`` once the buffer is empty (low-water mark 0), so
@@ -1036,29 +1009,6 @@ class _Closer:
 
     # -- the end ------------------------------------------------------------------------
 
-    def _plan_result(self) -> PlanResult:
-        """The plan's result, with what only this driver saw."""
-        result = self._plan.result()
-        if result.peer_eof and not result.peer_closed_first and not self._fin_sent:
-            # The peer's FIN came before ours, but while our buffer drained, where the
-            # plan does not take it: the peer closed first.
-            result = dataclasses.replace(result, peer_closed_first=True)
-        elif (
-            self._tls
-            and result.peer_eof
-            and not result.peer_closed_first
-            and self._kernel_state is not None
-            and self._kernel_state.state in _PASSIVE_END_STATES
-        ):
-            # Over TLS our FIN waits for the peer's answer to our close_notify (the
-            # TLS layer sends it); a peer that closes its socket once it has answered
-            # sends its FIN first, as the kernel's passive-close state shows.
-            result = dataclasses.replace(result, peer_closed_first=True)
-        if self._linger_zero and not result.linger_zero:
-            # The close itself reset the connection (a bounded flush gave up).
-            result = dataclasses.replace(result, linger_zero=True)
-        return result
-
     def _complete(self) -> None:
         self._deadlines.active.discard(self)
         watch = self._watch
@@ -1069,6 +1019,8 @@ class _Closer:
             except Exception:  # the report must not fail the close
                 logger.exception("close: kernel lookup after close failed")
         self._kernel_state = kernel_state
+        if kernel_state is not None and kernel_state.state in _PASSIVE_END_STATES:
+            self._plan.feed(Event.PASSIVE_END, self._clock())
         self.done = True
         findings = watch.findings
         if findings:
