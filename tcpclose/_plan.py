@@ -25,7 +25,7 @@ step goes as expected (:class:`Course`: derived once per policy by running
 interpreter would have taken the same transition; at the first step that differs it
 hands over to a :class:`ClosePlan` that replays what was seen so far. Its result is
 the interpreter's, by construction (``tests/test_plan_course.py`` checks it on random
-event sequences), for less: ``benchmarks/bench_plan.py`` counts 30k instructions per
+event sequences), for less: ``benchmarks/bench_plan.py`` counts 26k instructions per
 graceful close on the course against 43k interpreted (Python 3.11); what is left is
 mostly the per-step calls themselves (``feed`` and ``next_action``), the plan object
 and the two actions that carry times (``Flush``, ``Receive``).
