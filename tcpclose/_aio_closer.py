@@ -41,7 +41,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any, Final, Protocol, cast
 
-from . import _checks, _kernel, _observe
+from . import _findings, _kernel, _observe
 from ._aio_transport import _Addressed, _TransportLike
 from ._errors import PolicyError
 from ._kernel._types import KernelState, TcpState
@@ -66,10 +66,10 @@ logger = logging.getLogger("tcpclose")
 _LINGER_ZERO: Final = struct.pack("ii", 1, 0)
 #: How long to wait for ``connection_lost`` after ``close()``/``abort()`` of a
 #: transport with nothing left to send (it normally comes on the next loop turn).
-_CLOSE_GRACE_S: Final = 1.0
+_CLOSE_GRACE: Final = 1.0
 #: Flush polling: first interval and the cap of its doubling.
-_FLUSH_POLL_FIRST_S: Final = 0.002
-_FLUSH_POLL_MAX_S: Final = 0.05
+_FLUSH_POLL_FIRST: Final = 0.002
+_FLUSH_POLL_MAX: Final = 0.05
 #: Where a socket that closed second ends: it has nothing to keep (CLOSED: no socket).
 #: The plan hears of it (``PASSIVE_END``) and decides what it means.
 _PASSIVE_END_STATES: Final = frozenset({TcpState.LAST_ACK, TcpState.CLOSED})
@@ -186,18 +186,18 @@ EAGER: Final = kernel_state_choice("eager")
 #: ends early (the peer's FIN comes): a timer per close, made, pushed on the loop's
 #: heap and cancelled, cost more than the rest of the wait. A wait therefore ends up
 #: to one slot after its deadline.
-_SLOT_S: Final = 0.005
+_SLOT: Final = 0.005
 _SLOTS_PER_S: Final = 200
 #: Where a loop keeps its slots (an attribute of the loop object).
 _DEADLINES_ATTR: Final = "_tcpclose_deadlines"
 
 
 #: How long the end of a loop waits for the closes it cut short to be reported.
-_LOOP_END_WAIT_S: Final = 1.0
+_LOOP_END_WAIT: Final = 1.0
 
 
 class _Deadlines:
-    """The deadline slots of one event loop's closes (see :data:`_SLOT_S`), and the
+    """The deadline slots of one event loop's closes (see :data:`_SLOT`), and the
     closes under way on it, so that they end cleanly with the loop.
 
     When ``asyncio.run()`` (or any ``asyncio.Runner``, uvloop's too) ends while closes
@@ -291,7 +291,7 @@ class _Deadlines:
             closer.cut_short()
         waiting = [closer.wait() for closer in closers if not closer.done]
         if waiting:
-            await asyncio.wait(waiting, timeout=_LOOP_END_WAIT_S)
+            await asyncio.wait(waiting, timeout=_LOOP_END_WAIT)
 
 
 async def _at_loop_end(deadlines: _Deadlines) -> AsyncGenerator[None, None]:
@@ -510,7 +510,7 @@ class _Closer:
         )
         self._started = now
         self._deadline = now
-        self._poll = _FLUSH_POLL_FIRST_S
+        self._poll = _FLUSH_POLL_FIRST
         self._quiet_deadline = now
         self._wait = _Wait.NONE
         self._timer: asyncio.TimerHandle | None = None
@@ -524,7 +524,7 @@ class _Closer:
         #: close() or abort() was called on the real transport.
         self.closed_transport = False
         self._waiters: list[asyncio.Future[CloseReport]] | None = None
-        self.findings: tuple[_checks.Finding, ...] = ()
+        self.findings: tuple[_findings.Finding, ...] = ()
         #: The close is over (its report can be had from :attr:`report`).
         self.done = False
         self._kernel_state: KernelState | None = None
@@ -686,7 +686,7 @@ class _Closer:
                     self._resume_reading()
                     self._notify_when_flushed()
                     self._deadline = action.deadline
-                    self._poll = _FLUSH_POLL_FIRST_S
+                    self._poll = _FLUSH_POLL_FIRST
                     self._sleep(_Wait.FLUSH, min(action.deadline, now + self._poll), precise=True)
                     return
             elif kind is ShutdownWrite:
@@ -762,7 +762,7 @@ class _Closer:
             self._resume_reading()
         elif now >= self._quiet_deadline or not self.budget_left() or not self._watch.unread():
             return True  # (past the byte budget nothing more is read: waiting cannot help)
-        self._sleep(_Wait.QUIET, now + _FLUSH_POLL_FIRST_S, precise=True)
+        self._sleep(_Wait.QUIET, now + _FLUSH_POLL_FIRST, precise=True)
         return False
 
     def _shutdown_write(self) -> Event:
@@ -854,14 +854,14 @@ class _Closer:
             self._plan.feed(Event.DONE, now)
             self._advance(now)
         else:
-            self._sleep(_Wait.CLOSE, now + _CLOSE_GRACE_S)
+            self._sleep(_Wait.CLOSE, now + _CLOSE_GRACE)
 
     def _close_timed_out(self) -> None:
         if not self._forced:
             self._forced = True
             self._watch.error = self._watch.error or "close-timeout"
             self._conn.real.abort()
-            self._sleep(_Wait.CLOSE, self._clock() + _CLOSE_GRACE_S)
+            self._sleep(_Wait.CLOSE, self._clock() + _CLOSE_GRACE)
             return
         # The transport never reported connection_lost: stop waiting for it.
         logger.warning("close: transport %r never called connection_lost", self._conn.real)
@@ -872,7 +872,7 @@ class _Closer:
 
     def _sleep(self, wait: _Wait, when: float, *, precise: bool = False) -> None:
         """Wait for ``wait`` until ``when``: on the loop's shared deadline slots (up to
-        :data:`_SLOT_S` late), or with a timer of its own when ``precise``."""
+        :data:`_SLOT` late), or with a timer of its own when ``precise``."""
         self._wait = wait
         if precise:
             self._timer = self._loop.call_at(when, self._on_timer)
@@ -906,7 +906,7 @@ class _Closer:
             elif now >= self._deadline:
                 plan.feed(Event.TIMEOUT, now)
             else:
-                self._poll = min(self._poll * 2, _FLUSH_POLL_MAX_S)
+                self._poll = min(self._poll * 2, _FLUSH_POLL_MAX)
                 self._sleep(_Wait.FLUSH, min(self._deadline, now + self._poll), precise=True)
                 return
         elif wait is _Wait.RECEIVE:
@@ -1045,7 +1045,7 @@ class _Closer:
                     fut.set_result(report)
 
 
-def _emit_in_loop(findings: Iterable[_checks.Finding], loop: asyncio.AbstractEventLoop) -> None:
+def _emit_in_loop(findings: Iterable[_findings.Finding], loop: asyncio.AbstractEventLoop) -> None:
     """Issue warnings from a loop callback, where no caller's line exists to point at.
     A filter turning them into errors must not break the loop: such errors go to the
     loop's exception handler."""

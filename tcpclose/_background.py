@@ -39,7 +39,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Final, Self, TypeAlias
 
-from . import _checks, _observe
+from . import _findings, _observe
 from ._kernel._sockopt import read_tcp_state
 from ._kernel._types import TcpState
 from ._plan import Close, Event, Finished, Receive
@@ -168,8 +168,8 @@ class _Job(_Driver):
         self.wake = _NEVER
 
     @property
-    def findings(self) -> list[_checks.Finding]:
-        return self._seen.findings
+    def findings(self) -> list[_findings.Finding]:
+        return self._watch.findings
 
 
 class BackgroundCloser:
@@ -556,7 +556,7 @@ def _deliver(on_close: OnClose, report: CloseReport) -> None:
         logger.exception("on_close(%s) raised", report)
 
 
-def _emit_here(findings: list[_checks.Finding]) -> None:
+def _emit_here(findings: list[_findings.Finding]) -> None:
     """Issue warnings from the closer's thread, where no caller's line exists; a
     filter turning them into errors must not stop the thread: such errors are logged."""
     for finding in findings:

@@ -24,8 +24,7 @@ from ._facts import (
     TimeWaitSummary,
     is_loopback,
 )
-from ._findings import Finding as Finding  # (the drivers annotate with _checks.Finding)
-from ._findings import Severity, new_finding, sort_findings
+from ._findings import Finding, Severity, new_finding, sort_findings
 from ._kernel._address import format_address
 from ._kernel._types import Address
 

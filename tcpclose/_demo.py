@@ -139,9 +139,9 @@ SCENARIOS: Final[dict[str, Scenario]] = {
 
 #: How long to wait for the server's last closes once the client is done (seconds):
 #: above every bound of the policies the demo runs (graceful's linger_time the largest).
-CLOSE_WAIT_S: Final = DEFAULT_LINGER_TIME + 5.0
+CLOSE_TIME_LIMIT: Final = DEFAULT_LINGER_TIME + 5.0
 #: How long to wait for the last transitions (FIN_WAIT2, LAST_ACK...) before counting.
-SETTLE_TIMEOUT_S: Final = 2.0
+SETTLE_TIMEOUT: Final = 2.0
 
 Progress = Callable[[int, int, str], None]
 
@@ -368,7 +368,7 @@ def _count_sockets(port: int, client_ports: frozenset[int]) -> tuple[int, int, C
 
 async def _settled_counts(port: int, client_ports: frozenset[int]) -> tuple[int, int, Counter[str]]:
     """Count once the last FIN/ACKs have been processed (bounded wait)."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    deadline = time.monotonic() + SETTLE_TIMEOUT
     while True:
         counts = _count_sockets(port, client_ports)
         if not counts[2] or time.monotonic() >= deadline:
@@ -418,7 +418,7 @@ async def run_one(
         if len(reports) >= expected:
             all_closed.set()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(CLOSE_WAIT_S):
+            async with asyncio.timeout(CLOSE_TIME_LIMIT):
                 await all_closed.wait()
     finally:
         server.close()

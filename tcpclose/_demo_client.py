@@ -31,7 +31,7 @@ from typing import Any, Final
 __all__ = ("Command", "ConnectionResult", "RunResult", "main", "response_bytes")
 
 #: How long one connection may take on the client before it gives up (seconds).
-CONNECTION_TIMEOUT_S: Final = 10.0
+CONNECTION_TIMEOUT: Final = 10.0
 _CHUNK: Final = 64 * 1024
 _RESET_ERRNOS: Final = frozenset({errno.ECONNRESET, errno.EPIPE})
 
@@ -300,7 +300,7 @@ async def run(cmd: Command) -> RunResult:
     async def guarded(conn_id: int) -> None:
         async with limit:
             try:
-                async with asyncio.timeout(CONNECTION_TIMEOUT_S):
+                async with asyncio.timeout(CONNECTION_TIMEOUT):
                     await _one(conn_id, cmd, results[conn_id])
             except TimeoutError:
                 results[conn_id].error = "ETIMEDOUT"

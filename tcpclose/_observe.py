@@ -22,7 +22,7 @@ import ssl
 import struct
 from typing import Protocol
 
-from . import _checks, _kernel
+from . import _checks, _findings, _kernel
 from ._findings import warn
 from ._kernel._address import format_address
 from ._kernel._sockopt import (
@@ -89,7 +89,7 @@ class Watch:
         self.unread_bytes: int | None = None
         self.discarded_bytes = 0
         self.error: str | None = None
-        self.findings: list[_checks.Finding] = []
+        self.findings: list[_findings.Finding] = []
         self.label = ""
         #: The peer's FIN had arrived before the close began (the socket was in
         #: CLOSE_WAIT): we are the passive closer. Only measured with reports on.
@@ -224,7 +224,7 @@ class Watch:
         )
 
 
-def emit_findings(findings: list[_checks.Finding], *, stacklevel: int) -> None:
+def emit_findings(findings: list[_findings.Finding], *, stacklevel: int) -> None:
     """Issue the collected warnings; ``stacklevel`` as for :func:`warnings.warn`
     counted from the caller of this function."""
     for finding in findings:

@@ -609,8 +609,8 @@ Action = (
 
 #: While our bytes are not yet acknowledged, ask the kernel again after one RTT,
 #: within these bounds (seconds): an ACK comes about one RTT after the data left.
-ACK_POLL_MIN_S: Final = 0.001
-ACK_POLL_MAX_S: Final = 0.05
+ACK_POLL_MIN: Final = 0.001
+ACK_POLL_MAX: Final = 0.05
 
 _CLOSE: Final = Close()
 _CLOSE_DROPPING: Final = Close(drop=True)
@@ -1014,7 +1014,7 @@ class ClosePlan:
         """When the wait that follows a look at the kernel ends (bounded by timeout)."""
         if event is _EVENT_UNACKED_SOME:
             # A slow reader, or a round trip under way: look again in about one RTT.
-            poll = min(max(self._rtt, ACK_POLL_MIN_S), ACK_POLL_MAX_S)
+            poll = min(max(self._rtt, ACK_POLL_MIN), ACK_POLL_MAX)
             return min(now + poll, self._deadline)
         if event is _EVENT_ACKED and not self._peer_eof:
             return _grace_until(

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Final, Self
 
-from . import _checks, _observe
+from . import _findings, _observe
 from ._kernel._sockopt import borrow, fileno_of, read_tcp_info, read_tcp_state
 from ._kernel._types import TcpState
 from ._linger import disarm_linger
@@ -300,9 +300,9 @@ class _Driver:
         "_pending",
         "_plan",
         "_report",
-        "_seen",
         "_sock",
         "_trigger",
+        "_watch",
     )
 
     def __init__(
@@ -324,15 +324,15 @@ class _Driver:
         self._pending: Event | None = None  # an error met after data, fed next time
         # (A state read just now answers the watch's "did the peer close first?")
         peer_fin = None if state is TcpState.UNKNOWN else state is TcpState.CLOSE_WAIT
-        self._seen = _observe.Watch(sock, report=report, peer_fin=peer_fin)
+        self._watch = _observe.Watch(sock, report=report, peer_fin=peer_fin)
         self._plan = start_plan(
-            policy, clock(), peer_eof=self._seen.peer_fin_first, label=self._seen.label
+            policy, clock(), peer_eof=self._watch.peer_fin_first, label=self._watch.label
         )
 
     @property
-    def findings(self) -> list[_checks.Finding]:
+    def findings(self) -> list[_findings.Finding]:
         """Warnings found during the close, for the public entry point to issue."""
-        return self._seen.findings
+        return self._watch.findings
 
     def run(self) -> CloseReport:
         sock = self._sock
@@ -356,14 +356,14 @@ class _Driver:
         # not: turn it off so that the policy's bounds hold, and warn (TC201) where
         # the socket was meant not to block.
         disarm_linger(
-            self._seen, sock, self._plan.policy.mode, nonblocking=sock.gettimeout() is not None
+            self._watch, sock, self._plan.policy.mode, nonblocking=sock.gettimeout() is not None
         )
         sock.setblocking(False)
 
     def _finish(self, action: Finished) -> CloseReport:
         """The report, once the plan is finished and the fd closed."""
-        kernel_state = self._seen.after_close()
-        observed = self._seen.observed(trigger=self._trigger, kernel_state=kernel_state)
+        kernel_state = self._watch.after_close()
+        observed = self._watch.observed(trigger=self._trigger, kernel_state=kernel_state)
         return build_report(self._plan.policy, action.result, observed)
 
     def _step(
@@ -387,7 +387,7 @@ class _Driver:
             event, nbytes = self._receive(action)
             plan.feed(event, self._clock(), nbytes=nbytes)
         elif isinstance(action, MeasureAcked):
-            acked = self._seen.acked()
+            acked = self._watch.acked()
             if acked is None:
                 plan.feed(Event.ERROR, self._clock())
             else:
@@ -401,17 +401,17 @@ class _Driver:
                     since_recv=since_recv,
                 )
         elif isinstance(action, MeasureUnacked):
-            outgoing = self._seen.outgoing()
+            outgoing = self._watch.outgoing()
             if outgoing is None:
                 plan.feed(Event.ERROR, self._clock())
             else:
                 plan.feed(Event.UNACKED_SOME if outgoing else Event.UNACKED_NONE, self._clock())
         elif isinstance(action, SetLingerZero):
-            self._seen.before_abort(allow_data_loss=self._allow_data_loss)
+            self._watch.before_abort(allow_data_loss=self._allow_data_loss)
             event = self._call(sock.setsockopt, socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
             plan.feed(event, self._clock())
         else:
-            self._seen.before_close(plan.policy.mode)
+            self._watch.before_close(plan.policy.mode)
             sock.close()
             plan.feed(Event.DONE, self._clock())
 
@@ -419,7 +419,7 @@ class _Driver:
         try:
             func(*args)
         except OSError as exc:
-            self._seen.error = _observe.errno_name(exc)
+            self._watch.error = _observe.errno_name(exc)
             return error_event(exc)
         return Event.DONE
 
@@ -457,7 +457,7 @@ class _Driver:
             except InterruptedError:
                 continue
             except OSError as exc:
-                self._seen.error = _observe.errno_name(exc)
+                self._watch.error = _observe.errno_name(exc)
                 event = error_event(exc)
                 if total:
                     # The kernel reports an error once: account for the data now and
@@ -473,7 +473,7 @@ class _Driver:
                     # EOF without the peer's FIN: the application shut our read side
                     # (shutdown(SHUT_RD/SHUT_RDWR)). Reads end at once from now on, so
                     # nothing more can be waited for; say so rather than "peer-eof".
-                    self._seen.error = "read-shutdown"
+                    self._watch.error = "read-shutdown"
                     return Event.ERROR, 0
                 return Event.PEER_EOF, 0
             total += n
