@@ -422,6 +422,7 @@ class _Closer:
         "_conn",
         "_deadline",
         "_deadlines",
+        "_fin_queued",
         "_forced",
         "_kernel_mode",
         "_kernel_state",
@@ -490,11 +491,17 @@ class _Closer:
             self._kernel_when = "eager" if kernel_state.sample() else "skip"
             self._kernel_mode = kernel_state.text
         sock = conn.optsock
+        # (With a report, the kernel is asked whether the peer's FIN is already queued,
+        # unread by the loop: CLOSE_WAIT. Then the peer closed first, whatever order the
+        # plan sees the FIN in: it is told after the close, PEER_FIN_FIRST.)
         self._watch = (
-            _observe.Watch(_Addressed(conn.real, sock), report=True, peer_fin=conn.peer_eof)
+            _observe.Watch(
+                _Addressed(conn.real, sock), report=True, peer_fin=True if conn.peer_eof else None
+            )
             if report
             else _observe.Watch(sock, report=False)
         )
+        self._fin_queued = report and not conn.peer_eof and self._watch.peer_fin_first
         deadlines = self._deadlines = _Deadlines.of(loop)
         clock = self._clock = deadlines.clock
         now = clock()
@@ -1021,6 +1028,8 @@ class _Closer:
         self._kernel_state = kernel_state
         if kernel_state is not None and kernel_state.state in _PASSIVE_END_STATES:
             self._plan.feed(Event.PASSIVE_END, self._clock())
+        if self._fin_queued:
+            self._plan.feed(Event.PEER_FIN_FIRST, self._clock())
         self.done = True
         findings = watch.findings
         if findings:

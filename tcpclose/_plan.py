@@ -149,7 +149,8 @@ class Event(enum.StrEnum):
 
     Drivers feed ``FLUSHED``, ``DONE``, ``DATA``, ``PEER_EOF``, ``TIMEOUT``,
     ``RESET``, ``ERROR`` (:func:`error_event` tells the two apart), ``UNACKED_NONE``,
-    ``UNACKED_SOME``, ``ACKED``, and after the close ``PASSIVE_END``. The plan turns
+    ``UNACKED_SOME``, ``ACKED``, and after the close ``PASSIVE_END`` and
+    ``PEER_FIN_FIRST``. The plan turns
     ``TIMEOUT`` into ``IDLE_TIMEOUT``, ``LINGER_TIME``, ``PEER_TIMEOUT``,
     ``FLUSH_TIMEOUT`` or ``RECHECK`` by looking at its deadlines, ``DATA`` past a
     bound into ``BYTE_CAP``, ``LINGER_TIME``, ``PEER_TIMEOUT`` or ``RECHECK``,
@@ -172,6 +173,9 @@ class Event(enum.StrEnum):
     #: After the close: the kernel shows our socket ended as the passive closer
     #: (LAST_ACK, or gone without TIME_WAIT).
     PASSIVE_END = "passive-end"
+    #: After the close: the kernel showed the peer's FIN queued before the close began
+    #: (CLOSE_WAIT), though the driver had not read it yet: the peer closed first.
+    PEER_FIN_FIRST = "peer-fin-first"
     # derived by the plan
     RECHECK = "recheck"  # peer-first: time to ask the kernel again
     IDLE = "idle"  # peer-first: the peer's last ACK is older than its grace
@@ -293,6 +297,7 @@ TRANSITIONS: Final[Mapping[tuple[Phase, Event], Phase]] = {
     (Phase.CLOSE, Event.ERROR): Phase.DONE,
     # after the close: what the kernel shows settles who closed first
     (Phase.DONE, Event.PASSIVE_END): Phase.DONE,
+    (Phase.DONE, Event.PEER_FIN_FIRST): Phase.DONE,
 }
 
 #: Where each mode starts.
@@ -319,6 +324,7 @@ class Effects:
         passive_end: the kernel shows we closed second; when our FIN waited for the
             peer (TLS: the TLS layer sends it once the peer answered our
             close_notify), the peer's FIN came first.
+        peer_fin_first: the peer's FIN was queued before the close began: it came first.
     """
 
     outcome: Outcome | None = None
@@ -328,13 +334,21 @@ class Effects:
     drop: bool = False
     fallback: Fallback | None = None
     passive_end: bool = False
+    peer_fin_first: bool = False
 
     def __str__(self) -> str:
         """Short words for the docs' diagram, e.g. ``"outcome=linger-time"``."""
         words = [f"outcome={self.outcome}"] if self.outcome is not None else []
         words += [
             name.replace("_", "-")
-            for name in ("peer_eof", "fin_sent", "linger_zero", "drop", "passive_end")
+            for name in (
+                "peer_eof",
+                "fin_sent",
+                "linger_zero",
+                "drop",
+                "passive_end",
+                "peer_fin_first",
+            )
             if getattr(self, name)
         ]
         if self.fallback is not None:
@@ -372,6 +386,7 @@ def _effects() -> dict[tuple[Phase, Event], Effects]:
         (Phase.CHECK_UNACKED, Event.UNACKED_SOME): Effects(fallback=Fallback.GRACEFUL),
         (Phase.CHECK_UNACKED, Event.ERROR): Effects(fallback=Fallback.GRACEFUL),
         (Phase.DONE, Event.PASSIVE_END): Effects(passive_end=True),
+        (Phase.DONE, Event.PEER_FIN_FIRST): Effects(peer_fin_first=True),
     }
     # Every other way to the close ends the close the way its event says.
     for (phase, event), target in TRANSITIONS.items():
@@ -638,6 +653,8 @@ _EVENT_ERROR = Event.ERROR
 _EVENT_FLUSHED = Event.FLUSHED
 _EVENT_IDLE = Event.IDLE
 _EVENT_PASSIVE_END = Event.PASSIVE_END
+_EVENT_PEER_FIN_FIRST = Event.PEER_FIN_FIRST
+_PEER_FIN_FIRST_TRACE: Final = ((Phase.DONE, Event.PEER_FIN_FIRST),)
 _EVENT_PEER_TIMEOUT = Event.PEER_TIMEOUT
 _EVENT_RESET = Event.RESET
 _EVENT_TIMEOUT = Event.TIMEOUT
@@ -948,6 +965,8 @@ class ClosePlan:
                 self._mode_applied = _MODE_ABORT
         if effects.passive_end and self._fin_deferred and self._peer_eof:
             self._peer_closed_first = True
+        if effects.peer_fin_first:
+            self._peer_closed_first = True
 
     def _holds(self, condition: Condition) -> bool:
         fallback = self.policy.fallback
@@ -1164,6 +1183,7 @@ class FastPlan:
         "_index",
         "_label",
         "_passive",
+        "_peer_fin_first",
         "_started",
         "_wait_until",
         "done",
@@ -1189,6 +1209,7 @@ class FastPlan:
         self._action: Action | None = None
         self._full: ClosePlan | None = None
         self._passive = False
+        self._peer_fin_first = False
         self._label = label
         self._half_close = half_close
         self.done = False
@@ -1298,7 +1319,11 @@ class FastPlan:
                         self.done = self._course.ends
                     return
             elif event is _EVENT_PASSIVE_END and self.done and not self._passive:
-                self._passive = True
+                if not self._peer_fin_first:  # (else the trace's order: the interpreter's)
+                    self._passive = True
+                    return
+            elif event is _EVENT_PEER_FIN_FIRST and self.done and not self._peer_fin_first:
+                self._peer_fin_first = True
                 return
             full = self._take_over()
         full.feed(event, now, nbytes=nbytes, rtt=rtt, since_sent=since_sent, since_recv=since_recv)
@@ -1317,12 +1342,12 @@ class FastPlan:
                 template.fallback,
                 0,
                 template.peer_eof,
-                template.peer_closed_first,
+                template.peer_closed_first or self._peer_fin_first,
                 template.fin_sent,
                 template.linger_zero,
                 self._started,
                 self._finished,
-                template.trace,
+                template.trace + _PEER_FIN_FIRST_TRACE if self._peer_fin_first else template.trace,
             )
         return self._take_over().result()
 
@@ -1363,6 +1388,8 @@ class FastPlan:
                 full.feed(event, last)
         if self._passive:
             full.feed(_EVENT_PASSIVE_END, last)
+        if self._peer_fin_first:
+            full.feed(_EVENT_PEER_FIN_FIRST, last)
         self._full = full
         self._action = None  # (from here on the interpreter's)
         self.done = full.done

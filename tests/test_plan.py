@@ -569,3 +569,29 @@ def test_every_close_ends_within_bounds(
     }.get(policy.mode, 0.0)
     assert result.duration <= bound + 1e-9
     assert result.drained_bytes <= policy.max_drain_bytes
+
+
+def test_peer_fin_queued_before_the_close_makes_the_peer_first() -> None:
+    """The driver read the peer's FIN only after ours went (an event loop that had not
+    read it yet), but the kernel showed it queued when the close began: told so after
+    the close, the plan says the peer closed first, and nothing else changes."""
+    plan = ClosePlan(ClosePolicy.parse("graceful"), now=0.0)
+    assert isinstance(plan.next_action(), Flush)
+    plan.feed(Event.FLUSHED, now=0.0)
+    assert isinstance(plan.next_action(), ShutdownWrite)
+    plan.feed(Event.DONE, now=0.0)
+    assert isinstance(plan.next_action(), Receive)
+    plan.feed(Event.PEER_EOF, now=0.1)
+    assert isinstance(plan.next_action(), Close)
+    plan.feed(Event.DONE, now=0.1)
+    before = plan.result()
+    assert not before.peer_closed_first
+    plan.feed(Event.PEER_FIN_FIRST, now=0.2)
+    after = plan.result()
+    assert after.peer_closed_first
+    assert (after.outcome, after.fin_sent, after.peer_eof) == (
+        before.outcome,
+        before.fin_sent,
+        before.peer_eof,
+    )
+    assert after.trace[-1] == (Phase.DONE, Event.PEER_FIN_FIRST)
