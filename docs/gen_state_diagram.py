@@ -12,11 +12,13 @@ Three pictures:
   :data:`TCP_TRANSITIONS` below.
 * ``tcp_close_sequence.svg``: the four segments of a close on a time line, from
   :data:`SEQUENCE` below.
-* ``close_plan.svg``: tcpclose's own close plan, from ``tcpclose._plan.TRANSITIONS``
-  and ``tcpclose._plan.ENTRY`` -- the table the sync and asyncio drivers run, so the
-  picture cannot drift from the code. Graphviz's ``dot`` (Debian package ``graphviz``)
-  lays it out, so a phase or event the plan gains is placed without overlaps; without
-  ``dot`` the committed file is kept and the script says so on stderr.
+* ``close_plan.svg``: tcpclose's own close plan, from ``tcpclose._plan.TRANSITIONS``,
+  ``EFFECTS`` (what a transition records: ``event / fin-sent``), ``AUTOMATIC`` (the
+  moves the plan makes by itself: dashed, ``event [condition]``) and ``ENTRY`` -- the
+  tables the sync and asyncio drivers run, so the picture cannot drift from the code.
+  Graphviz's ``dot`` (Debian package ``graphviz``) lays it out, so a phase or event
+  the plan gains is placed without overlaps; without ``dot`` the committed file is
+  kept and the script says so on stderr.
 
 The first two are drawn here in pure Python (their layout is part of what they teach).
 
@@ -604,8 +606,9 @@ def _dot_quote(text: str) -> str:
 
 
 def close_plan_dot() -> str | None:
-    """The close plan as Graphviz DOT text, from ``tcpclose._plan.TRANSITIONS`` and
-    ``ENTRY``; None when ``tcpclose._plan`` cannot be imported.
+    """The close plan as Graphviz DOT text, from ``tcpclose._plan.TRANSITIONS``,
+    ``EFFECTS``, ``AUTOMATIC`` and ``ENTRY``; None when ``tcpclose._plan`` cannot be
+    imported.
 
     Only styles live here; which boxes and arrows exist, and their labels, come from
     the plan's tables, and Graphviz places them so that no two labels overlap.
@@ -617,9 +620,30 @@ def close_plan_dot() -> str | None:
         return None
     transitions: Mapping[tuple[object, object], object] = _plan.TRANSITIONS
     entry: Mapping[object, object] = _plan.ENTRY
+    effects: Mapping[tuple[object, object], object] = getattr(_plan, "EFFECTS", {})
+    automatic: Mapping[object, Sequence[tuple[object, object]]] = getattr(_plan, "AUTOMATIC", {})
 
     def name(value: object) -> str:
         return str(getattr(value, "value", value))
+
+    conditions: dict[tuple[str, str], list[str]] = {}
+    for phase, moves in automatic.items():
+        for condition, event in moves:
+            conditions.setdefault((name(phase), name(event)), []).append(name(condition))
+
+    def edge_label(src: object, event: object) -> str:
+        """``event``, its conditions when automatic, what it records."""
+        e = name(event)
+        label = e
+        when = conditions.get((name(src), e))
+        if when:
+            label += f" [{' | '.join(when)}]"
+        recorded = effects.get((src, event))
+        if recorded is not None:
+            words = [w for w in str(recorded).split(", ") if w not in ("", e, f"outcome={e}")]
+            if words:
+                label += " / " + ", ".join(words)
+        return label
 
     phases: list[str] = []
     for (src, _event), dst in transitions.items():
@@ -636,12 +660,13 @@ def close_plan_dot() -> str | None:
         if d == "close" and e in _EARLY_END and s != "close":
             early.setdefault(s, []).append(e)
             continue
-        merged.setdefault((s, d), []).append(e)
+        merged.setdefault((s, d), []).append(edge_label(src, event))
 
     lines = [
         "digraph close_plan {",
         '  graph [rankdir=TB, nodesep=0.45, ranksep=0.5, bgcolor="white", pad=0.2,',
-        '         label="generated from tcpclose._plan.TRANSITIONS and ENTRY by Graphviz",',
+        '         label="generated from tcpclose._plan.TRANSITIONS, EFFECTS, AUTOMATIC and ENTRY'
+        ' by Graphviz",',
         f'         labelloc=b, labeljust=r, fontsize=9, fontcolor="{MUTED}",',
         f'         fontname="{_DOT_FONT}"];',
         '  node [shape=box, style="rounded,filled", fillcolor="#eef2fb", color="#5b7fd6",',
@@ -682,6 +707,8 @@ def close_plan_dot() -> str | None:
     fallback_sources = {"fallback", "check-unacked"}
     for (src, dst), events in merged.items():
         attrs = [f"label={_dot_quote(chr(10).join(events))}"]
+        if all("[" in event for event in events):
+            attrs.append("style=dashed")  # the plan's own move
         if src in fallback_sources:
             attrs.append('color="#e8590c", fontcolor="#a63c00"')
         if dst == "abort":

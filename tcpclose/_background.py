@@ -108,9 +108,7 @@ class _Job(_Driver):
                 event, self._pending = self._pending, None
                 plan.feed(event, now)
                 continue
-            wait = action.deadline - now
-            if action.idle_timeout is not None:
-                wait = min(wait, action.idle_timeout)
+            wait = action.until - now
             if wait <= 0:
                 plan.feed(Event.TIMEOUT, now)
                 continue

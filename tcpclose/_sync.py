@@ -9,7 +9,6 @@ close has begun, errors included.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
@@ -27,7 +26,6 @@ from ._kernel._types import TcpState
 from ._linger import disarm_linger
 from ._plan import (
     Close,
-    ClosePlan,
     Event,
     Finished,
     Flush,
@@ -36,6 +34,8 @@ from ._plan import (
     Receive,
     SetLingerZero,
     ShutdownWrite,
+    error_event,
+    start_plan,
 )
 from ._policy import ClosePolicy, PolicyLike, as_policy
 from ._report import CloseReport, build_report
@@ -46,9 +46,6 @@ logger = logging.getLogger("tcpclose")
 
 _LINGER_ZERO: Final = struct.pack("ii", 1, 0)
 _DRAIN_CHUNK: Final = 64 * 1024
-_RESET_ERRNOS: Final = frozenset(
-    {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ECONNABORTED}
-)
 _POLL_IN: Final = select.POLLIN | select.POLLERR | select.POLLHUP
 #: States in which the peer's FIN has not arrived: a read that returns EOF there
 #: met our own read shutdown. (After the peer's FIN: CLOSE_WAIT, CLOSING, LAST_ACK, or
@@ -328,7 +325,7 @@ class _Driver:
         # (A state read just now answers the watch's "did the peer close first?")
         peer_fin = None if state is TcpState.UNKNOWN else state is TcpState.CLOSE_WAIT
         self._seen = _observe.Watch(sock, report=report, peer_fin=peer_fin)
-        self._plan = ClosePlan(
+        self._plan = start_plan(
             policy, clock(), peer_eof=self._seen.peer_fin_first, label=self._seen.label
         )
 
@@ -422,8 +419,8 @@ class _Driver:
         try:
             func(*args)
         except OSError as exc:
-            self._seen.error = errno.errorcode.get(exc.errno or 0, str(exc))
-            return Event.RESET if exc.errno in _RESET_ERRNOS else Event.ERROR
+            self._seen.error = _observe.errno_name(exc)
+            return error_event(exc)
         return Event.DONE
 
     def _receive(self, action: Receive) -> tuple[Event, int]:
@@ -436,10 +433,7 @@ class _Driver:
         if self._pending is not None:
             event, self._pending = self._pending, None
             return event, 0
-        now = self._clock()
-        wait = action.deadline - now
-        if action.idle_timeout is not None:
-            wait = min(wait, action.idle_timeout)
+        wait = action.until - self._clock()
         if wait <= 0:
             return Event.TIMEOUT, 0
         poller = select.poll()
@@ -463,8 +457,8 @@ class _Driver:
             except InterruptedError:
                 continue
             except OSError as exc:
-                self._seen.error = errno.errorcode.get(exc.errno or 0, str(exc))
-                event = Event.RESET if exc.errno in _RESET_ERRNOS else Event.ERROR
+                self._seen.error = _observe.errno_name(exc)
+                event = error_event(exc)
                 if total:
                     # The kernel reports an error once: account for the data now and
                     # feed the error on the next Receive.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import errno
 
 import pytest
 from hypothesis import given
@@ -11,6 +12,8 @@ from hypothesis import strategies as st
 import tcpclose._plan as plan_module
 from tcpclose import CloseMode, ClosePolicy, Fallback
 from tcpclose._plan import (
+    AUTOMATIC,
+    EFFECTS,
     TRANSITIONS,
     Close,
     ClosePlan,
@@ -26,6 +29,7 @@ from tcpclose._plan import (
     Receive,
     SetLingerZero,
     ShutdownWrite,
+    error_event,
 )
 
 
@@ -70,9 +74,12 @@ def test_graceful_peer_eof() -> None:
 
 def test_graceful_receive_bounds() -> None:
     plan = graceful_to_drain("graceful idle_timeout=2s linger_time=10s max_drain_bytes=100")
-    assert plan.next_action() == Receive(deadline=10.0, idle_timeout=2.0, max_bytes=100)
+    # The wait ends idle_timeout after our FIN, or after the peer's last data.
+    assert plan.next_action() == Receive(until=2.0, deadline=10.0, max_bytes=100)
     plan.feed(Event.DATA, 1.0, nbytes=40)
-    assert plan.next_action() == Receive(deadline=10.0, idle_timeout=2.0, max_bytes=60)
+    assert plan.next_action() == Receive(until=3.0, deadline=10.0, max_bytes=60)
+    plan.feed(Event.DATA, 9.5, nbytes=10)
+    assert plan.next_action() == Receive(until=10.0, deadline=10.0, max_bytes=50)
 
 
 @pytest.mark.parametrize(
@@ -115,12 +122,116 @@ def test_graceful_reset_or_error_during_drain(event: Event) -> None:
 
 
 def test_graceful_flush_too_slow() -> None:
+    """Issue 16: our bytes still buffered when linger_time is over: the plan resets
+    (the peer must see its stream cut, not a FIN that looks like a whole response)."""
     plan = ClosePlan(ClosePolicy.parse("graceful linger_time=1s"), 0.0)
     assert plan.next_action() == Flush(deadline=1.0)
     plan.feed(Event.TIMEOUT, 1.0)
+    assert plan.phase is Phase.DROP
+    assert plan.next_action() == SetLingerZero()
+    plan.feed(Event.DONE, 1.0)
+    assert plan.next_action() == Close(drop=True)
     result = finish(plan, 1.0)
     assert result.outcome is Outcome.LINGER_TIME
+    assert result.linger_zero
+    assert result.mode_applied is CloseMode.GRACEFUL
     assert not result.fin_sent
+
+
+def test_graceful_flushed_too_late_closes_without_reset() -> None:
+    """Flushed, but at the deadline: nothing is left to drop, and no time for a FIN."""
+    plan = ClosePlan(ClosePolicy.parse("graceful linger_time=1s"), 0.0)
+    plan.feed(Event.FLUSHED, 1.0)
+    assert plan.next_action() == Close(drop=False)
+    result = finish(plan, 1.0)
+    assert (result.outcome, result.linger_zero) == (Outcome.LINGER_TIME, False)
+
+
+def test_drop_that_fails_still_drops_and_keeps_its_outcome() -> None:
+    plan = ClosePlan(ClosePolicy.parse("graceful linger_time=1s"), 0.0)
+    plan.feed(Event.TIMEOUT, 1.0)
+    plan.feed(Event.ERROR, 1.0)
+    assert plan.next_action() == Close(drop=True)
+    result = finish(plan, 1.0)
+    assert (result.outcome, result.linger_zero) == (Outcome.LINGER_TIME, False)
+
+
+@pytest.mark.parametrize("policy", ["graceful", "peer-first"])
+def test_peer_fin_during_the_flush_is_the_peer_closing_first(policy: str) -> None:
+    """Issue 16: the peer's FIN while our buffer drains (the asyncio driver kept a
+    flag of its own and rewrote the result): the plan notes it, the flush goes on."""
+    plan = ClosePlan(ClosePolicy.parse(policy), 0.0)
+    flush = plan.next_action()
+    plan.feed(Event.PEER_EOF, 0.1)
+    assert plan.next_action() == flush
+    plan.feed(Event.FLUSHED, 0.2)
+    if plan.next_action() == MeasureAcked():
+        plan.feed(Event.ACKED, 0.2, rtt=0.001, since_sent=0.0)
+    if plan.next_action() == ShutdownWrite():
+        plan.feed(Event.DONE, 0.2)
+    plan.feed(Event.PEER_EOF, 0.2)  # the drain reads it at once
+    result = finish(plan, 0.2)
+    assert (result.outcome, result.peer_eof, result.peer_closed_first) == (
+        Outcome.PEER_EOF,
+        True,
+        True,
+    )
+
+
+def test_peer_fin_before_our_shutdown_is_the_peer_closing_first() -> None:
+    plan = ClosePlan(ClosePolicy.parse("graceful"), 0.0)
+    plan.feed(Event.FLUSHED, 0.0)
+    plan.feed(Event.PEER_EOF, 0.1)  # (over TLS: while waiting to send close_notify)
+    plan.feed(Event.DONE, 0.1)
+    plan.feed(Event.PEER_EOF, 0.1)
+    result = finish(plan, 0.1)
+    assert result.fin_sent
+    assert result.peer_closed_first
+
+
+@pytest.mark.parametrize(("deferred", "first"), [(True, True), (False, False)])
+def test_passive_end_settles_who_closed_first_when_our_fin_waited(
+    deferred: bool, first: bool
+) -> None:
+    """Issue 16: over TLS our FIN waits for the peer's answer to our close_notify; a
+    kernel that shows us as the passive closer means the peer's FIN came first. A
+    plain FIN goes at once: a missing TIME_WAIT is something else (a full table)."""
+    plan = ClosePlan(ClosePolicy.parse("graceful"), 0.0, fin_deferred=deferred)
+    plan.feed(Event.FLUSHED, 0.0)
+    plan.feed(Event.DONE, 0.0)
+    plan.feed(Event.PEER_EOF, 0.5)
+    plan.feed(Event.DONE, 0.5)
+    assert not plan.result().peer_closed_first
+    plan.feed(Event.PASSIVE_END, 9.0)
+    result = plan.result()
+    assert result.peer_closed_first is first
+    assert result.finished == 0.5  # what the kernel showed later is not the close's time
+    assert result.trace[-1] == (Phase.DONE, Event.PASSIVE_END)
+
+
+@pytest.mark.parametrize(
+    ("exc", "event"),
+    [
+        (ConnectionResetError(errno.ECONNRESET, "reset"), Event.RESET),
+        (BrokenPipeError(errno.EPIPE, "pipe"), Event.RESET),
+        (OSError(errno.ENOTCONN, "not connected"), Event.RESET),
+        (ConnectionAbortedError(errno.ECONNABORTED, "aborted"), Event.RESET),
+        (OSError(errno.EBADF, "bad fd"), Event.ERROR),
+        (OSError("no errno"), Event.ERROR),
+        (RuntimeError("closing"), Event.ERROR),
+        (None, Event.ERROR),
+    ],
+)
+def test_error_event_classifies_once(exc: BaseException | None, event: Event) -> None:
+    assert error_event(exc) is event
+
+
+def test_a_reset_where_no_reset_ends_anything_is_an_error() -> None:
+    plan = ClosePlan(ClosePolicy.abort(), 0.0)
+    plan.feed(Event.RESET, 0.0)  # e.g. setsockopt(SO_LINGER) met ECONNRESET
+    result = finish(plan, 0.0)
+    assert result.outcome is Outcome.ERROR
+    assert (Phase.ABORT, Event.ERROR) in result.trace
 
 
 def peer_first_to_grace(policy: str, *, since_sent: float = 0.0, now: float = 0.0) -> ClosePlan:
@@ -140,7 +251,7 @@ def test_peer_first_cooperating_peer() -> None:
     assert plan.next_action() == MeasureAcked()
     plan.feed(Event.ACKED, 0.0, rtt=0.0001, since_sent=0.0)
     # The peer's grace runs from the ACK of our last byte.
-    assert plan.next_action() == Receive(deadline=0.05, idle_timeout=None, max_bytes=1 << 20)
+    assert plan.next_action() == Receive(until=0.05, deadline=0.05, max_bytes=1 << 20)
     plan.feed(Event.PEER_EOF, 0.003)
     result = finish(plan, 0.003)
     assert result.outcome is Outcome.PEER_EOF
@@ -170,7 +281,7 @@ def test_peer_first_wait_is_at_most_grace() -> None:
     plan = ClosePlan(ClosePolicy.parse("peer-first grace=50ms"), 0.0)
     plan.feed(Event.FLUSHED, 0.0)
     plan.feed(Event.ACKED, 0.0, rtt=0.2, since_sent=0.0)
-    assert plan.next_action() == Receive(deadline=0.05, idle_timeout=None, max_bytes=1 << 20)
+    assert plan.next_action() == Receive(until=0.05, deadline=0.05, max_bytes=1 << 20)
 
 
 def test_peer_first_slow_reader_waits_for_the_ack_then_grace() -> None:
@@ -180,17 +291,17 @@ def test_peer_first_slow_reader_waits_for_the_ack_then_grace() -> None:
     plan.feed(Event.FLUSHED, 0.0)
     plan.feed(Event.UNACKED_SOME, 0.0, rtt=0.02, since_sent=0.0)
     assert plan.phase is Phase.AWAIT_ACK
-    assert plan.next_action() == Receive(deadline=0.02, idle_timeout=None, max_bytes=1 << 20)
+    assert plan.next_action() == Receive(until=0.02, deadline=0.02, max_bytes=1 << 20)
     plan.feed(Event.DATA, 0.01, nbytes=10)  # the peer may talk meanwhile
     assert plan.phase is Phase.AWAIT_ACK
     plan.feed(Event.TIMEOUT, 0.02)
     assert plan.next_action() == MeasureAcked()
     plan.feed(Event.UNACKED_SOME, 0.02, rtt=1.0, since_sent=0.0)  # capped at 50 ms
     left = (1 << 20) - 10
-    assert plan.next_action() == Receive(deadline=0.07, idle_timeout=None, max_bytes=left)
+    assert plan.next_action() == Receive(until=0.07, deadline=0.07, max_bytes=left)
     plan.feed(Event.TIMEOUT, 0.07)
     plan.feed(Event.ACKED, 3.0, rtt=0.02, since_sent=0.0)
-    assert plan.next_action() == Receive(deadline=3.1, idle_timeout=None, max_bytes=left)
+    assert plan.next_action() == Receive(until=3.1, deadline=3.1, max_bytes=left)
     plan.feed(Event.TIMEOUT, 3.1)
     assert plan.next_action() == Flush(deadline=33.1)  # the graceful fallback
     assert [event for _, event in plan.result().trace].count(Event.RECHECK) == 2
@@ -223,7 +334,7 @@ def test_peer_first_recent_data_from_the_peer_is_not_idle() -> None:
     plan = ClosePlan(ClosePolicy.parse("peer-first grace=50ms"), 0.0)
     plan.feed(Event.FLUSHED, 0.0)
     plan.feed(Event.ACKED, 0.0, rtt=0.001, since_sent=2.0, since_recv=0.01)
-    assert plan.next_action() == Receive(deadline=0.04, idle_timeout=None, max_bytes=1 << 20)
+    assert plan.next_action() == Receive(until=0.04, deadline=0.04, max_bytes=1 << 20)
     # nothing sent or received for a while: idle
     plan = ClosePlan(ClosePolicy.parse("peer-first grace=50ms"), 0.0)
     plan.feed(Event.FLUSHED, 0.0)
@@ -235,14 +346,14 @@ def test_peer_first_kernel_cannot_tell_grace_from_now() -> None:
     plan = ClosePlan(ClosePolicy.parse("peer-first grace=20ms"), 0.0)
     plan.feed(Event.FLUSHED, 1.0)
     plan.feed(Event.ERROR, 1.0)
-    assert plan.next_action() == Receive(deadline=1.02, idle_timeout=None, max_bytes=1 << 20)
+    assert plan.next_action() == Receive(until=1.02, deadline=1.02, max_bytes=1 << 20)
 
 
 def test_peer_first_silence_is_not_a_reason_to_stop() -> None:
     plan = peer_first_to_grace("peer-first timeout=5s idle_timeout=1s")
     action = plan.next_action()
     assert isinstance(action, Receive)
-    assert action.idle_timeout is None
+    assert action.until == action.deadline == pytest.approx(0.05)  # the grace, not idle
 
 
 def test_peer_first_fallback_graceful() -> None:
@@ -252,7 +363,7 @@ def test_peer_first_fallback_graceful() -> None:
     plan.feed(Event.FLUSHED, 0.05)
     assert plan.next_action() == ShutdownWrite()
     plan.feed(Event.DONE, 0.05)
-    assert plan.next_action() == Receive(deadline=3.05, idle_timeout=5.0, max_bytes=1 << 20)
+    assert plan.next_action() == Receive(until=3.05, deadline=3.05, max_bytes=1 << 20)
     plan.feed(Event.PEER_EOF, 0.1)
     result = finish(plan, 0.1)
     assert result.mode_applied is CloseMode.GRACEFUL
@@ -268,11 +379,12 @@ def test_graceful_fallback_flushes_before_its_fin() -> None:
     plan = ClosePlan(ClosePolicy.parse("peer-first timeout=1s fallback=graceful"), 0.0)
     plan.feed(Event.TIMEOUT, 1.0)  # the flush without FIN ran out of time
     assert plan.next_action() == Flush(deadline=31.0)
-    plan.feed(Event.TIMEOUT, 31.0)  # ... and so did the graceful one: no FIN, close
-    assert plan.next_action() == Close()
+    plan.feed(Event.TIMEOUT, 31.0)  # ... and so did the graceful one: no FIN, a reset
+    assert plan.next_action() == SetLingerZero()
     result = finish(plan, 31.0)
     assert result.outcome is Outcome.LINGER_TIME
     assert result.fallback is Fallback.GRACEFUL
+    assert result.linger_zero
     assert not result.fin_sent
 
 
@@ -364,14 +476,29 @@ def test_known_peer_eof_before_start(policy: str) -> None:
 def test_unexpected_event_is_a_driver_bug() -> None:
     plan = ClosePlan(ClosePolicy.parse("graceful"), 0.0)
     with pytest.raises(PlanStateError, match="not expected in phase flush"):
-        plan.feed(Event.PEER_EOF, 0.0)
+        plan.feed(Event.DONE, 0.0)
     with pytest.raises(PlanStateError, match="negative"):
         graceful_to_drain().feed(Event.DATA, 0.0, nbytes=-1)
 
 
-def test_every_phase_but_done_is_left_by_the_table() -> None:
+def test_every_phase_is_in_the_table() -> None:
     sources = {phase for phase, _ in TRANSITIONS}
-    assert sources == set(Phase) - {Phase.DONE}
+    assert sources == set(Phase)
+    # ... and left by it, but the end (where only what the kernel shows is noted)
+    assert {phase for (phase, _), target in TRANSITIONS.items() if target is not phase} == (
+        set(Phase) - {Phase.DONE}
+    )
+
+
+def test_effects_and_automatic_moves_are_about_transitions_of_the_table() -> None:
+    assert set(EFFECTS) <= set(TRANSITIONS)
+    for phase, moves in AUTOMATIC.items():
+        for _condition, event in moves:
+            assert (phase, event) in TRANSITIONS
+    # Every way to the close says how the close ended, but where the outcome is known.
+    for key, target in TRANSITIONS.items():
+        if target is Phase.CLOSE and key[0] is not Phase.DROP:
+            assert EFFECTS[key].outcome is not None, key
 
 
 # -- property: every close ends, within its bounds, whatever the peer does -------------------
@@ -415,16 +542,13 @@ def test_every_close_ends_within_bounds(
             step = next(feed, None)
             if step is None:
                 # The peer is silent from here on: the driver times out at the bound.
-                wait = action.deadline - now
-                if action.idle_timeout is not None:
-                    wait = min(wait, action.idle_timeout)
-                now += max(wait, 0.0)
+                now = max(action.until, now)
                 plan.feed(Event.TIMEOUT, now)
                 continue
             event, delay, nbytes = step
-            if action.idle_timeout is not None and event is Event.TIMEOUT:
-                delay = min(delay, action.idle_timeout)
-            now = min(now + delay, max(action.deadline, now))
+            # Whatever comes, comes before the wait's bound; a timeout, at it.
+            bound = max(action.until, now)
+            now = bound if event is Event.TIMEOUT else min(now + delay, bound)
             plan.feed(event, now, nbytes=min(nbytes, action.max_bytes))
         elif isinstance(action, Flush):
             plan.feed(Event.FLUSHED, now)

@@ -21,6 +21,7 @@ __all__ = (
     "MAPPED_PREFIX",
     "FourTuple",
     "RawFourTuple",
+    "format_address",
     "format_host",
     "parse_endpoint",
     "parse_four_tuple",
@@ -273,3 +274,14 @@ def parse_four_tuple(local: object, peer: object) -> FourTuple:
 peer=b'\\x7f\\x00\\x00\\x01', peer_port=51000, scope_id=0)
     """
     return FourTuple._make(split_four_tuple(local, peer))
+
+
+def format_address(address: tuple[str, int]) -> str:
+    """``host:port``, with brackets around an IPv6 host: how every report, finding and
+    table of tcpclose writes an address.
+
+    >>> format_address(("10.0.0.5", 443)), format_address(("::1", 8080))
+    ('10.0.0.5:443', '[::1]:8080')
+    """
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
