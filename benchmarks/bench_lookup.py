@@ -50,12 +50,14 @@ import tcpclose
 import tcpclose.kernel
 from tcpclose import KernelState, TcpState
 from tcpclose._kernel import DEFAULT_DUMP_STATES
-from tcpclose._kernel._address import parse_four_tuple
+from tcpclose._kernel._address import parse_four_tuple, split_four_tuple
 from tcpclose._kernel._diag import (
     NETLINK_SOCK_DIAG,
-    decode_lookup_state,
+    NLMSG_SEQ,
+    SOCKID,
     encode_lookup_request,
-    pack_lookup_request,
+    lookup_answer,
+    lookup_request,
 )
 from tcpclose._kernel._netlink import channel
 from tcpclose._kernel._procfs import ProcfsBackend
@@ -246,12 +248,15 @@ def breakdown(conn: tuple[Address, Address], calls: int) -> dict[str, float]:
     call (batch medians). The steps add up to about the whole: the rest is calls
     between them and the per-thread channel."""
     local, peer = conn
-    four = parse_four_tuple(local, peer)
+    four = split_four_tuple(local, peer)
     chan = channel()
-    size = chan.request(four)
+    made = chan.state(four)
+    request = chan.request_bytes
+    seq = NLMSG_SEQ.unpack_from(request, 8)[0]
+    sockid = SOCKID.pack(four[2], four[4], four[1], four[3])
+    size = chan.request(four)  # the reply, for decoding alone (seq is the request's)
     reply = bytes(chan.buffer[:size])
-    request = bytearray(chan.request_bytes)
-    made = decode_lookup_state(reply, size, four, request)
+    seq = NLMSG_SEQ.unpack_from(reply, 8)[0]
     fields = (
         made.state, made.source, made.local, made.peer, made.timer, made.seconds_left,
         made.retransmits, made.recv_queue, made.send_queue, made.uid, made.inode, made.cookie,
@@ -261,11 +266,11 @@ def breakdown(conn: tuple[Address, Address], calls: int) -> dict[str, float]:
         return batch_us(
             {
                 "empty_call": lambda: None,
-                "parse_addresses": lambda: parse_four_tuple(local, peer),
-                "pack_request": lambda: pack_lookup_request(request, four, None, 7),
+                "parse_addresses": lambda: split_four_tuple(local, peer),
+                "pack_request": lambda: lookup_request(four, None, 7),
                 "bare_round_trip": bare,
-                "channel_request": lambda: chan.request(four),
-                "decode_reply": lambda: decode_lookup_state(reply, size, four, request),
+                "channel_state": lambda: chan.state(four),
+                "decode_reply": lambda: lookup_answer(reply, size, four, seq, sockid),
                 "kernel_state_dataclass_init": lambda: KernelState(*fields),
                 "kernel_state_fast_init": lambda: new_kernel_state(*fields),
                 "lookup": lambda: tcpclose.lookup(local, peer),

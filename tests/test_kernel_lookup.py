@@ -475,10 +475,10 @@ def test_kernel_view_failure_is_unknown_not_an_exception(
     sockets += [client, server]
     local, peer = ends(client)
 
-    def broken(self: _netlink.NetlinkChannel, four: Any, cookie: Any = None) -> int:
+    def broken(self: _netlink.NetlinkChannel, four: Any, cookie: Any = None) -> KernelState:
         raise TimeoutError("no answer")
 
-    monkeypatch.setattr(_netlink.NetlinkChannel, "request", broken)
+    monkeypatch.setattr(_netlink.NetlinkChannel, "state", broken)
     st = tcpclose.lookup(local, peer)
     assert st.state is TcpState.UNKNOWN
     assert st.source == "netlink"

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Final, Protocol, TypeAlias
 
-from ._address import FourTuple, parse_four_tuple
+from ._address import RawFourTuple, split_four_tuple
 from ._netlink import NetlinkBackend, dump_with_info
 from ._netlink import probe as netlink_probe
 from ._procfs import ProcfsBackend
@@ -90,7 +90,7 @@ class Backend(Protocol):
     @property
     def name(self) -> str: ...
 
-    def lookup(self, four: FourTuple, cookie: int | None = None) -> KernelState: ...
+    def lookup(self, four: RawFourTuple, cookie: int | None = None) -> KernelState: ...
 
     def dump(
         self, states: Collection[TcpState], port: int | None, families: Collection[int]
@@ -187,7 +187,7 @@ def lookup(
         sock.close()
         tcpclose.lookup(local, peer)   # KernelState(state=TIME_WAIT, seconds_left=59.9, ...)
     """
-    four = parse_four_tuple(local_addr, peer_addr)
+    four = split_four_tuple(local_addr, peer_addr)
     if cookie is not None and (
         isinstance(cookie, bool) or not isinstance(cookie, int) or not 0 <= cookie < 1 << 64
     ):

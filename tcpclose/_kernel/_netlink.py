@@ -28,7 +28,7 @@ from typing import Final
 
 from tcpclose._errors import KernelViewError
 
-from ._address import FourTuple
+from ._address import RawFourTuple
 from ._diag import (
     INET_DIAG_REQUEST,
     INFO_EXTENSION,
@@ -42,10 +42,10 @@ from ._diag import (
     count_dump,
     decode_dump,
     decode_dump_info,
-    decode_lookup_state,
     decode_reply,
     encode_dump_request,
-    pack_lookup_request,
+    lookup_answer,
+    lookup_request,
     port_filter_bytecode,
     reply_seq,
     scan_dump_chunk,
@@ -101,19 +101,17 @@ class NetlinkChannel:
     the channel is garbage-collected.
     """
 
-    __slots__ = ("_seq", "_sock", "buffer", "forks", "pid", "request_bytes")
+    __slots__ = ("_seq", "_sock", "buffer", "pid", "request_bytes")
 
     def __init__(self, timeout: float = RECEIVE_TIMEOUT) -> None:
         self._sock: socket.socket | None = _open_socket(timeout)
         #: The last exact request sent.
-        self.request_bytes = bytearray(INET_DIAG_REQUEST.size)
+        self.request_bytes = bytes(INET_DIAG_REQUEST.size)
         #: Where the last reply was received.
         self.buffer = bytearray(_LOOKUP_BUFFER)
         self._seq = 0
         #: The process that opened the socket (a forked child must not share it).
         self.pid = os.getpid()
-        #: :data:`_forks` when it was opened.
-        self.forks = _forks[0]
 
     @property
     def closed(self) -> bool:
@@ -122,7 +120,36 @@ class NetlinkChannel:
     def fileno(self) -> int:
         return -1 if self._sock is None else self._sock.fileno()
 
-    def request(self, four: FourTuple, cookie: int | None = None) -> int:
+    def state(self, four: RawFourTuple, cookie: int | None = None) -> KernelState:
+        """One exact lookup: the request sent, its reply decoded by
+        :func:`~._diag.lookup_answer` (``CLOSED`` for no socket and for another
+        socket's reply); replies to earlier requests are skipped.
+
+        Raises:
+            TimeoutError: no reply within the receive timeout.
+            KernelViewError: only stale or malformed replies.
+            OSError: the socket failed.
+        """
+        self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
+        request, sockid = lookup_request(four, cookie, seq)
+        sock = self._sock
+        if sock is None:
+            raise ValueError("netlink channel is closed")
+        sock.send(request)
+        self.request_bytes = request
+        buffer = self.buffer
+        try:
+            size = sock.recv_into(buffer)
+        except BlockingIOError:
+            raise TimeoutError("no answer from sock_diag within the receive timeout") from None
+        answer = lookup_answer(buffer, size, four, seq, sockid)
+        if answer is None:  # a reply to an earlier request: ours follows
+            answer = lookup_answer(buffer, self._receive(seq), four, seq, sockid)
+            if answer is None:  # pragma: no cover - _receive returned our seq
+                raise KernelViewError(f"no sock_diag reply with seq {seq}")
+        return answer
+
+    def request(self, four: RawFourTuple, cookie: int | None = None) -> int:
         """Send one exact request; return the size of its reply, which is left in
         :attr:`buffer` (stale replies to earlier requests are skipped). The request
         stays in :attr:`request_bytes`.
@@ -133,19 +160,8 @@ class NetlinkChannel:
             OSError: the socket failed.
         """
         self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
-        pack_lookup_request(self.request_bytes, four, cookie, seq)
-        sock = self._sock
-        if sock is None:
-            raise ValueError("netlink channel is closed")
-        sock.send(self.request_bytes)
-        # The usual case inline (one datagram, our seq); the rest in _receive.
-        try:
-            size = sock.recv_into(self.buffer)
-        except BlockingIOError:
-            raise TimeoutError("no answer from sock_diag within the receive timeout") from None
-        if size >= NLMSG_HDRLEN and NLMSG_SEQ.unpack_from(self.buffer, 8)[0] == seq:
-            return size
-        return self._receive(seq, size)
+        self.request_bytes = lookup_request(four, cookie, seq)[0]
+        return self._exchange(self.request_bytes, seq)
 
     def exchange(self, request: bytes) -> int:
         """Send ``request`` (its ``nlmsg_seq`` is replaced by the channel's next one)
@@ -184,7 +200,7 @@ class NetlinkChannel:
             size = None
         raise KernelViewError(f"no sock_diag reply with seq {seq} among stale replies")
 
-    def lookup(self, four: FourTuple, cookie: int | None = None) -> KernelState | None:
+    def lookup(self, four: RawFourTuple, cookie: int | None = None) -> KernelState | None:
         """:meth:`request`, then :func:`~._diag.decode_reply`: the socket the kernel
         answered with, or None for ENOENT.
 
@@ -208,31 +224,29 @@ class _PerThread(threading.local):
 
 _per_thread = _PerThread()
 
-#: How many times this process is a forked child of the one that imported us: a
-#: channel opened under another count was inherited. (Counted at fork, not checked
-#: with ``os.getpid()`` on every lookup: that asks the kernel each time.)
-_forks = [0]
 
-
-def _count_fork() -> None:
-    _forks[0] += 1
+def _forget_inherited_channel() -> None:
+    """In a forked child: close the channel inherited from the parent (the child's copy
+    of the descriptor), so that the two never read each other's replies. The forking
+    thread is the child's only thread, and the only one whose channel survives. (Done
+    at fork, not checked with ``os.getpid()`` on every lookup: that asks the kernel
+    each time.)"""
+    reset_channel()
 
 
 if hasattr(os, "register_at_fork"):  # (POSIX)
-    os.register_at_fork(after_in_child=_count_fork)
+    os.register_at_fork(after_in_child=_forget_inherited_channel)
 
 
 def channel() -> NetlinkChannel:
     """This thread's lookup channel, opened on first use.
 
-    A channel inherited through ``fork()`` is closed (in the child) and replaced: the
-    parent and the child must not read each other's replies.
+    A channel inherited through ``fork()`` was closed (in the child) at the fork, and
+    is replaced here.
     """
     chan = _per_thread.channel
-    if chan is not None and chan.forks == _forks[0] and not chan.closed:
+    if chan is not None and chan._sock is not None:
         return chan
-    if chan is not None:
-        chan.close()
     chan = _per_thread.channel = NetlinkChannel()
     return chan
 
@@ -298,7 +312,7 @@ class NetlinkBackend:
 
     name: Final = "netlink"
 
-    def lookup(self, four: FourTuple, cookie: int | None = None) -> KernelState:
+    def lookup(self, four: RawFourTuple, cookie: int | None = None) -> KernelState:
         """The socket for ``four``; ``CLOSED`` when the kernel has none.
 
         A reply describing another socket (the listener trap) is ``CLOSED`` too.
@@ -307,10 +321,9 @@ class NetlinkBackend:
         """
         try:
             chan = _per_thread.channel
-            if chan is None or chan.forks != _forks[0] or chan._sock is None:
+            if chan is None or chan._sock is None:
                 chan = channel()
-            size = chan.request(four, cookie)
-            return decode_lookup_state(chan.buffer, size, four, chan.request_bytes)
+            return chan.state(four, cookie)
         except (OSError, KernelViewError) as exc:
             log.debug("sock_diag lookup failed: %s", exc, exc_info=True)
             reset_channel()

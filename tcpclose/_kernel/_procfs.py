@@ -35,7 +35,7 @@ from typing import Final, Literal
 
 from tcpclose._errors import KernelViewError
 
-from ._address import MAPPED_PREFIX, FourTuple
+from ._address import MAPPED_PREFIX, RawFourTuple
 from ._summary import Summary
 from ._types import KernelState, TcpState, TimerKind
 
@@ -223,7 +223,7 @@ class ProcfsBackend:
         """True when the IPv4 table can be read."""
         return os.access(self.path(_AF_INET), os.R_OK)
 
-    def lookup(self, four: FourTuple, cookie: int | None = None) -> KernelState:
+    def lookup(self, four: RawFourTuple, cookie: int | None = None) -> KernelState:
         """The line for ``four`` (``CLOSED`` when there is none).
 
         An IPv4 4-tuple is looked for in ``tcp``, then with mapped addresses in
@@ -232,23 +232,24 @@ class ProcfsBackend:
         Raises:
             KernelViewError: the matching line is malformed.
         """
+        family, local, local_port, peer, peer_port, _scope_id = four
         candidates: list[tuple[int, str]] = []
-        if four.family == _AF_INET:
+        if family == _AF_INET:
             candidates.append(
                 (
                     _AF_INET,
-                    f"{address_hex(four.local, four.local_port, self.byteorder)} "
-                    f"{address_hex(four.peer, four.peer_port, self.byteorder)}",
+                    f"{address_hex(local, local_port, self.byteorder)} "
+                    f"{address_hex(peer, peer_port, self.byteorder)}",
                 )
             )
-            local6, peer6 = MAPPED_PREFIX + four.local, MAPPED_PREFIX + four.peer
+            local6, peer6 = MAPPED_PREFIX + local, MAPPED_PREFIX + peer
         else:
-            local6, peer6 = four.local, four.peer
+            local6, peer6 = local, peer
         candidates.append(
             (
                 _AF_INET6,
-                f"{address_hex(local6, four.local_port, self.byteorder)} "
-                f"{address_hex(peer6, four.peer_port, self.byteorder)}",
+                f"{address_hex(local6, local_port, self.byteorder)} "
+                f"{address_hex(peer6, peer_port, self.byteorder)}",
             )
         )
         for family, needle in candidates:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator
 from typing import Final
 
-from ._address import FourTuple
+from ._address import RawFourTuple
 from ._summary import Summary
 from ._types import KernelState, TcpState
 
@@ -25,7 +25,7 @@ class UnsupportedBackend:
 
     name: Final = "unsupported"
 
-    def lookup(self, four: FourTuple, cookie: int | None = None) -> KernelState:
+    def lookup(self, four: RawFourTuple, cookie: int | None = None) -> KernelState:
         return UNKNOWN_STATE
 
     def dump(
