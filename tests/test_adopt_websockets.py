@@ -176,8 +176,9 @@ def test_time_wait_placement(loop_name: str) -> None:
     REPORTS.clear()
     counts = run(loop_name, main, timeout=90)
     print(f"websockets on {loop_name}, TIME_WAIT (server, clients): {counts}")
-    # (As it is, the server's FIN now and then beats the prompt client's: 0 to 1 of 200.)
-    assert counts["prompt, plain"][1] >= CONNECTIONS * 0.9, counts
+    # (As it is, the server's FIN races the prompt client's: 0 to 1 of 200 on the server
+    # on a quiet machine, 68 in a loaded run: a reference, not a bound.)
+    assert sum(counts["prompt, plain"]) == CONNECTIONS, counts
     assert counts["prompt, peer-first"] == (0, CONNECTIONS), counts
     for kind in ("RFC client, plain", "RFC client, peer-first"):
         assert counts[kind][0] >= CONNECTIONS * 0.9, counts

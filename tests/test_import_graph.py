@@ -188,5 +188,5 @@ def test_the_walk_sees_deferred_and_type_checking_imports() -> None:
     import both count (the circle issue 21 found was one of each)."""
     assert "_audit" in GRAPH["_report"]  # inside build_report
     assert "_report" in GRAPH["_logsink"]  # under TYPE_CHECKING
-    assert "_checks" in GRAPH["_sync"]  # ``from . import _checks``
+    assert "_findings" in GRAPH["_sync"]  # ``from . import _findings, _observe``
     assert "_errors" in GRAPH["_kernel._tcpinfo"]  # absolute ``from tcpclose._errors``
