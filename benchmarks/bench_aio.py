@@ -27,8 +27,8 @@ Rows (``kind`` in the JSON):
   state looked up at each close, the default), and, when ``tcpclose.aio.start_server``
   takes a ``kernel_state`` keyword, with reports on and ``kernel_state="lazy"`` (looked
   up on first access: this benchmark's ``on_close`` counts reports and never reads it)
-  and one ``graceful`` row with the sampled setting (``--sampled``); without that
-  keyword those rows are skipped and the output says why;
+  and one ``graceful`` row with the sampled setting (``--sampled``, default
+  ``sampled:0.1``); without that keyword those rows are skipped and the output says why;
 
 * calibration: ``plain asyncio`` plus a busy-wait of 2, 5 and 10 µs per connection in
   the handler: how much throughput a microsecond of server CPU costs on this loop
@@ -399,7 +399,7 @@ def make_rows(kernel_state: bool, sampled: str) -> list[Row]:
     if kernel_state:
         rows.append(
             Row(
-                f"graceful, reports on, sampled ({sampled})",
+                f"graceful, reports on, {sampled}",
                 LIBRARY,
                 "graceful",
                 True,
@@ -420,7 +420,7 @@ def skipped_rows(reason: str, sampled: str) -> list[dict[str, Any]]:
     if not reason:
         return []
     names = [f"{label}, reports on, lazy" for label, *_ in POLICIES]
-    names.append(f"graceful, reports on, sampled ({sampled})")
+    names.append(f"graceful, reports on, {sampled}")
     return [{"name": name, "reason": reason} for name in names]
 
 
@@ -898,7 +898,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=6, help="seed of the shuffled run order")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument(
-        "--sampled", default="sampled", help="the kernel_state= value of the sampled row"
+        "--sampled", default="sampled:0.1", help="the kernel_state= value of the sampled row"
     )
     parser.add_argument(
         "--instructions", action="store_true", help="count instructions per connection (callgrind)"

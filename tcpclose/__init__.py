@@ -52,8 +52,8 @@ from ._background import close_in_background as close_in_background
 # isort: split
 from ._audit import audit as audit
 from ._audit import check_socket as check_socket
-from ._checks import Finding as Finding
-from ._checks import Severity as Severity
+from ._findings import Finding as Finding
+from ._findings import Severity as Severity
 
 __all__ = (
     "BackgroundCloser",

@@ -15,13 +15,15 @@ import asyncio
 import logging
 import socket
 import ssl
+import struct
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypedDict
+from typing import Any, Final, TypedDict
 
 from typing_extensions import Unpack
 
-from ._aio import ConnectionRegistry, OnClose, PolicyProtocolFactory, connection_of
+from ._aio import OnClose, PolicyProtocolFactory, connection_of
+from ._aio_proxy import ConnectionRegistry, ListenerLinger
 from ._policy import PolicyLike, as_policy
 
 __all__ = (
@@ -179,6 +181,7 @@ async def create_server(
     close_policy: PolicyLike = "graceful",
     on_close: OnClose | None = None,
     report: bool | None = None,
+    kernel_state: str = "eager",
     **kwargs: Unpack[ServerOptions],
 ) -> PolicyServer:
     """``loop.create_server`` whose connections close with ``close_policy``.
@@ -196,11 +199,14 @@ async def create_server(
         on_close: called with each :class:`~tcpclose.CloseReport`; its exceptions are
             logged, never raised into the loop.
         report: build reports; default only when ``on_close`` is given.
+        kernel_state: when the reports' kernel state is looked up: ``"eager"``
+            (default), ``"lazy"`` or ``"sampled:F"``, as for
+            :func:`~tcpclose.aio.with_policy`.
         **kwargs: as for ``loop.create_server`` (``ssl=``, ``reuse_port=``,
             ``start_serving=`` ...): the keys of :class:`ServerOptions`.
 
     Raises:
-        PolicyError: ``close_policy`` is invalid.
+        PolicyError: ``close_policy`` or ``kernel_state`` is invalid.
         OSError: as ``loop.create_server``.
 
     Example::
@@ -212,11 +218,35 @@ async def create_server(
     loop = asyncio.get_running_loop()
     registry = ConnectionRegistry(loop, tls=kwargs.get("ssl") is not None)
     factory = PolicyProtocolFactory(
-        protocol_factory, policy, on_close, report=report, registry=registry
+        protocol_factory,
+        policy,
+        on_close,
+        report=report,
+        registry=registry,
+        kernel_state=kernel_state,
     )
     options: dict[str, Any] = dict(kwargs)  # typed by ServerOptions; the overloads split by sock
     server = await loop.create_server(factory, host, port, **options)
+    _read_listener_linger(server, factory.listener)
     return PolicyServer(server, registry)
+
+
+_LINGER: Final = struct.Struct("ii")
+
+
+def _read_listener_linger(server: asyncio.AbstractServer, listener: ListenerLinger) -> None:
+    """What ``SO_LINGER`` the server's accepted sockets inherit: read once from its
+    listening sockets, so that no close has to ask (see ``ListenerLinger``)."""
+    lingers = False
+    for sock in getattr(server, "sockets", None) or ():
+        try:
+            on, seconds = _LINGER.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER.size)
+            )
+        except (OSError, ValueError, TypeError, struct.error):
+            return  # not known: the first close tells
+        lingers = lingers or bool(on and seconds)
+    listener.inherited = lingers
 
 
 async def start_server(
@@ -227,6 +257,7 @@ async def start_server(
     close_policy: PolicyLike = "graceful",
     on_close: OnClose | None = None,
     report: bool | None = None,
+    kernel_state: str = "eager",
     limit: int = _DEFAULT_LIMIT,
     **kwargs: Unpack[ServerOptions],
 ) -> PolicyServer:
@@ -248,13 +279,16 @@ async def start_server(
         on_close: called with each :class:`~tcpclose.CloseReport`; its exceptions are
             logged, never raised into the loop.
         report: build reports; default only when ``on_close`` is given.
+        kernel_state: when the reports' kernel state is looked up: ``"eager"``
+            (default), ``"lazy"`` or ``"sampled:F"``, as for
+            :func:`~tcpclose.aio.with_policy`.
         limit: the buffer limit of each ``StreamReader``, as for
             ``asyncio.start_server``.
         **kwargs: as for ``asyncio.start_server`` (``ssl=``, ``backlog=`` ...): the
             keys of :class:`ServerOptions`.
 
     Raises:
-        PolicyError: ``close_policy`` is invalid.
+        PolicyError: ``close_policy`` or ``kernel_state`` is invalid.
         OSError: as ``asyncio.start_server``.
 
     Example::
@@ -274,7 +308,14 @@ async def start_server(
         return asyncio.StreamReaderProtocol(reader, handler, loop=loop)
 
     return await create_server(
-        factory, host, port, close_policy=close_policy, on_close=on_close, report=report, **kwargs
+        factory,
+        host,
+        port,
+        close_policy=close_policy,
+        on_close=on_close,
+        report=report,
+        kernel_state=kernel_state,
+        **kwargs,
     )
 
 

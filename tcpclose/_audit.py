@@ -1,13 +1,15 @@
 """Gathering the facts the checks need: sysctls, kernel counters, the socket table,
-one socket's options. All the I/O of warnings and audit lives here; the rules are in
-``_checks.py``.
+one socket's options, the TIME_WAIT table's fill for a report. All the I/O of warnings
+and audit lives here; the fact records are in ``_facts.py``, the rules in ``_checks.py``.
 
 Every reader takes a ``root`` directory (default ``/``) and reads ``proc/...`` below it,
 so tests and captured snapshots stand in for a live kernel. Whatever does not exist
 (a sysctl another kernel lacks, ``/proc`` hidden in a container) or cannot be read or
 parsed is *unknown* (``None``), never an exception: the checks over it stay silent.
-Files are read as regular files only, without blocking and up to a size limit;
-:func:`audit` reports each file that exists but could not be used as a TC313 finding.
+Files are read as regular files only, without blocking and up to a size limit, and
+decoded by the kernel view's decoders (``_kernel/_proctext.py`` for sockstat, netstat
+and sysctl values); :func:`audit` reports each file that exists but could not be used
+as a TC313 finding.
 
 The live socket table comes from the kernel view's ``dump()`` when ``root`` is ``/``
 and the dump succeeds; otherwise from ``proc/net/tcp`` and ``tcp6`` under ``root``,
@@ -27,33 +29,30 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from ._checks import (
-    Counters,
-    Finding,
-    LingerUnit,
-    SocketFacts,
-    Sysctls,
-    check_socket_facts,
-    check_system,
-    sort_findings,
-    summarize_time_wait,
-    unreadable_input,
-)
+from ._checks import check_socket_facts, check_system, unreadable_input
 from ._errors import KernelViewError, NotTcpSocketError, TcpCloseError
+from ._facts import Counters, LingerUnit, SocketFacts, Sysctls, summarize_time_wait
+from ._findings import Finding, sort_findings
 from ._kernel import dump
 from ._kernel._procfs import parse_tcp_table
+from ._kernel._proctext import (
+    parse_int,
+    parse_netstat,
+    parse_port_list,
+    parse_port_range,
+    parse_sockstat,
+)
 from ._kernel._sockopt import SupportsFileno, borrow
 from ._kernel._types import Address, KernelState, TcpState
 
 __all__ = (
     "audit",
     "check_socket",
-    "parse_netstat",
-    "parse_sockstat",
     "read_counters",
     "read_socket_table",
     "read_sysctls",
     "socket_facts",
+    "time_wait_table_overflowed",
 )
 
 Root = str | os.PathLike[str]
@@ -80,10 +79,6 @@ _DEFAULT_EPHEMERAL: dict[str, tuple[int, int]] = {
 #: 150 bytes per socket (32 MiB is some 200,000 sockets). Past it a file is a problem.
 _SMALL_FILE_LIMIT = 64 * 1024
 _TABLE_FILE_LIMIT = 32 * 1024 * 1024
-
-#: The longest number read from a file: 2**64 has 20 digits. Longer is malformed (and
-#: ``int()`` of 4,300 digits or more raises).
-_MAX_DIGITS = 20
 
 
 class _Reader:
@@ -161,56 +156,7 @@ def _read_text(root: Root, relative: str | Path) -> str | None:
     return _Reader(root).text(relative)
 
 
-def _number(word: str) -> int | None:
-    """A non-negative decimal number of at most 20 digits, else ``None``."""
-    if not (word.isascii() and word.isdigit()) or len(word) > _MAX_DIGITS:
-        return None
-    return int(word)
-
-
 # -- sysctls -----------------------------------------------------------------------------
-
-
-def _int(text: str | None) -> int | None:
-    """``"1\n"`` -> 1, ``"-1"`` -> -1; ``None`` when malformed."""
-    if text is None:
-        return None
-    word = text.strip()
-    number = _number(word.removeprefix("-"))
-    if number is None:
-        return None
-    return -number if word.startswith("-") else number
-
-
-def _port_range(text: str | None) -> tuple[int, int] | None:
-    """``"32768\t60999\n"`` -> ``(32768, 60999)``."""
-    if text is None:
-        return None
-    parts = text.split()
-    if len(parts) != 2:
-        return None
-    low, high = _number(parts[0]), _number(parts[1])
-    if low is None or high is None:
-        return None
-    return low, high
-
-
-def _port_list(text: str | None) -> tuple[tuple[int, int], ...] | None:
-    """``"8080,9000-9010\n"`` -> ``((8080, 8080), (9000, 9010))``; empty -> ``()``."""
-    if text is None:
-        return None
-    ranges: list[tuple[int, int]] = []
-    for item in text.strip().split(","):
-        item = item.strip()
-        if not item:
-            continue
-        first_text, _, last_text = item.partition("-")
-        first = _number(first_text)
-        last = _number(last_text) if last_text else first
-        if first is None or last is None:
-            return None
-        ranges.append((first, last))
-    return tuple(ranges)
 
 
 def read_sysctls(root: Root = "/") -> Sysctls:
@@ -227,65 +173,19 @@ def read_sysctls(root: Root = "/") -> Sysctls:
 
 def _read_sysctls(reader: _Reader) -> Sysctls:
     return Sysctls(
-        ip_local_port_range=reader.sysctl("ip_local_port_range", _port_range),
-        ip_local_reserved_ports=reader.sysctl("ip_local_reserved_ports", _port_list),
-        tcp_tw_reuse=reader.sysctl("tcp_tw_reuse", _int),
-        tcp_timestamps=reader.sysctl("tcp_timestamps", _int),
-        tcp_tw_recycle=reader.sysctl("tcp_tw_recycle", _int),
-        tcp_max_tw_buckets=reader.sysctl("tcp_max_tw_buckets", _int),
-        tcp_max_orphans=reader.sysctl("tcp_max_orphans", _int),
-        tcp_rfc1337=reader.sysctl("tcp_rfc1337", _int),
-        tcp_fin_timeout=reader.sysctl("tcp_fin_timeout", _int),
+        ip_local_port_range=reader.sysctl("ip_local_port_range", parse_port_range),
+        ip_local_reserved_ports=reader.sysctl("ip_local_reserved_ports", parse_port_list),
+        tcp_tw_reuse=reader.sysctl("tcp_tw_reuse", parse_int),
+        tcp_timestamps=reader.sysctl("tcp_timestamps", parse_int),
+        tcp_tw_recycle=reader.sysctl("tcp_tw_recycle", parse_int),
+        tcp_max_tw_buckets=reader.sysctl("tcp_max_tw_buckets", parse_int),
+        tcp_max_orphans=reader.sysctl("tcp_max_orphans", parse_int),
+        tcp_rfc1337=reader.sysctl("tcp_rfc1337", parse_int),
+        tcp_fin_timeout=reader.sysctl("tcp_fin_timeout", parse_int),
     )
 
 
 # -- counters ----------------------------------------------------------------------------
-
-
-def parse_sockstat(text: str) -> dict[str, dict[str, int]]:
-    """Decode ``/proc/net/sockstat``: protocol -> field -> number.
-
-    >>> parse_sockstat("sockets: used 13\\nTCP: inuse 1 orphan 0 tw 7 alloc 1 mem 0\\n")["TCP"]
-    {'inuse': 1, 'orphan': 0, 'tw': 7, 'alloc': 1, 'mem': 0}
-
-    Pairs that are not ``name number`` are skipped.
-    """
-    table: dict[str, dict[str, int]] = {}
-    for line in text.splitlines():
-        proto, sep, rest = line.partition(":")
-        if not sep:
-            continue
-        words = rest.split()
-        fields: dict[str, int] = {}
-        for name, value in zip(words[::2], words[1::2], strict=False):
-            number = _number(value)
-            if number is not None:
-                fields[name] = number
-        table[proto.strip()] = fields
-    return table
-
-
-def parse_netstat(text: str) -> dict[str, dict[str, int]]:
-    """Decode ``/proc/net/netstat`` (or ``snmp``): header/value line pairs per group.
-
-    >>> parse_netstat("TcpExt: TW TCPTimeWaitOverflow\\nTcpExt: 9 3\\n")
-    {'TcpExt': {'TW': 9, 'TCPTimeWaitOverflow': 3}}
-
-    A group whose two lines do not match in length is skipped.
-    """
-    table: dict[str, dict[str, int]] = {}
-    lines = [line.split() for line in text.splitlines() if line.strip()]
-    for names, values in zip(lines[::2], lines[1::2], strict=False):
-        if not names or names[0] != values[0] or len(names) != len(values):
-            continue
-        group = names[0].rstrip(":")
-        fields: dict[str, int] = {}
-        for name, value in zip(names[1:], values[1:], strict=True):
-            number = _int(value)
-            if number is not None:
-                fields[name] = number
-        table[group] = fields
-    return table
 
 
 def read_counters(root: Root = "/") -> Counters:
@@ -304,6 +204,32 @@ def _read_counters(reader: _Reader) -> Counters:
         orphans=tcp.get("orphan"),
         time_wait_overflows=ext.get("TCPTimeWaitOverflow"),
     )
+
+
+# -- the TIME_WAIT table, for one close ------------------------------------------------
+
+#: ``TCPTimeWaitOverflow`` at the last look (:func:`time_wait_table_overflowed`).
+_last_overflows: list[int | None] = [None]
+
+
+def time_wait_table_overflowed(root: Root = "/") -> bool:
+    """Whether the kernel's TIME_WAIT table is full or has just overflowed, for a close
+    whose TIME_WAIT is missing: ``TCPTimeWaitOverflow`` (``proc/net/netstat``) rose
+    since the last call, or the TIME_WAIT count (``proc/net/sockstat``) has reached
+    ``net.ipv4.tcp_max_tw_buckets``. Both are per network namespace: ``/proc/net`` is
+    the calling thread's. False when they cannot be read.
+
+    Reads three small files (tens of microseconds): the report asks only when it finds
+    CLOSED where TIME_WAIT was due.
+    """
+    reader = _Reader(root)
+    counters = _read_counters(reader)
+    overflows = counters.time_wait_overflows
+    previous, _last_overflows[0] = _last_overflows[0], overflows
+    if overflows is not None and previous is not None and overflows > previous:
+        return True
+    limit = reader.sysctl("tcp_max_tw_buckets", parse_int)
+    return counters.time_wait is not None and limit is not None and counters.time_wait >= limit
 
 
 # -- the socket table --------------------------------------------------------------------
@@ -406,8 +332,7 @@ def audit(port: int | None = None, *, root: Root = "/") -> list[Finding]:
     summary = None
     if time_wait is not None:
         listening = {s.local[1] for s in listeners or () if s.local is not None}
-        pairs = [(s.local, s.peer) for s in time_wait if s.local is not None and s.peer is not None]
-        summary = summarize_time_wait(pairs, listening_ports=listening, sysctls=sysctls)
+        summary = summarize_time_wait(time_wait, listening_ports=listening, sysctls=sysctls)
         if counters.time_wait is None and port is None:
             counters = Counters(
                 time_wait=summary.total,

@@ -1,55 +1,42 @@
-"""The warning rules: pure functions from facts to findings, and the code catalogue.
+"""The warning rules: one small pure function per check, from facts to findings.
 
-What must live here, and only here:
-
-* :data:`CATALOGUE`, the one table of stable codes (code, warning class, severity,
-  title, advice, docs anchor) that ``docs/warnings.md`` is written from;
-* :class:`Finding` and :class:`Severity`, the data every check returns;
-* the fact records (:class:`Sysctls`, :class:`Counters`, :class:`TimeWaitSummary`,
-  :class:`SocketFacts`) and one small function per check over them.
+What must live here, and only here: the decision whether a warning applies and the
+thresholds it uses (:data:`TW_BUCKETS_NEAR`, :data:`FIN_TIMEOUT_LOW`...), and
+:func:`check_system` / :func:`check_socket_facts`, which run every host-wide and every
+per-socket rule. The codes, titles and advice are the catalogue's
+(``_findings.py``); the fact records are ``_facts.py``'s.
 
 Nothing here touches a socket, a file or the :mod:`warnings` module: gathering facts is
-``_audit.py``'s job, issuing a finding as a warning is ``_warnings.warn``'s. Tests feed
+``_audit.py``'s job, issuing a finding as a warning is ``_findings.warn``'s. Tests feed
 facts for kernels and platforms the test machine is not.
-
-Code ranges follow the warning class: ``TC1xx`` data loss (:class:`DataLossWarning`),
-``TC2xx`` a blocking close (:class:`BlockingCloseWarning`), ``TC3xx`` port/4-tuple reuse
-and the sysctls around it (:class:`UnsafeReuseWarning`). A code, once published, keeps
-its meaning; a retired check leaves its code unused.
-
-Titles and advice are fixed per code (no numbers in them): the numbers go in
-``evidence``. That keeps a warning's text stable, so the standard once-per-location
-filter of :mod:`warnings` shows it once per call site however the numbers vary.
 """
 
 from __future__ import annotations
 
-import enum
-import ipaddress
-from collections import Counter as _Tally
-from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Literal
+from collections.abc import Mapping
 
-from ._warnings import (
-    DOCS_URL,
-    BlockingCloseWarning,
-    DataLossWarning,
-    TcpCloseWarning,
-    UnsafeReuseWarning,
+from ._facts import (
+    TICKS_PER_SECOND,
+    Counters,
+    LingerUnit,
+    SocketFacts,
+    Sysctls,
+    TimeWaitSummary,
+    is_loopback,
 )
+from ._findings import Finding as Finding  # (the drivers annotate with _checks.Finding)
+from ._findings import Severity, new_finding, sort_findings
+from ._kernel._address import format_address
+from ._kernel._types import Address
 
 __all__ = (
-    "CATALOGUE",
-    "CatalogueEntry",
-    "Counters",
-    "Finding",
-    "LingerUnit",
-    "Severity",
-    "SocketFacts",
-    "Sysctls",
-    "TimeWaitSummary",
+    "ACCEPTED_TIME_WAIT_THRESHOLD",
+    "FIN_TIMEOUT_HIGH",
+    "FIN_TIMEOUT_LOW",
+    "NON_LOOPBACK_TIME_WAIT_THRESHOLD",
+    "PORT_RANGE_ERROR",
+    "PORT_RANGE_WARNING",
+    "TW_BUCKETS_NEAR",
     "abort_discards",
     "blocking_linger",
     "check_socket_facts",
@@ -58,13 +45,10 @@ __all__ = (
     "fin_timeout_unusual",
     "fixed_port_client",
     "fixed_port_time_wait",
-    "format_address",
     "orphans_near_limit",
     "reuseaddr_takeover",
     "reuseport_listener",
     "rfc1337_off",
-    "sort_findings",
-    "summarize_time_wait",
     "time_wait_near_port_range",
     "tw_buckets_near_limit",
     "tw_recycle_on",
@@ -74,525 +58,6 @@ __all__ = (
     "unreadable_input",
     "windows_reuseaddr",
 )
-
-#: ``(host, port)``, as the kernel view reports addresses.
-Address = tuple[str, int]
-
-#: What ``l_linger`` counts: seconds (Linux, Windows, macOS ``SO_LINGER_SEC``) or clock
-#: ticks of 1/100 s (macOS and other BSD-derived ``SO_LINGER``).
-LingerUnit = Literal["seconds", "ticks"]
-
-#: macOS ``SO_LINGER`` ticks per second (XNU's ``hz``).
-TICKS_PER_SECOND = 100
-
-
-class Severity(enum.StrEnum):
-    """How bad a finding is. ``error`` makes ``tcpclose audit`` exit with status 1."""
-
-    INFO = "info"
-    WARNING = "warning"
-    ERROR = "error"
-
-    @property
-    def rank(self) -> int:
-        """0 for info, 1 for warning, 2 for error (for sorting and thresholds)."""
-        return _SEVERITY_RANK[self]
-
-
-_SEVERITY_RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.ERROR: 2}
-
-
-# -- the catalogue -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class CatalogueEntry:
-    """One stable warning code.
-
-    Attributes:
-        code: ``"TC101"``...; the docs anchor is its lower-case form.
-        category: the :class:`TcpCloseWarning` subclass a finding is issued as.
-        severity: the usual severity of a finding with this code.
-        max_severity: the highest severity the check can reach (e.g. a percentage
-            crossing a second threshold); equal to ``severity`` for most codes.
-        title: one line, fixed per code, without numbers.
-        advice: one line on what to do, fixed per code.
-    """
-
-    code: str
-    category: type[TcpCloseWarning]
-    severity: Severity
-    title: str
-    advice: str
-    max_severity: Severity | None = None
-
-    @property
-    def anchor(self) -> str:
-        """The docs section anchor: the code in lower case (``tc101``)."""
-        return self.code.lower()
-
-    @property
-    def docs_url(self) -> str:
-        """Link to this code's section of the warnings reference."""
-        return f"{DOCS_URL}#{self.anchor}"
-
-    @property
-    def severities(self) -> tuple[Severity, ...]:
-        """Every severity a finding with this code can have, lowest first."""
-        top = self.max_severity or self.severity
-        return tuple(s for s in Severity if self.severity.rank <= s.rank <= top.rank)
-
-
-_I, _W, _E = Severity.INFO, Severity.WARNING, Severity.ERROR
-
-_ENTRIES = (
-    # -- TC1xx: data loss ------------------------------------------------------------------
-    CatalogueEntry(
-        "TC101",
-        DataLossWarning,
-        _W,
-        "abort discarded data the peer had not acknowledged",
-        "close gracefully when the peer must get the data; "
-        "pass allow_data_loss=True when discarding it is intended",
-    ),
-    CatalogueEntry(
-        "TC102",
-        DataLossWarning,
-        _W,
-        "close with unread input sends RST instead of FIN",
-        "read what the peer sent before closing, or use the graceful policy, which drains it",
-    ),
-    CatalogueEntry(
-        "TC103",
-        DataLossWarning,
-        _W,
-        "orphaned sockets near tcp_max_orphans: closes turn into RST",
-        "find why closed connections do not finish (peers not reading, stuck FIN_WAIT), "
-        "or raise net.ipv4.tcp_max_orphans",
-        max_severity=_E,
-    ),
-    # -- TC2xx: a blocking close -----------------------------------------------------------
-    CatalogueEntry(
-        "TC201",
-        BlockingCloseWarning,
-        _W,
-        "SO_LINGER with a non-zero time makes close() block on a non-blocking socket",
-        "turn SO_LINGER off and use a graceful close policy; "
-        "use SO_LINGER {1, 0} only for an intended abort",
-    ),
-    # -- TC3xx: port and 4-tuple reuse, and the sysctls around it --------------------------
-    CatalogueEntry(
-        "TC301",
-        UnsafeReuseWarning,
-        _W,
-        "active close on a client bound to a fixed local port blocks that 4-tuple for 60 s",
-        "let the kernel choose the client's local port, or let the server close first "
-        "(peer-first policy)",
-    ),
-    CatalogueEntry(
-        "TC302",
-        UnsafeReuseWarning,
-        _W,
-        "SO_REUSEADDR with an explicit bind before connect takes over TIME_WAIT 4-tuples",
-        "do not set SO_REUSEADDR on client sockets; let the kernel choose the local port "
-        "(IP_BIND_ADDRESS_NO_PORT when only the address is fixed)",
-    ),
-    CatalogueEntry(
-        "TC303",
-        UnsafeReuseWarning,
-        _W,
-        "TIME_WAIT towards one destination is using up the ephemeral port range",
-        "reuse connections (keep-alive, pooling) or let the server close first; "
-        "widen net.ipv4.ip_local_port_range; tcp_tw_reuse=1 helps outgoing connections",
-        max_severity=_E,
-    ),
-    CatalogueEntry(
-        "TC304",
-        UnsafeReuseWarning,
-        _W,
-        "tcp_tw_reuse is on but TIME_WAIT is on accepted connections, where it never applies",
-        "tcp_tw_reuse only affects outgoing connect(); on a server let clients close first "
-        "(peer-first policy) or keep connections alive",
-    ),
-    CatalogueEntry(
-        "TC305",
-        UnsafeReuseWarning,
-        _W,
-        "tcp_tw_reuse is on but tcp_timestamps is off, so it never applies",
-        "set net.ipv4.tcp_timestamps=1, or stop relying on tcp_tw_reuse",
-    ),
-    CatalogueEntry(
-        "TC306",
-        UnsafeReuseWarning,
-        _I,
-        "tcp_tw_reuse=2 applies to loopback only, and outgoing TIME_WAIT goes to other hosts",
-        "set net.ipv4.tcp_tw_reuse=1 if outgoing connections to other hosts must reuse "
-        "TIME_WAIT ports",
-    ),
-    CatalogueEntry(
-        "TC307",
-        UnsafeReuseWarning,
-        _E,
-        "tcp_tw_recycle is on: connections from clients behind NAT are dropped",
-        "set net.ipv4.tcp_tw_recycle=0 (Linux 4.12 removed it); "
-        "use tcp_tw_reuse for outgoing connections instead",
-    ),
-    CatalogueEntry(
-        "TC308",
-        UnsafeReuseWarning,
-        _W,
-        "TIME_WAIT is near tcp_max_tw_buckets now, or overflowed it since boot: "
-        "closes skip TIME_WAIT",
-        "reduce TIME_WAIT (connection reuse, let the peer close first) or raise "
-        "net.ipv4.tcp_max_tw_buckets; do not lower it to get rid of TIME_WAIT",
-        max_severity=_E,
-    ),
-    CatalogueEntry(
-        "TC309",
-        UnsafeReuseWarning,
-        _I,
-        "tcp_rfc1337 is off: a stray RST can end TIME_WAIT early",
-        "set net.ipv4.tcp_rfc1337=1 so TIME_WAIT ignores RST and lasts its full time",
-    ),
-    CatalogueEntry(
-        "TC310",
-        UnsafeReuseWarning,
-        _W,
-        "SO_REUSEPORT on a listener lets another process of the same user take connections",
-        "set SO_REUSEPORT only for deliberately sharded listeners, "
-        "under a user no other program runs as",
-    ),
-    CatalogueEntry(
-        "TC311",
-        UnsafeReuseWarning,
-        _W,
-        "SO_REUSEADDR on Windows lets another socket bind the same port",
-        "on Windows use SO_EXCLUSIVEADDRUSE instead of SO_REUSEADDR",
-    ),
-    CatalogueEntry(
-        "TC312",
-        UnsafeReuseWarning,
-        _I,
-        "tcp_fin_timeout far from its default: it limits orphaned FIN_WAIT2, not TIME_WAIT",
-        "TIME_WAIT is fixed at 60 s; keep tcp_fin_timeout near 60 s unless orphaned "
-        "FIN_WAIT2 sockets are the problem you measured",
-        max_severity=_W,
-    ),
-    CatalogueEntry(
-        "TC313",
-        UnsafeReuseWarning,
-        _W,
-        "a file the audit reads could not be used, so the checks over it did not run",
-        "give audit the real /proc, or a snapshot of regular files copied from it; "
-        "the evidence names the file and the reason",
-    ),
-)
-
-#: Every code, in order: the table ``docs/warnings.md`` follows.
-CATALOGUE: Mapping[str, CatalogueEntry] = MappingProxyType({e.code: e for e in _ENTRIES})
-
-
-# -- findings ----------------------------------------------------------------------------
-
-
-def _json_ready(value: object) -> object:
-    if isinstance(value, tuple | list | frozenset | set):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, enum.Enum):
-        return value.value
-    return value
-
-
-def _format_value(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, tuple | list):
-        return ",".join(_format_value(v) for v in value)
-    return str(value)
-
-
-@dataclass(frozen=True, slots=True)
-class Finding:
-    """One thing a check found: what it is, how bad, the numbers seen, what to do.
-
-    ``title`` and ``advice`` come from the :data:`CATALOGUE` entry of ``code``; the
-    numbers are in ``evidence`` (a read-only mapping of JSON-ready values).
-
-    >>> f = abort_discards(4096)
-    >>> str(f)  # doctest: +ELLIPSIS
-    'TC101 warning: abort discarded data ... (discarded_bytes=4096) — close gracefully ...'
-    >>> f.as_dict()["evidence"]
-    {'discarded_bytes': 4096}
-    """
-
-    code: str
-    severity: Severity
-    title: str
-    evidence: Mapping[str, object]
-    advice: str
-    category: type[TcpCloseWarning]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "evidence", MappingProxyType(dict(self.evidence)))
-
-    def __hash__(self) -> int:
-        return hash((self.code, self.severity, self.title, self.advice))
-
-    @property
-    def docs_url(self) -> str:
-        """Link to this code's section of the warnings reference."""
-        return f"{DOCS_URL}#{self.code.lower()}"
-
-    def as_dict(self) -> dict[str, object]:
-        """JSON-ready mapping: the fields, the category's name and the docs link."""
-        return {
-            "code": self.code,
-            "severity": self.severity.value,
-            "title": self.title,
-            "evidence": _json_ready(self.evidence),
-            "advice": self.advice,
-            "category": self.category.__name__,
-            "docs": self.docs_url,
-        }
-
-    def __str__(self) -> str:
-        text = f"{self.code} {self.severity.value}: {self.title}"
-        if self.evidence:
-            pairs = ", ".join(f"{k}={_format_value(v)}" for k, v in self.evidence.items())
-            text += f" ({pairs})"
-        return f"{text} — {self.advice}"
-
-
-def _finding(code: str, severity: Severity | None = None, **evidence: object) -> Finding:
-    entry = CATALOGUE[code]
-    chosen = severity or entry.severity
-    if chosen not in entry.severities:  # pragma: no cover - a bug in a check, not input
-        raise AssertionError(f"{code} cannot have severity {chosen}")
-    return Finding(
-        code=code,
-        severity=chosen,
-        title=entry.title,
-        evidence=evidence,
-        advice=entry.advice,
-        category=entry.category,
-    )
-
-
-def sort_findings(findings: Iterable[Finding]) -> list[Finding]:
-    """Most severe first, then by code (stable for equal keys)."""
-    return sorted(findings, key=lambda f: (-f.severity.rank, f.code))
-
-
-# -- facts -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Sysctls:
-    """The ``net.ipv4`` sysctls the checks read. ``None`` means unknown: absent on this
-    kernel (``tcp_tw_recycle`` since 4.12), hidden in a container, or unreadable.
-
-    ``ip_local_reserved_ports`` holds inclusive ``(first, last)`` ranges.
-    """
-
-    ip_local_port_range: tuple[int, int] | None = None
-    ip_local_reserved_ports: tuple[tuple[int, int], ...] | None = None
-    tcp_tw_reuse: int | None = None
-    tcp_timestamps: int | None = None
-    tcp_tw_recycle: int | None = None
-    tcp_max_tw_buckets: int | None = None
-    tcp_max_orphans: int | None = None
-    tcp_rfc1337: int | None = None
-    tcp_fin_timeout: int | None = None
-
-    def is_reserved(self, port: int) -> bool:
-        """True when ``port`` is in ``ip_local_reserved_ports`` (False when unknown)."""
-        return any(lo <= port <= hi for lo, hi in self.ip_local_reserved_ports or ())
-
-    def is_ephemeral(self, port: int) -> bool | None:
-        """Whether the kernel could pick ``port`` for an unbound ``connect()``; ``None``
-        when the range is unknown.
-
-        >>> Sysctls(ip_local_port_range=(32768, 60999)).is_ephemeral(8080)
-        False
-        """
-        if self.ip_local_port_range is None:
-            return None
-        lo, hi = self.ip_local_port_range
-        return lo <= port <= hi and not self.is_reserved(port)
-
-    @property
-    def ephemeral_ports(self) -> int | None:
-        """How many ports ``connect()`` can pick: the range minus reserved ports in it.
-
-        >>> Sysctls(ip_local_port_range=(32768, 60999)).ephemeral_ports
-        28232
-        >>> Sysctls((1000, 1999), ((1500, 1509), (5000, 5000))).ephemeral_ports
-        990
-        """
-        if self.ip_local_port_range is None:
-            return None
-        lo, hi = self.ip_local_port_range
-        if hi < lo:
-            return 0
-        reserved: set[int] = set()
-        for first, last in self.ip_local_reserved_ports or ():
-            reserved.update(range(max(first, lo), min(last, hi) + 1))
-        return hi - lo + 1 - len(reserved)
-
-
-@dataclass(frozen=True, slots=True)
-class Counters:
-    """Kernel counters. ``None`` means unknown.
-
-    Attributes:
-        time_wait: TIME_WAIT sockets now (``/proc/net/sockstat``, ``TCP: ... tw N``).
-        orphans: orphaned sockets now, closed by their program but not finished
-            (``TCP: ... orphan N``).
-        time_wait_overflows: times since boot the kernel skipped TIME_WAIT because
-            ``tcp_max_tw_buckets`` was reached (``/proc/net/netstat``,
-            ``TcpExt: TCPTimeWaitOverflow``).
-    """
-
-    time_wait: int | None = None
-    orphans: int | None = None
-    time_wait_overflows: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TimeWaitSummary:
-    """The socket table's TIME_WAIT entries, sorted by who closed first.
-
-    Attributes:
-        total: TIME_WAIT entries seen.
-        accepted: the server closed first: on a local port that has a listener, or on
-            a fixed port whose listener is gone, towards a peer port in the ephemeral
-            range (a client's port, as a server's own TIME_WAIT is).
-        towards: outgoing (local port in the ephemeral range, no listener), counted
-            per destination ``(host, port)``; IPv4-mapped hosts are unmapped.
-        outgoing_non_loopback: the part of ``towards`` going to non-loopback hosts.
-        fixed_port: on a local port outside the ephemeral range with no listener,
-            towards a peer port outside it (a service's port): a client bound to a
-            fixed port closed first. Per local port.
-    """
-
-    total: int = 0
-    accepted: int = 0
-    towards: Mapping[Address, int] = field(default_factory=dict)
-    outgoing_non_loopback: int = 0
-    fixed_port: Mapping[int, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class SocketFacts:
-    """One socket's options and situation, as :func:`check_socket_facts` needs them.
-
-    Attributes:
-        platform: ``sys.platform`` of the host the socket lives on.
-        listening: ``SO_ACCEPTCONN``.
-        local_port: bound port; 0 when unbound.
-        peer: connected peer, or ``None``.
-        nonblocking: the program treats the socket as non-blocking (timeout 0).
-        event_loop: the socket belongs to an event-loop transport.
-        linger_on, linger_time, linger_unit: ``SO_LINGER`` as read (macOS: ticks,
-            unless read through ``SO_LINGER_SEC``).
-        reuseaddr, reuseport, exclusiveaddruse: the options; ``None`` when the
-            platform lacks them or they could not be read.
-        port_chosen: the local port is one ``connect()`` would never pick (outside the
-            ephemeral range or reserved), so the program bound it explicitly; ``None``
-            when unknown.
-        listener_on_port: a listening socket exists on the same local port (this one
-            was accepted from it); ``None`` when the socket table is unknown.
-    """
-
-    platform: str
-    listening: bool = False
-    local_port: int = 0
-    peer: Address | None = None
-    nonblocking: bool = False
-    event_loop: bool = False
-    linger_on: bool = False
-    linger_time: int = 0
-    linger_unit: LingerUnit = "seconds"
-    reuseaddr: bool | None = None
-    reuseport: bool | None = None
-    exclusiveaddruse: bool | None = None
-    port_chosen: bool | None = None
-    listener_on_port: bool | None = None
-
-
-def _unmap(host: str) -> str:
-    if host.lower().startswith("::ffff:") and "." in host:
-        return host[7:]
-    return host
-
-
-def format_address(address: Address) -> str:
-    """``host:port``, with IPv6 hosts in brackets.
-
-    >>> format_address(("10.0.0.5", 443)), format_address(("::1", 8080))
-    ('10.0.0.5:443', '[::1]:8080')
-    """
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(_unmap(host).split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
-def summarize_time_wait(
-    entries: Iterable[tuple[Address, Address]],
-    *,
-    listening_ports: Collection[int],
-    sysctls: Sysctls,
-) -> TimeWaitSummary:
-    """Sort TIME_WAIT ``(local, peer)`` entries by who closed first.
-
-    A local port with a listener means the server side closed first (``accepted``);
-    a port ``connect()`` could have picked means an outgoing connection (``towards``
-    its destination); any other port was bound on purpose. Bound on purpose towards a
-    peer port in the ephemeral range is a server whose listener has closed since
-    (``accepted``: its clients' ports are ephemeral); towards any other peer port it is
-    a client bound to a fixed port (``fixed_port``). When the ephemeral range is
-    unknown, every entry without a listener counts as outgoing.
-
-    >>> s = summarize_time_wait(
-    ...     [(("10.0.0.1", 40000), ("10.0.0.5", 443)), (("10.0.0.1", 80), ("10.9.9.9", 5555))],
-    ...     listening_ports={80},
-    ...     sysctls=Sysctls(ip_local_port_range=(32768, 60999)),
-    ... )
-    >>> s.accepted, dict(s.towards), s.outgoing_non_loopback
-    (1, {('10.0.0.5', 443): 1}, 1)
-    """
-    total = accepted = non_loopback = 0
-    towards: _Tally[Address] = _Tally()
-    fixed: _Tally[int] = _Tally()
-    for (_, local_port), (peer_host, peer_port) in entries:
-        total += 1
-        if local_port in listening_ports:
-            accepted += 1
-        elif sysctls.is_ephemeral(local_port) is False:
-            if sysctls.is_ephemeral(peer_port):
-                accepted += 1  # a server's own, its listener closed since
-            else:
-                fixed[local_port] += 1
-        else:
-            host = _unmap(peer_host)
-            towards[(host, peer_port)] += 1
-            if not _is_loopback(host):
-                non_loopback += 1
-    return TimeWaitSummary(
-        total=total,
-        accepted=accepted,
-        towards=MappingProxyType(dict(towards)),
-        outgoing_non_loopback=non_loopback,
-        fixed_port=MappingProxyType(dict(fixed)),
-    )
 
 
 # -- TC1xx: data loss --------------------------------------------------------------------
@@ -607,7 +72,7 @@ def abort_discards(discarded_bytes: int) -> Finding | None:
     """
     if discarded_bytes <= 0:
         return None
-    return _finding("TC101", discarded_bytes=discarded_bytes)
+    return new_finding("TC101", discarded_bytes=discarded_bytes)
 
 
 def close_with_unread(unread_bytes: int) -> Finding | None:
@@ -619,7 +84,7 @@ def close_with_unread(unread_bytes: int) -> Finding | None:
     """
     if unread_bytes <= 0:
         return None
-    return _finding("TC102", unread_bytes=unread_bytes)
+    return new_finding("TC102", unread_bytes=unread_bytes)
 
 
 def orphans_near_limit(*, orphans: int | None, max_orphans: int | None) -> Finding | None:
@@ -643,7 +108,7 @@ def orphans_near_limit(*, orphans: int | None, max_orphans: int | None) -> Findi
         severity = Severity.WARNING
     else:
         return None
-    return _finding(
+    return new_finding(
         "TC103",
         severity,
         orphans=orphans,
@@ -687,7 +152,7 @@ def blocking_linger(
     if not linger_on or linger_time <= 0 or not (nonblocking or event_loop):
         return None
     seconds = linger_time / TICKS_PER_SECOND if linger_unit == "ticks" else float(linger_time)
-    return _finding(
+    return new_finding(
         "TC201",
         linger_time=linger_time,
         linger_unit=linger_unit,
@@ -721,7 +186,7 @@ def fixed_port_client(facts: SocketFacts) -> Finding | None:
     if not _client_on_chosen_port(facts) or facts.reuseaddr:
         return None
     assert facts.peer is not None
-    return _finding(
+    return new_finding(
         "TC301",
         local_port=facts.local_port,
         peer=format_address(facts.peer),
@@ -740,7 +205,7 @@ def reuseaddr_takeover(facts: SocketFacts) -> Finding | None:
     if not _client_on_chosen_port(facts) or not facts.reuseaddr:
         return None
     assert facts.peer is not None
-    return _finding(
+    return new_finding(
         "TC302",
         local_port=facts.local_port,
         peer=format_address(facts.peer),
@@ -755,20 +220,26 @@ def fixed_port_time_wait(summary: TimeWaitSummary, *, examples: int = 5) -> Find
     its clients' ephemeral ports: not this.) Evidence lists the busiest ``examples``
     ports.
     """
-    if not summary.fixed_port:
+    bound = summary.bound_by_port
+    if not bound:
         return None
-    busiest = sorted(summary.fixed_port.items(), key=lambda kv: (-kv[1], kv[0]))
-    return _finding(
+    return new_finding(
         "TC301",
-        time_wait=sum(summary.fixed_port.values()),
-        local_ports=[port for port, _ in busiest[:examples]],
+        time_wait=summary.by_side["bound"],
+        local_ports=list(bound)[:examples],  # (largest count first)
     )
 
 
 def _tw_reuse_applies(sysctls: Sysctls, host: str) -> bool:
     if not sysctls.tcp_timestamps:
         return False
-    return sysctls.tcp_tw_reuse == 1 or (sysctls.tcp_tw_reuse == 2 and _is_loopback(host))
+    return sysctls.tcp_tw_reuse == 1 or (sysctls.tcp_tw_reuse == 2 and is_loopback(host))
+
+
+#: Share of the ephemeral ports one destination's TIME_WAIT holds from which TC303 warns.
+PORT_RANGE_WARNING = 0.5
+#: ... and from which it is an error (unless ``tcp_tw_reuse`` applies).
+PORT_RANGE_ERROR = 0.9
 
 
 def time_wait_near_port_range(towards: Mapping[Address, int], sysctls: Sysctls) -> list[Finding]:
@@ -793,12 +264,12 @@ def time_wait_near_port_range(towards: Mapping[Address, int], sysctls: Sysctls) 
     findings: list[Finding] = []
     for (host, port), count in sorted(towards.items(), key=lambda kv: (-kv[1], kv[0])):
         share = count / ports
-        if share <= 0.5:
+        if share <= PORT_RANGE_WARNING:
             continue
         reuse = _tw_reuse_applies(sysctls, host)
-        severity = Severity.ERROR if share > 0.9 and not reuse else Severity.WARNING
+        severity = Severity.ERROR if share > PORT_RANGE_ERROR and not reuse else Severity.WARNING
         findings.append(
-            _finding(
+            new_finding(
                 "TC303",
                 severity,
                 destination=format_address((host, port)),
@@ -830,7 +301,7 @@ def tw_reuse_for_accepted(
     """
     if tcp_tw_reuse != 1 or accepted_time_wait < threshold:
         return None
-    return _finding("TC304", tcp_tw_reuse=tcp_tw_reuse, accepted_time_wait=accepted_time_wait)
+    return new_finding("TC304", tcp_tw_reuse=tcp_tw_reuse, accepted_time_wait=accepted_time_wait)
 
 
 def tw_reuse_without_timestamps(
@@ -846,7 +317,7 @@ def tw_reuse_without_timestamps(
     """
     if not tcp_tw_reuse or tcp_timestamps != 0:
         return None
-    return _finding("TC305", tcp_tw_reuse=tcp_tw_reuse, tcp_timestamps=tcp_timestamps)
+    return new_finding("TC305", tcp_tw_reuse=tcp_tw_reuse, tcp_timestamps=tcp_timestamps)
 
 
 def tw_reuse_loopback_only(
@@ -859,7 +330,7 @@ def tw_reuse_loopback_only(
     traffic, while outgoing TIME_WAIT to other hosts is at least ``threshold``."""
     if tcp_tw_reuse != 2 or non_loopback_time_wait < threshold:
         return None
-    return _finding(
+    return new_finding(
         "TC306", tcp_tw_reuse=tcp_tw_reuse, non_loopback_time_wait=non_loopback_time_wait
     )
 
@@ -874,7 +345,7 @@ def tw_recycle_on(tcp_tw_recycle: int | None) -> Finding | None:
     """
     if not tcp_tw_recycle:
         return None
-    return _finding("TC307", tcp_tw_recycle=tcp_tw_recycle)
+    return new_finding("TC307", tcp_tw_recycle=tcp_tw_recycle)
 
 
 #: Share of ``tcp_max_tw_buckets`` from which TC308 warns.
@@ -917,7 +388,7 @@ def tw_buckets_near_limit(
         severity, reason = Severity.WARNING, "overflowed since boot"
     if severity is None:
         return None
-    return _finding(
+    return new_finding(
         "TC308",
         severity,
         reason=reason,
@@ -935,7 +406,7 @@ def rfc1337_off(tcp_rfc1337: int | None) -> Finding | None:
     """
     if tcp_rfc1337 != 0:
         return None
-    return _finding("TC309", tcp_rfc1337=tcp_rfc1337)
+    return new_finding("TC309", tcp_rfc1337=tcp_rfc1337)
 
 
 def reuseport_listener(*, listening: bool, reuseport: bool | None) -> Finding | None:
@@ -944,7 +415,7 @@ def reuseport_listener(*, listening: bool, reuseport: bool | None) -> Finding | 
     connections."""
     if not listening or not reuseport:
         return None
-    return _finding("TC310", listening=True, reuseport=True)
+    return new_finding("TC310", listening=True, reuseport=True)
 
 
 def windows_reuseaddr(
@@ -956,7 +427,7 @@ def windows_reuseaddr(
     does not have this meaning."""
     if platform != "win32" or not reuseaddr or exclusiveaddruse:
         return None
-    return _finding(
+    return new_finding(
         "TC311", platform=platform, reuseaddr=True, exclusiveaddruse=bool(exclusiveaddruse)
     )
 
@@ -986,7 +457,7 @@ def fin_timeout_unusual(tcp_fin_timeout: int | None) -> Finding | None:
         severity = Severity.WARNING
     else:
         return None
-    return _finding("TC312", severity, tcp_fin_timeout=tcp_fin_timeout, default=60)
+    return new_finding("TC312", severity, tcp_fin_timeout=tcp_fin_timeout, default=60)
 
 
 # -- aggregates --------------------------------------------------------------------------
@@ -999,7 +470,7 @@ def unreadable_input(path: str, reason: str) -> Finding:
     >>> unreadable_input("/snap/proc/net/tcp", "not a regular file").evidence["reason"]
     'not a regular file'
     """
-    return _finding("TC313", path=path, reason=reason)
+    return new_finding("TC313", path=path, reason=reason)
 
 
 def check_system(
@@ -1028,7 +499,8 @@ def check_system(
     if time_wait is not None:
         found.append(
             tw_reuse_for_accepted(
-                tcp_tw_reuse=sysctls.tcp_tw_reuse, accepted_time_wait=time_wait.accepted
+                tcp_tw_reuse=sysctls.tcp_tw_reuse,
+                accepted_time_wait=time_wait.by_side["accepted"],
             )
         )
         found.append(
@@ -1038,7 +510,8 @@ def check_system(
             )
         )
         found.append(fixed_port_time_wait(time_wait))
-        found.extend(time_wait_near_port_range(time_wait.towards, sysctls))
+        towards = {d: t.count for d, t in time_wait.outgoing_by_destination.items()}
+        found.extend(time_wait_near_port_range(towards, sysctls))
     return sort_findings(f for f in found if f is not None)
 
 

@@ -30,12 +30,12 @@ from typing import IO, Final, NoReturn
 
 from . import _kernel
 from ._audit import audit, read_sysctls
-from ._checks import Finding, Severity
 from ._errors import TcpCloseError
-from ._kernel._address import parse_endpoint
+from ._findings import Finding, Severity, count_by_severity
+from ._kernel._address import format_address, parse_endpoint
 from ._kernel._types import KernelState, TcpState, TimerKind
-from ._report import format_address
 from ._version import __version__
+from ._warnings import DOCS_URL
 
 __all__ = ("build_parser", "main")
 
@@ -119,7 +119,7 @@ def _format_seconds(seconds: float | None) -> str:
 
 # -- audit ----------------------------------------------------------------------------
 
-_AUDIT_EPILOG = """\
+_AUDIT_EPILOG = f"""\
 examples:
   tcpclose audit                   check sysctls, counters and every TCP socket
   tcpclose audit --port 443        only sockets with local or remote port 443
@@ -127,7 +127,7 @@ examples:
   tcpclose audit >/dev/null || echo 'error-severity finding'   (health check, CI)
 
 Host-wide sysctl and counter checks always run; --port narrows the socket table.
-Each code is explained at https://tcpclose.readthedocs.io/en/latest/warnings/
+Each code is explained at {DOCS_URL}
 
 exit status: 0 no finding of severity error, 1 at least one, 2 bad arguments or failure.
 """
@@ -171,24 +171,14 @@ def _format_findings(findings: Sequence[Finding]) -> str:
     for f in findings:
         lines.append(f"{f.code:<6} {f.severity.value:<8} {f.title}")
         if f.evidence:
-            pairs = ", ".join(f"{k}={_evidence_text(v)}" for k, v in f.evidence.items())
-            lines.append(f"{indent}evidence: {pairs}")
+            lines.append(f"{indent}evidence: {f.evidence_text}")
         lines.append(f"{indent}advice:   {f.advice}")
         lines.append(f"{indent}docs:     {f.docs_url}")
-    counts = {s: sum(1 for f in findings if f.severity is s) for s in Severity}
+    counts = ", ".join(f"{n} {s.value}" for s, n in count_by_severity(findings).items())
     noun = "finding" if len(findings) == 1 else "findings"
     lines.append("")
-    lines.append(
-        f"{len(findings)} {noun}: {counts[Severity.ERROR]} error, "
-        f"{counts[Severity.WARNING]} warning, {counts[Severity.INFO]} info"
-    )
+    lines.append(f"{len(findings)} {noun}: {counts}")
     return "\n".join(lines)
-
-
-def _evidence_text(value: object) -> str:
-    if isinstance(value, list | tuple):
-        return ",".join(str(v) for v in value)
-    return str(value)
 
 
 def _check_root(root: str) -> None:
@@ -209,8 +199,8 @@ def _run_audit(args: argparse.Namespace) -> int:
         print(f"tcpclose audit: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        summary = {s.value: sum(1 for f in findings if f.severity is s) for s in Severity}
-        document = {"findings": [f.as_dict() for f in findings], "counts": summary}
+        counts = {s.value: n for s, n in count_by_severity(findings).items()}
+        document = {"findings": [f.as_dict() for f in findings], "counts": counts}
         print(json.dumps(document, indent=2))
     else:
         print(_format_findings(findings))
@@ -225,19 +215,21 @@ examples:
   tcpclose states --port 8080              only sockets with local or remote port 8080
   tcpclose states --state time-wait,fin-wait2
   tcpclose states --watch 2                refresh every 2 s: changes and rates per second
-  tcpclose states --watch 5 --close-wait-age 60   CLOSE_WAIT held 60 s or more: leaks
+  tcpclose states --close-wait-age 60      CLOSE_WAIT held 60 s or more: leaks
   tcpclose states --watch 1 --count 5 --json   five JSON lines, one per second
 
 TIME_WAIT is split by who closed first: "accepted" on a listening port (a server
-here closed first), "outgoing" on an ephemeral port (a client here closed first),
-"bound" on a port bound on purpose with no listener. "ports in use" counts the
+here closed first; also towards a client's ephemeral port once the listener is gone),
+"outgoing" on an ephemeral port (a client here closed first), "bound" on a port a
+client here bound on purpose. "ports in use" counts the
 sockets towards a destination whose local port is in the ephemeral range
 (net.ipv4.ip_local_port_range minus ip_local_reserved_ports): connect() needs a
 free one per destination, so "full" is how close that destination is to "Cannot
 assign requested address" (EADDRNOTAVAIL). The TIME_WAIT table line compares the
 kernel's TIME_WAIT count with net.ipv4.tcp_max_tw_buckets: past it the kernel
-closes without TIME_WAIT and counts TCPTimeWaitOverflow. The kernel does not say
-how old a CLOSE_WAIT socket is: --watch remembers since when each was seen.
+closes without TIME_WAIT and counts TCPTimeWaitOverflow. A CLOSE_WAIT socket is
+held at least as long as the kernel's time since it last received a segment (the
+peer's FIN or later; sock_diag's tcp_info), or since --watch first saw it.
 Each finding ends in one line of advice with a link. With --state, only the
 sockets in those states are counted.
 
@@ -305,7 +297,7 @@ def _configure_states(cmd: argparse.ArgumentParser) -> None:
         type=_seconds(0, 86400),
         default=60.0,
         metavar="SECONDS",
-        help="with --watch: CLOSE_WAIT seen this long is a leak; shows its process (default 60)",
+        help="CLOSE_WAIT held this long is a leak; shows its process (default 60)",
     )
     cmd.set_defaults(handler=_run_states)
 
@@ -331,15 +323,18 @@ def _run_states(args: argparse.Namespace) -> int:
             except (OSError, TcpCloseError) as exc:
                 return _fail("states", f"kernel view failed: {exc}")
             refreshes += 1
-            seen = ages.update(view.close_wait)
-            leaks = find_leaks(view, seen, args.close_wait_age) if args.watch is not None else []
+            seen = ages.update(view.close_wait, view.close_wait_received)
+            # how long each is held: the kernel says (sock_diag), or --watch remembers
+            knows_age = args.watch is not None or bool(view.close_wait_received)
+            leak_after = args.close_wait_age if knows_age else None
+            leaks = find_leaks(view, seen, args.close_wait_age) if knows_age else []
             if args.json:
                 document = view_as_dict(
                     view,
                     top=args.top,
                     leaks=leaks,
                     previous=previous,
-                    leak_after=args.close_wait_age if args.watch is not None else None,
+                    leak_after=leak_after,
                 )
                 print(json.dumps(document, indent=None if args.watch else 2))
             else:
@@ -356,7 +351,7 @@ def _run_states(args: argparse.Namespace) -> int:
                         top=args.top,
                         leaks=leaks,
                         previous=previous,
-                        leak_after=args.close_wait_age if args.watch is not None else None,
+                        leak_after=leak_after,
                     )
                 )
             sys.stdout.flush()
@@ -651,14 +646,15 @@ Run 'tcpclose COMMAND --help' for a command's options and examples.
 _RUN_EPILOG = """\
 Runs COMMAND with the close policy applied in every Python process it starts (worker
 processes included), with no change to its code: asyncio servers (create_server of
-asyncio's loops and uvloop's) and socketserver servers (http.server, wsgiref and the
-servers built on them). The policy comes from --policy, else TCPCLOSE_POLICY, else
-"graceful"; TCPCLOSE_POLICY=off turns the patches off. How it works and what it
-patches: the "Your server" page of the docs.
+asyncio's loops and uvloop's), socketserver servers (http.server, wsgiref and the
+servers built on them) and gunicorn's sync and gthread workers. The policy comes
+from --policy, else TCPCLOSE_POLICY, else "graceful"; TCPCLOSE_POLICY=off turns the
+patches off. How it works and what it patches: the "Your server" page of the docs.
 
 examples:
   tcpclose run --policy "peer-first timeout=2s" -- python -m http.server 8000
   TCPCLOSE_POLICY=graceful tcpclose run --log-reports -- hypercorn app:app
+  tcpclose run --log-reports 0.01 -- gunicorn -w 4 app:app
 
 exit status: COMMAND's own; 2 for a bad policy; 127 when COMMAND cannot be run.
 """
@@ -668,7 +664,16 @@ def _configure_run(cmd: argparse.ArgumentParser) -> None:
     cmd.formatter_class = argparse.RawDescriptionHelpFormatter
     cmd.epilog = _RUN_EPILOG
     cmd.add_argument("--policy", metavar="TEXT", help="the close policy (default: TCPCLOSE_POLICY)")
-    cmd.add_argument("--log-reports", action="store_true", help="log one line per close on stderr")
+    cmd.add_argument(
+        "--log-reports",
+        nargs="?",
+        const=True,
+        default=False,
+        type=float,
+        metavar="FRACTION",
+        help="log one line per close on stderr; with FRACTION (0 to 1), that share of the "
+        "ordinary closes (closes that sent RST or warned are always logged)",
+    )
     cmd.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     cmd.set_defaults(handler=_run_run)
 
@@ -683,7 +688,7 @@ def _run_run(args: argparse.Namespace) -> int:
         raise UsageError("run", "expected a command after --")
     try:
         env = command_environment(args.policy, log_reports=args.log_reports)
-    except TcpCloseError as exc:
+    except (TcpCloseError, ValueError) as exc:
         raise UsageError("run", str(exc)) from exc
     sys.stdout.flush()
     sys.stderr.flush()

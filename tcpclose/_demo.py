@@ -62,6 +62,7 @@ from . import _kernel
 from ._audit import read_counters
 from ._demo_client import Command, parse_request_line, response_bytes
 from ._kernel._types import TcpState
+from ._policy import DEFAULT_LINGER_TIME
 from ._report import CloseReport
 from ._warnings import TcpCloseWarning
 from .aio import start_server
@@ -137,8 +138,8 @@ SCENARIOS: Final[dict[str, Scenario]] = {
 }
 
 #: How long to wait for the server's last closes once the client is done (seconds):
-#: above every bound of the policies the demo runs (graceful's linger_time is 30 s).
-CLOSE_WAIT_S: Final = 35.0
+#: above every bound of the policies the demo runs (graceful's linger_time the largest).
+CLOSE_WAIT_S: Final = DEFAULT_LINGER_TIME + 5.0
 #: How long to wait for the last transitions (FIN_WAIT2, LAST_ACK...) before counting.
 SETTLE_TIMEOUT_S: Final = 2.0
 

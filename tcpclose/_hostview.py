@@ -15,82 +15,28 @@ import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final
 
 from . import _kernel
 from ._audit import read_counters, read_sysctls
-from ._checks import Counters, Sysctls
+from ._facts import (
+    Counters,
+    Sysctls,
+    TimeWaitSummary,
+    side_of,
+    summarize_time_wait,
+    unmap_host,
+)
 from ._kernel._types import Address, KernelState, TcpState
 
 __all__ = (
-    "SIDES",
     "HostView",
-    "Timers",
     "collect_host_view",
     "owners_by_inode",
-    "side_of",
 )
 
-#: Who closed first, for a TIME_WAIT entry (``HostView.time_wait_by_side``' keys):
-#: ``accepted`` -- on a local port with a listener: this host's server closed first;
-#: ``outgoing`` -- on a port ``connect()`` picks: this host's client closed first;
-#: ``bound`` -- on a port bound on purpose with no listener now.
-SIDES: Final = ("accepted", "outgoing", "bound")
 
-
-@dataclass(frozen=True, slots=True)
-class Timers:
-    """How many sockets a group holds, and the shortest/longest TIME_WAIT left."""
-
-    count: int = 0
-    min_left: float | None = None
-    max_left: float | None = None
-
-    def add(self, seconds_left: float | None) -> Timers:
-        low, high = self.min_left, self.max_left
-        if seconds_left is not None:
-            low = seconds_left if low is None else min(low, seconds_left)
-            high = seconds_left if high is None else max(high, seconds_left)
-        return Timers(self.count + 1, low, high)
-
-
-def side_of(local_port: int, listening_ports: Collection[int], sysctls: Sysctls) -> str:
-    """Which of :data:`SIDES` a TIME_WAIT entry on ``local_port`` belongs to.
-
-    When the ephemeral range is unknown, a port without a listener counts as outgoing.
-
-    >>> s = Sysctls(ip_local_port_range=(32768, 60999))
-    >>> side_of(8080, {8080}, s), side_of(40000, {8080}, s), side_of(5000, {8080}, s)
-    ('accepted', 'outgoing', 'bound')
-    """
-    if local_port in listening_ports:
-        return "accepted"
-    return "bound" if sysctls.is_ephemeral(local_port) is False else "outgoing"
-
-
-def _add(groups: dict[Any, list[Any]], key: object, seconds_left: float | None) -> None:
-    group = groups.get(key)
-    if group is None:
-        groups[key] = [1, seconds_left, seconds_left]
-        return
-    group[0] += 1
-    if seconds_left is not None:
-        if group[1] is None or seconds_left < group[1]:
-            group[1] = seconds_left
-        if group[2] is None or seconds_left > group[2]:
-            group[2] = seconds_left
-
-
-def _timers(groups: dict[Any, list[Any]]) -> dict[Any, Timers]:
-    return {key: Timers(count, low, high) for key, (count, low, high) in groups.items()}
-
-
-def _sorted(counts: Mapping[object, int] | Mapping[object, Timers]) -> Mapping[object, object]:
-    def size(item: tuple[object, int | Timers]) -> int:
-        value = item[1]
-        return value if isinstance(value, int) else value.count
-
-    return MappingProxyType(dict(sorted(counts.items(), key=lambda kv: (-size(kv), str(kv[0])))))
+def _sorted(counts: Mapping[object, int]) -> Mapping[object, int]:
+    return MappingProxyType(dict(sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))))
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,12 +51,14 @@ class HostView:
         total: sockets counted (after the ``states``/``port`` filters).
         by_state: count per state.
         listening_ports: local ports with a listener (read whatever the filters).
-        time_wait_by_side: TIME_WAIT per side (:data:`SIDES`; all three present).
-        time_wait_by_listener: TIME_WAIT on each listening port (the server closed first).
-        time_wait_by_destination: outgoing TIME_WAIT per destination.
+        time_wait: the TIME_WAIT entries by who closed first (the audit's tally too).
         ephemeral_by_destination: sockets of any state holding an ephemeral local port
-            per destination: ``connect()`` needs a free one per destination.
+            per destination (IPv4-mapped hosts unmapped): ``connect()`` needs a free
+            one per destination.
         close_wait: the CLOSE_WAIT sockets: the peer closed, the program has not.
+        close_wait_received: seconds since each CLOSE_WAIT socket last received a
+            segment, by cookie (sock_diag's ``tcp_info``; empty from ``/proc``): how
+            long it has been in CLOSE_WAIT at least.
         sysctls: the sysctls read (ephemeral range, ``tcp_max_tw_buckets``).
         counters: the kernel's counters (TIME_WAIT in use, ``TCPTimeWaitOverflow``).
     """
@@ -120,12 +68,11 @@ class HostView:
     total: int
     by_state: Mapping[TcpState, int]
     listening_ports: frozenset[int]
-    time_wait_by_side: Mapping[str, int]
-    time_wait_by_listener: Mapping[int, Timers]
-    time_wait_by_destination: Mapping[Address, Timers]
+    time_wait: TimeWaitSummary
     ephemeral_by_destination: Mapping[Address, int]
     close_wait: tuple[KernelState, ...]
     sysctls: Sysctls = field(default_factory=Sysctls)
+    close_wait_received: Mapping[int, float] = field(default_factory=lambda: MappingProxyType({}))
     counters: Counters = field(default_factory=Counters)
 
     @classmethod
@@ -138,54 +85,53 @@ class HostView:
         counters: Counters,
         source: str,
         taken: float,
+        close_wait_received: Mapping[int, float] | None = None,
     ) -> HostView:
         """Sort ``entries`` (a dump). Pure."""
-        # (plain lists and per-port answers while counting: a table can hold 100,000
+        # (plain dicts and per-port answers while counting: a table can hold 100,000
         # sockets, and a frozen value per socket would cost more than the dump)
         by_state: dict[TcpState, int] = {}
-        sides = dict.fromkeys(SIDES, 0)
-        by_listener: dict[int, list[Any]] = {}
-        by_destination: dict[Address, list[Any]] = {}
         ephemeral: dict[Address, int] = {}
         close_wait: list[KernelState] = []
+        time_wait_entries: list[KernelState] = []
         listening = frozenset(listening_ports)
-        side_by_port: dict[int, str] = {}
+        outgoing_port: dict[int, bool] = {}
         time_wait, listen, closing_wait = TcpState.TIME_WAIT, TcpState.LISTEN, TcpState.CLOSE_WAIT
+        range_known = sysctls.ip_local_port_range is not None
         total = 0
         for entry in entries:
             total += 1
             state = entry.state
             by_state[state] = by_state.get(state, 0) + 1
-            local, peer = entry.local, entry.peer
-            if state is closing_wait:
+            if state is time_wait:
+                time_wait_entries.append(entry)
+            elif state is closing_wait:
                 close_wait.append(entry)
-            if local is None or peer is None or state is listen:
+            local, peer = entry.local, entry.peer
+            if not range_known or local is None or peer is None or state is listen:
                 continue
             port = local[1]
-            side = side_by_port.get(port)
-            if side is None:
-                side = side_by_port[port] = side_of(port, listening, sysctls)
-            if side == "outgoing" and peer[1] != 0 and sysctls.ip_local_port_range is not None:
+            outgoing = outgoing_port.get(port)
+            if outgoing is None:
+                outgoing = outgoing_port[port] = side_of(port, listening, sysctls) == "outgoing"
+            if outgoing and peer[1] != 0:
+                if ":" in peer[0]:
+                    peer = (unmap_host(peer[0]), peer[1])
                 ephemeral[peer] = ephemeral.get(peer, 0) + 1
-            if state is time_wait:
-                sides[side] += 1
-                if side == "accepted":
-                    _add(by_listener, port, entry.seconds_left)
-                elif side == "outgoing":
-                    _add(by_destination, peer, entry.seconds_left)
         return cls(
             source=source,
             taken=taken,
             total=total,
             by_state=_sorted(by_state),  # type: ignore[arg-type]
             listening_ports=listening,
-            time_wait_by_side=MappingProxyType(sides),
-            time_wait_by_listener=_sorted(_timers(by_listener)),  # type: ignore[arg-type]
-            time_wait_by_destination=_sorted(_timers(by_destination)),  # type: ignore[arg-type]
+            time_wait=summarize_time_wait(
+                time_wait_entries, listening_ports=listening, sysctls=sysctls
+            ),
             ephemeral_by_destination=_sorted(ephemeral),  # type: ignore[arg-type]
             close_wait=tuple(close_wait),
             sysctls=sysctls,
             counters=counters,
+            close_wait_received=MappingProxyType(dict(close_wait_received or {})),
         )
 
     def count(self, state: TcpState) -> int:
@@ -223,6 +169,9 @@ def collect_host_view(
     else:  # listeners tell whose TIME_WAIT these are: read them whatever the filter
         listeners = list(_kernel.dump([TcpState.LISTEN], port))
     listening_ports = {e.local[1] for e in listeners if e.local is not None}
+    received: dict[int, float] = {}
+    if any(e.state is TcpState.CLOSE_WAIT for e in entries):  # how old: a second, small dump
+        received = _kernel.received_ages([TcpState.CLOSE_WAIT], port)
     return HostView.build(
         entries,
         listening_ports=listening_ports,
@@ -230,6 +179,7 @@ def collect_host_view(
         counters=read_counters(),
         source=_kernel.backend(),
         taken=time.monotonic(),
+        close_wait_received=received,
     )
 
 

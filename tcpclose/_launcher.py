@@ -6,18 +6,23 @@ How: ``tcpclose run -- COMMAND ...`` puts the directory of tcpclose's
 ``TCPCLOSE_POLICY`` (and ``TCPCLOSE_LOG_REPORTS``), and executes the command. Python
 imports ``sitecustomize`` at start-up in that process and in every Python process it
 starts (the environment is inherited: worker processes, reloaders), and ours calls
-:func:`activate`, which patches exactly two things:
+:func:`activate`, which patches exactly three things:
 
 * ``create_server`` of asyncio's ``BaseEventLoop`` and of ``uvloop.Loop`` (the
   loop-level adapter, :func:`tcpclose.aio.install_policy`): asyncio servers;
 * ``socketserver.TCPServer.shutdown_request``: ``http.server``, ``wsgiref`` and the
   servers built on them close through the background closer, as
-  :class:`tcpclose.socketserver.ClosePolicyMixIn` does.
+  :class:`tcpclose.socketserver.ClosePolicyMixIn` does;
+* ``gunicorn.util.load_class``, when (if ever) gunicorn is imported: its ``sync`` and
+  ``gthread`` workers become :mod:`tcpclose.gunicorn`'s (``_gunicorn_hook.py``).
 
 Then it imports the ``sitecustomize`` that ours shadows, if there is one. A failure
 here never stops the program: it is reported on stderr and the program runs as it
-would have. :func:`deactivate` undoes both patches; ``TCPCLOSE_POLICY=off`` (or
+would have. :func:`deactivate` undoes the patches; ``TCPCLOSE_POLICY=off`` (or
 running the command without ``tcpclose run``) turns it all off.
+
+The ready-made pieces (:mod:`tcpclose.gunicorn`, :mod:`tcpclose.uvicorn`, ...) read
+the same variables through :func:`environment_policy` and :func:`environment_on_close`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from ._environment import DEFAULT_POLICY as DEFAULT_POLICY
+from ._environment import LOG_REPORTS_ENV as LOG_REPORTS_ENV
+from ._environment import OFF_WORDS as OFF_WORDS
+from ._environment import POLICY_ENV as POLICY_ENV
+from ._environment import environment_on_close as environment_on_close
+from ._environment import environment_policy as environment_policy
+from ._environment import log_sample as log_sample
 from ._policy import ClosePolicy
 from ._report import CloseReport
 
@@ -41,18 +53,14 @@ __all__ = (
     "activate",
     "command_environment",
     "deactivate",
+    "environment_on_close",
+    "environment_policy",
     "exec_command",
+    "log_sample",
 )
 
-#: The variable holding the policy in the launched processes.
-POLICY_ENV: Final = "TCPCLOSE_POLICY"
-#: Set to 1 to log one line per close (``--log-reports``).
-LOG_REPORTS_ENV: Final = "TCPCLOSE_LOG_REPORTS"
-#: Values of ``TCPCLOSE_POLICY`` that turn the launcher's patches off.
-OFF_WORDS: Final = frozenset({"off", "none", "0", "false", "no"})
 #: The directory holding tcpclose's ``sitecustomize``.
 BOOTSTRAP_DIR: Final = str(Path(__file__).resolve().parent / "_bootstrap")
-DEFAULT_POLICY: Final = "graceful"
 #: The one method of ``socketserver.TCPServer`` the launcher replaces.
 _SHUTDOWN_REQUEST: Final = "shutdown_request"
 
@@ -60,19 +68,30 @@ _state: dict[str, Any] = {}
 
 
 def command_environment(
-    policy: str | None, *, log_reports: bool, environ: Mapping[str, str] | None = None
+    policy: str | None,
+    *,
+    log_reports: bool | float,
+    environ: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The environment ``tcpclose run`` gives the command: ``environ`` (default
     ``os.environ``) with the bootstrap directory first on ``PYTHONPATH``, and the
-    policy (validated here, so that a typo fails before the command starts)."""
+    policy (validated here, so that a typo fails before the command starts).
+    ``log_reports``: True (every close) or the fraction of ordinary closes to log.
+
+    Raises:
+        PolicyError: the policy is invalid.
+        ValueError: ``log_reports`` is a fraction outside 0 to 1.
+    """
     env = dict(os.environ if environ is None else environ)
     if policy is not None:
         env[POLICY_ENV] = policy
     text = env.get(POLICY_ENV, "")
     if text.strip().lower() not in OFF_WORDS:
         ClosePolicy.from_env(POLICY_ENV, DEFAULT_POLICY, environ=env)  # raises PolicyError
-    if log_reports:
+    if log_reports is True:
         env[LOG_REPORTS_ENV] = "1"
+    elif log_reports is not False:
+        env[LOG_REPORTS_ENV] = format(log_sample(str(log_reports)), "g")
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != BOOTSTRAP_DIR]
     env["PYTHONPATH"] = os.pathsep.join([BOOTSTRAP_DIR, *paths])
     return env
@@ -93,18 +112,20 @@ def activate(environ: Mapping[str, str] | None = None) -> bool:
         PolicyError: the variable holds an invalid policy.
     """
     env = os.environ if environ is None else environ
-    text = env.get(POLICY_ENV, "")
-    if text.strip().lower() in OFF_WORDS or _state:
+    if _state:
         return False
-    policy = ClosePolicy.from_env(POLICY_ENV, DEFAULT_POLICY, environ=env)
-    on_close: Callable[[CloseReport], object] | None = None
-    if env.get(LOG_REPORTS_ENV, "") not in ("", "0"):
-        on_close = _report_sink()
+    policy = environment_policy(env)
+    if policy is None:
+        return False
+    on_close = environment_on_close(env)
     from ._loop_adapter import install_policy
 
     _state["installation"] = install_policy(policy, on_close=on_close)
     _state["shutdown_request"] = socketserver.TCPServer.__dict__[_SHUTDOWN_REQUEST]
     setattr(socketserver.TCPServer, _SHUTDOWN_REQUEST, _shutdown_request_with(policy, on_close))
+    from ._gunicorn_hook import install_gunicorn_hook
+
+    _state["gunicorn_hook"] = install_gunicorn_hook()
     return True
 
 
@@ -112,25 +133,9 @@ def deactivate() -> None:
     """Undo :func:`activate` (servers already running keep what they had)."""
     if not _state:
         return
+    _state.pop("gunicorn_hook").uninstall()
     _state.pop("installation").uninstall()
     setattr(socketserver.TCPServer, _SHUTDOWN_REQUEST, _state.pop("shutdown_request"))
-
-
-def _report_sink() -> Callable[[CloseReport], object]:
-    """The built-in per-close log line (:class:`tcpclose.metrics.LogSink`, logger
-    ``tcpclose.close``), on stderr as ``tcpclose: <report>``: the logger gets a handler
-    of its own and does not propagate, so that a handler the program puts on the root
-    logger later does not print each line twice."""
-    from ._logsink import LogSink
-
-    sink = LogSink()
-    if not sink.logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("tcpclose: %(message)s"))
-        sink.logger.addHandler(handler)
-        sink.logger.setLevel(logging.INFO)
-        sink.logger.propagate = False
-    return sink
 
 
 def _shutdown_request_with(

@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 from ._kernel._types import TcpState
+from ._policy import DEFAULT_LINGER_TIME
 
 if TYPE_CHECKING:
     from ._report import CloseReport
@@ -36,7 +37,7 @@ __all__ = (
 )
 
 #: Upper bounds (seconds) of the close-duration histogram's buckets: from a plain
-#: close (microseconds) to the default ``linger_time`` bound (30 s).
+#: close (microseconds) to the default ``linger_time`` bound.
 DURATION_BUCKETS: Final = (
     0.0001,
     0.0005,
@@ -49,7 +50,7 @@ DURATION_BUCKETS: Final = (
     1.0,
     5.0,
     10.0,
-    30.0,
+    DEFAULT_LINGER_TIME,
 )
 
 #: What a close is counted by: ``(mode asked, fallback taken or "", outcome, kernel

@@ -272,11 +272,11 @@ def register_host_gauges(
         return cached
 
     def by_side(options: CallbackOptions) -> Iterator[Observation]:
-        for side, count in view().time_wait_by_side.items():
+        for side, count in view().time_wait.by_side.items():
             yield Observation(count, {"tcpclose.side": side, "network.transport": "tcp"})
 
     def by_listener(options: CallbackOptions) -> Iterator[Observation]:
-        for port, timers in list(view().time_wait_by_listener.items())[:top]:
+        for port, timers in list(view().time_wait.accepted_by_port.items())[:top]:
             yield Observation(timers.count, {"server.port": port})
 
     def by_destination(options: CallbackOptions) -> Iterator[Observation]:

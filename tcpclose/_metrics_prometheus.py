@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from ._kernel._address import format_address
 from ._metrics import DURATION_BUCKETS, CloseTally, KeyTotals
-from ._report import format_address
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -237,7 +237,7 @@ class PrometheusHostCollector:
         sides = GaugeMetricFamily(
             f"{ns}_time_wait_sockets", "TIME_WAIT sockets by who closed first", labels=["side"]
         )
-        for side, count in view.time_wait_by_side.items():
+        for side, count in view.time_wait.by_side.items():
             sides.add_metric([side], count)
         yield sides
         listeners = GaugeMetricFamily(
@@ -245,7 +245,7 @@ class PrometheusHostCollector:
             "TIME_WAIT on a listening port: the server closed first",
             labels=["port"],
         )
-        for port, timers in list(view.time_wait_by_listener.items())[: self.top]:
+        for port, timers in list(view.time_wait.accepted_by_port.items())[: self.top]:
             listeners.add_metric([str(port)], timers.count)
         yield listeners
         used = GaugeMetricFamily(

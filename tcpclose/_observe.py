@@ -23,6 +23,8 @@ import struct
 from typing import Protocol
 
 from . import _checks, _kernel
+from ._findings import warn
+from ._kernel._address import format_address
 from ._kernel._sockopt import (
     read_cookie,
     read_outgoing,
@@ -32,10 +34,9 @@ from ._kernel._sockopt import (
 )
 from ._kernel._types import Address, KernelState, TcpState
 from ._policy import CloseMode
-from ._report import Observed, format_address, new_observed
-from ._warnings import warn
+from ._report import Observed
 
-__all__ = ("SocketLike", "Watch", "emit_findings", "time_wait_table_overflowed")
+__all__ = ("SocketLike", "Watch", "emit_findings")
 
 _log = logging.getLogger("tcpclose")
 
@@ -210,7 +211,7 @@ class Watch:
         return _kernel.lookup(self.local, self.peer, cookie=self._cookie)
 
     def observed(self, *, trigger: str, kernel_state: KernelState | None) -> Observed:
-        return new_observed(
+        return Observed(
             self.local,
             self.peer,
             self.tcp_info_bytes,
@@ -228,43 +229,6 @@ def emit_findings(findings: list[_checks.Finding], *, stacklevel: int) -> None:
     counted from the caller of this function."""
     for finding in findings:
         warn(finding, stacklevel=stacklevel + 1)
-
-
-#: ``TCPTimeWaitOverflow`` at the last look (:func:`time_wait_table_overflowed`).
-_last_overflows: list[int | None] = [None]
-
-
-def time_wait_table_overflowed(proc: str = "/proc") -> bool:
-    """Whether the kernel's TIME_WAIT table is full or has just overflowed, for a close
-    whose TIME_WAIT is missing: ``TCPTimeWaitOverflow`` (``proc/net/netstat``) rose
-    since the last call, or the TIME_WAIT count (``proc/net/sockstat``) has reached
-    ``net.ipv4.tcp_max_tw_buckets``. Both are per network namespace: ``/proc/net`` is
-    the calling thread's. False when they cannot be read.
-
-    Reads three small files (tens of microseconds): only asked when a report finds
-    CLOSED where TIME_WAIT was due.
-    """
-    from ._audit import parse_netstat, parse_sockstat
-
-    def read(name: str) -> str | None:
-        try:
-            with open(f"{proc}/{name}", encoding="ascii", errors="replace") as f:
-                return f.read()
-        except OSError:
-            return None
-
-    netstat = read("net/netstat")
-    overflows = (
-        parse_netstat(netstat).get("TcpExt", {}).get("TCPTimeWaitOverflow") if netstat else None
-    )
-    previous, _last_overflows[0] = _last_overflows[0], overflows
-    if overflows is not None and previous is not None and overflows > previous:
-        return True
-    sockstat = read("net/sockstat")
-    used = parse_sockstat(sockstat).get("TCP", {}).get("tw") if sockstat else None
-    limit_text = read("sys/net/ipv4/tcp_max_tw_buckets")
-    limit = int(limit_text) if limit_text and limit_text.strip().isdigit() else None
-    return used is not None and limit is not None and used >= limit
 
 
 def errno_name(exc: OSError) -> str:

@@ -70,7 +70,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from ._frozen import positional_constructor
 from ._policy import CloseMode, ClosePolicy, Fallback
 
 __all__ = (
@@ -358,8 +357,7 @@ class Finished:
     result: PlanResult
 
 
-#: ``PlanResult(*fields)`` without the frozen ``__init__`` (see ``_frozen``).
-_new_result: Final = positional_constructor(PlanResult)
+_new_result: Final = PlanResult
 
 Action = (
     Flush

@@ -18,23 +18,28 @@ belong to is an error, never silently ignored):
 parameter         modes                       meaning (units)
 ================  ==========================  =======================================
 idle_timeout      graceful, peer-first        drain ends when the peer is silent this
-                                              long (seconds, default 5 s)
-linger_time       graceful, peer-first        drain ends this long after our FIN
-                                              (seconds, default 30 s)
+                                              long (seconds)
+linger_time       graceful, peer-first        a graceful close (flush, FIN, drain)
+                                              ends this long after it starts, whatever
+                                              the peer does; for peer-first, after its
+                                              graceful fallback starts (seconds)
 max_drain_bytes   graceful, peer-first        drain ends after discarding this many
-                                              bytes (default 1 MiB)
+                                              bytes (in all, across a fallback)
 timeout           peer-first                  bound on the whole wait: our data sent
                                               and acknowledged, then the grace
-                                              (seconds, default 5 s)
+                                              (seconds)
 grace             peer-first                  how long, once our last byte has
                                               reached the peer, it may take to send
-                                              its FIN (seconds, default 50 ms)
+                                              its FIN (seconds)
 fallback          peer-first                  ``graceful``, ``abort`` or ``auto``
-                                              (default ``graceful``)
 ================  ==========================  =======================================
 
-The defaults for ``idle_timeout`` and ``linger_time`` are nginx's
-``lingering_timeout`` and ``lingering_time``.
+Every default is defined once, below (``DEFAULT_IDLE_TIMEOUT``...), and
+:attr:`ClosePolicy.DEFAULTS` maps each parameter to it; ``docs/configuration.md``
+shows them (a test keeps the page in step). Durations are float seconds, with no unit
+suffix on the name, here and everywhere in tcpclose: a name carries a unit only when
+it counts in another one (``rtt_us``) or leaves Python (JSON and log fields such as
+``close_duration_s``, Prometheus metric names).
 """
 
 from __future__ import annotations
@@ -51,8 +56,13 @@ from ._errors import PolicyError
 from ._units import UnitError, format_duration, format_size, parse_duration, parse_size, shown
 
 __all__ = (
-    "DEFAULT_GRACE_S",
+    "DEFAULT_FALLBACK",
+    "DEFAULT_GRACE",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_LINGER_TIME",
+    "DEFAULT_MAX_DRAIN_BYTES",
     "DEFAULT_POLICY",
+    "DEFAULT_TIMEOUT",
     "CloseMode",
     "ClosePolicy",
     "Fallback",
@@ -60,11 +70,21 @@ __all__ = (
     "as_policy",
 )
 
-#: ``peer-first``'s default ``grace``: how long, once our last byte has reached it, a
-#: prompt peer's FIN may take. Measured (docs/policies.md): curl, h2load and a Python
-#: client sent theirs within 1 ms on an idle machine, nearly all within 50 ms on an
-#: overloaded one; a peer that waits for our FIN pays this much latency instead.
-DEFAULT_GRACE_S: Final = 0.05
+# -- the default bounds: defined here once ------------------------------------------------
+
+#: Seconds the peer may stay silent during a drain: nginx's ``lingering_timeout``.
+DEFAULT_IDLE_TIMEOUT: Final = 5.0
+#: Seconds a graceful close may take from its start: nginx's ``lingering_time``.
+DEFAULT_LINGER_TIME: Final = 30.0
+#: Bytes a close may read and discard (1 MiB).
+DEFAULT_MAX_DRAIN_BYTES: Final = 1 << 20
+#: ``peer-first``: seconds the whole wait for the peer may last (a slow reader).
+DEFAULT_TIMEOUT: Final = 5.0
+#: ``peer-first``'s ``grace``: how long, once our last byte has reached it, a prompt
+#: peer's FIN may take. Measured (docs/policies.md): curl, h2load and a Python client
+#: sent theirs within 1 ms on an idle machine, nearly all within 50 ms on an overloaded
+#: one; a peer that waits for our FIN pays this much latency instead.
+DEFAULT_GRACE: Final = 0.05
 
 
 class CloseMode(enum.StrEnum):
@@ -125,6 +145,11 @@ class Fallback(enum.StrEnum):
     AUTO = "auto"
 
 
+#: ``peer-first``: what to do when the peer has not closed in time: our FIN, so that a
+#: client waiting for the server to close gets a normal end of stream.
+DEFAULT_FALLBACK: Final = Fallback.GRACEFUL
+
+
 _DURATION_PARAMS: Final = ("idle_timeout", "linger_time", "timeout", "grace")
 _SIZE_PARAMS: Final = ("max_drain_bytes",)
 _PARAM_ORDER: Final = (
@@ -169,20 +194,22 @@ class ClosePolicy:
 
     mode: CloseMode = CloseMode.GRACEFUL
     #: Seconds the peer may stay silent during a drain before we stop waiting.
-    idle_timeout: float = 5.0
-    #: Seconds a drain may last in total, counted from when it starts.
-    linger_time: float = 30.0
-    #: Bytes a drain may read and discard before it stops.
-    max_drain_bytes: int = 1 << 20
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    #: Seconds a graceful close (flush, FIN, drain) may take, counted from its start
+    #: (for ``peer-first``, from the start of its graceful fallback), whatever the peer
+    #: does.
+    linger_time: float = DEFAULT_LINGER_TIME
+    #: Bytes a close may read and discard before it stops (across a fallback too).
+    max_drain_bytes: int = DEFAULT_MAX_DRAIN_BYTES
     #: ``peer-first``: seconds the whole wait may last (our data flushed and
     #: acknowledged, then the grace) before the fallback; bounds a slow reader.
-    timeout: float = 5.0
+    timeout: float = DEFAULT_TIMEOUT
     #: ``peer-first``: seconds the peer may take to send its FIN once our last byte
     #: has reached it: the wait ends ``grace`` after one round trip past our last
     #: segment (the kernel's view), so a connection idle for longer is not waited on.
-    grace: float = DEFAULT_GRACE_S
+    grace: float = DEFAULT_GRACE
     #: ``peer-first``: what to do when the peer has not closed in time.
-    fallback: Fallback = Fallback.GRACEFUL
+    fallback: Fallback = DEFAULT_FALLBACK
 
     DEFAULTS: ClassVar[Mapping[str, object]]
 
@@ -365,7 +392,11 @@ class ClosePolicy:
 
     @classmethod
     def graceful(
-        cls, *, idle_timeout: float = 5.0, linger_time: float = 30.0, max_drain_bytes: int = 1 << 20
+        cls,
+        *,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        linger_time: float = DEFAULT_LINGER_TIME,
+        max_drain_bytes: int = DEFAULT_MAX_DRAIN_BYTES,
     ) -> Self:
         """A ``graceful`` policy with the given bounds."""
         return cls(
@@ -379,12 +410,12 @@ class ClosePolicy:
     def peer_first(
         cls,
         *,
-        timeout: float = 5.0,
-        grace: float = DEFAULT_GRACE_S,
-        fallback: Fallback | str = Fallback.GRACEFUL,
-        idle_timeout: float = 5.0,
-        linger_time: float = 30.0,
-        max_drain_bytes: int = 1 << 20,
+        timeout: float = DEFAULT_TIMEOUT,
+        grace: float = DEFAULT_GRACE,
+        fallback: Fallback | str = DEFAULT_FALLBACK,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        linger_time: float = DEFAULT_LINGER_TIME,
+        max_drain_bytes: int = DEFAULT_MAX_DRAIN_BYTES,
     ) -> Self:
         """A ``peer-first`` policy with the given timeout, grace, fallback and drain
         bounds."""

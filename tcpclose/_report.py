@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
-from ._frozen import positional_constructor
+from ._kernel._address import format_address as format_address  # (tests import it here)
 from ._kernel._tcpinfo import decode_tcp_info
 from ._kernel._types import Address, KernelState, TcpState
 from ._plan import Outcome, PlanResult
@@ -84,7 +86,9 @@ class CloseReport:
         tcp_info_bytes: ``TCP_INFO`` just before the close, as the kernel returned it
             (None when not measured); :attr:`tcp_info` decodes it.
         kernel_state: the 4-tuple's kernel state just after the close, or None when
-            reports were off.
+            reports were off or this close was not sampled (``kernel_state_mode``).
+            Under ``kernel_state_mode="lazy"`` it is looked up when first read, and
+            says what the kernel held then.
         duration: seconds the close took.
         warnings: codes of the warnings issued.
         error: the error that ended the close early (errno name), or None. After a
@@ -97,6 +101,9 @@ class CloseReport:
             table is full (``net.ipv4.tcp_max_tw_buckets`` reached, or its
             ``TCPTimeWaitOverflow`` counter rose since the last look): the kernel
             skipped TIME_WAIT, and the 4-tuple is unprotected against late segments.
+        kernel_state_mode: when ``kernel_state`` was looked up: ``"eager"`` (just after
+            the close), ``"lazy"`` (when first read), ``"sampled:F"`` (just after the
+            close, for a fraction F of the closes) or ``"off"`` (reports off).
     """
 
     policy: ClosePolicy
@@ -119,6 +126,7 @@ class CloseReport:
     error: str | None = None
     trigger: str = "close"
     time_wait_skipped: bool = False
+    kernel_state_mode: str = "eager"
 
     @property
     def tcp_info(self) -> TcpInfo | None:
@@ -167,8 +175,21 @@ class CloseReport:
         return format_report(self)
 
 
-def build_report(policy: ClosePolicy, result: PlanResult, seen: Observed) -> CloseReport:
-    """Combine the plan's result and what the driver saw into a report."""
+def build_report(
+    policy: ClosePolicy,
+    result: PlanResult,
+    seen: Observed,
+    *,
+    kernel_state_mode: str = "eager",
+    lookup: Callable[[], KernelState | None] | None = None,
+) -> CloseReport:
+    """Combine the plan's result and what the driver saw into a report.
+
+    ``lookup``: the kernel state is looked up by this when the report's
+    ``kernel_state`` is first read (``kernel_state_mode="lazy"``); ``rst_sent`` then
+    assumes no other process still holds the socket, and ``time_wait_skipped`` is
+    False (both would need the state now).
+    """
     # SO_LINGER {1, 0} or unread bytes make the *last* close of a socket send RST. When
     # another process still holds it (a fork), the lookup after our close finds the
     # same socket still owned by a file (inode != 0): nothing was sent yet.
@@ -187,11 +208,12 @@ def build_report(policy: ClosePolicy, result: PlanResult, seen: Observed) -> Clo
     ):
         # TIME_WAIT was due here and is missing: ask whether the kernel's table is
         # full (file reads, on this rare path only).
-        from ._observe import time_wait_table_overflowed
+        from ._audit import time_wait_table_overflowed
 
         skipped = time_wait_table_overflowed()
-    # (positionally, in field order: see _new_report)
-    return _new_report(
+    # (positionally, in field order)
+    make = CloseReport if lookup is None else _LazyKernelStateReport.make(lookup)
+    return make(
         policy,
         result.mode_applied,
         result.fallback,
@@ -212,12 +234,63 @@ def build_report(policy: ClosePolicy, result: PlanResult, seen: Observed) -> Clo
         seen.error,
         seen.trigger,
         skipped,
+        kernel_state_mode,
     )
 
 
-#: ``CloseReport(*fields)`` and ``Observed(*fields)`` without the frozen ``__init__``.
-_new_report: Final = positional_constructor(CloseReport)
-new_observed: Final = positional_constructor(Observed)
+_log = logging.getLogger("tcpclose")
+#: The slot holding CloseReport.kernel_state (its member descriptor).
+_KERNEL_STATE_SLOT: Final = CloseReport.__dict__["kernel_state"]
+
+
+def _set_lookup(report: object, lookup: Callable[[], KernelState | None] | None) -> None:
+    """Set ``_LazyKernelStateReport._lookup`` (the frozen ``__setattr__`` of a slotted
+    dataclass cannot serve a subclass)."""
+    object.__setattr__(report, "_lookup", lookup)
+
+
+class _LazyKernelStateReport(CloseReport):
+    """A :class:`CloseReport` whose ``kernel_state`` is looked up when first read
+    (``kernel_state_mode="lazy"``). Otherwise the same frozen value; it pickles and
+    copies as a plain :class:`CloseReport` (looked up then)."""
+
+    __slots__ = ("_lookup",)
+
+    _lookup: Callable[[], KernelState | None] | None
+
+    @classmethod
+    def make(cls, lookup: Callable[[], KernelState | None]) -> Callable[..., CloseReport]:
+        """A positional constructor (as ``CloseReport``'s) of reports using ``lookup``.
+        (The frozen ``__init__`` sets ``kernel_state`` through the property's setter.)"""
+
+        def make(*values: Any) -> CloseReport:
+            obj = cls(*values)
+            _set_lookup(obj, lookup)
+            return obj
+
+        return make
+
+    @property
+    def kernel_state(self) -> KernelState | None:
+        lookup = self._lookup
+        if lookup is not None:
+            _set_lookup(self, None)
+            try:
+                state = lookup()
+            except Exception:  # reading a report must not fail
+                _log.exception("close: kernel lookup for a report failed")
+                state = None
+            _KERNEL_STATE_SLOT.__set__(self, state)
+        return cast("KernelState | None", _KERNEL_STATE_SLOT.__get__(self, CloseReport))
+
+    @kernel_state.setter
+    def kernel_state(self, value: KernelState | None) -> None:
+        # (Only the dataclass machinery gets here: the frozen __setattr__ refuses users.)
+        _set_lookup(self, None)
+        _KERNEL_STATE_SLOT.__set__(self, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CloseReport, tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
 
 
 def format_report(report: CloseReport) -> str:
@@ -303,12 +376,6 @@ def report_fields(report: CloseReport) -> dict[str, object]:
     if report.trigger != "close":
         fields["close_trigger"] = report.trigger
     return fields
-
-
-def format_address(address: Address) -> str:
-    """``host:port``, with brackets around an IPv6 host."""
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _jsonable(value: object) -> object:

@@ -1,8 +1,9 @@
 """What ``tcpclose states`` prints: a :class:`~tcpclose._hostview.HostView` as a table
 that answers "whose TIME_WAIT are these, and what do I do about them".
 
-Pure formatting and findings, plus :class:`CloseWaitAges`, which remembers since when
-each CLOSE_WAIT socket has been seen (the kernel does not say how old one is).
+Pure formatting and findings, plus :class:`CloseWaitAges`, which tells how long each
+CLOSE_WAIT socket has been held at least: the kernel's time since it last received a
+segment (sock_diag) or, across refreshes, since when it has been seen.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ._hostview import SIDES, HostView, Timers, owners_by_inode
+from ._checks import PORT_RANGE_WARNING, TW_BUCKETS_NEAR
+from ._facts import SIDES, Timers
+from ._hostview import HostView, owners_by_inode
+from ._kernel._address import format_address
 from ._kernel._types import Address, KernelState, TcpState
-from ._report import format_address
-from ._warnings import DOCS_URL
+from ._warnings import DOCS_ROOT, docs_url
 
 __all__ = (
     "DOCS",
@@ -28,17 +31,17 @@ __all__ = (
 )
 
 #: The documentation's root (the warnings' links point below it too).
-DOCS: Final = DOCS_URL.removesuffix("warnings/")
+DOCS: Final = DOCS_ROOT
 #: A destination is worth a word when its sockets hold this share of the ephemeral range
 #: (the TC303 warning's threshold).
-DESTINATION_SHARE: Final = 0.5
+DESTINATION_SHARE: Final = PORT_RANGE_WARNING
 #: The TIME_WAIT table is worth a word from this fill on (TC308's "near").
-TABLE_FILL: Final = 0.8
+TABLE_FILL: Final = TW_BUCKETS_NEAR
 
 _SIDE_TEXT: Final = {
     "accepted": "on a listening port: a server here closed first",
     "outgoing": "on an ephemeral port: a client here closed first",
-    "bound": "on a port bound on purpose, no listener now",
+    "bound": "on a port bound on purpose: a client here closed first",
 }
 
 SocketKey = tuple[Any, ...]
@@ -49,17 +52,28 @@ def _key(entry: KernelState) -> SocketKey:
 
 
 class CloseWaitAges:
-    """Since when each CLOSE_WAIT socket has been seen, across refreshes."""
+    """How long each CLOSE_WAIT socket has been held at least: the longer of the time
+    since it was first seen, across refreshes, and the kernel's time since it last
+    received a segment (:attr:`HostView.close_wait_received`: the peer's FIN, or
+    anything after it)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._first: dict[SocketKey, float] = {}
 
-    def update(self, close_wait: Iterable[KernelState]) -> dict[SocketKey, float]:
-        """Note the sockets now in CLOSE_WAIT; returns each one's age in seconds (0 the
-        first time it is seen). Sockets gone are forgotten."""
+    def update(
+        self, close_wait: Iterable[KernelState], received: Mapping[int, float] | None = None
+    ) -> dict[SocketKey, float]:
+        """Note the sockets now in CLOSE_WAIT; returns each one's age in seconds (from
+        ``received``, by cookie, else 0 the first time it is seen). Sockets gone are
+        forgotten."""
         now = self._clock()
-        first = {_key(e): self._first.get(_key(e), now) for e in close_wait}
+        received = received or {}
+        first: dict[SocketKey, float] = {}
+        for entry in close_wait:
+            key = _key(entry)
+            quiet = received.get(entry.cookie or 0, 0.0)
+            first[key] = min(self._first.get(key, now), now - quiet)
         self._first = first
         return {key: now - since for key, since in first.items()}
 
@@ -77,7 +91,7 @@ class Leak:
         return {
             "local": format_address(self.entry.local) if self.entry.local else None,
             "peer": format_address(self.entry.peer) if self.entry.peer else None,
-            "seen_for_s": round(self.age, 3),
+            "held_for_s": round(self.age, 3),
             "recv_queue": self.entry.recv_queue,
             "pid": self.pid,
             "command": self.command,
@@ -131,9 +145,9 @@ def advice(
 ) -> list[str]:
     """One line per finding, each naming what to do and where the docs say more."""
     lines = []
-    accepted = view.time_wait_by_side["accepted"]
+    accepted = view.time_wait.by_side["accepted"]
     if accepted:
-        ports = ", ".join(str(p) for p in list(view.time_wait_by_listener)[:5])
+        ports = ", ".join(str(p) for p in list(view.time_wait.accepted_by_port)[:5])
         lines.append(
             f"{accepted} TIME_WAIT on listening port(s) {ports}: this server closes first; "
             f"'peer-first' leaves them to the clients -- {DOCS}policies/#decision-table"
@@ -145,7 +159,7 @@ def advice(
         lines.append(
             f"{format_address(destination)} holds {_share(share)} of the ephemeral range "
             "(full: connect() fails, EADDRNOTAVAIL); reuse connections or let the server "
-            f"close first -- {DOCS}warnings/#tc303"
+            f"close first -- {docs_url('TC303')}"
         )
     overflows = view.counters.time_wait_overflows
     rose = (
@@ -167,7 +181,7 @@ def advice(
         lines.append(
             f"TIME_WAIT table {_share(fill)} full, {skipped} (TCPTimeWaitOverflow): raise "
             "net.ipv4.tcp_max_tw_buckets or leave TIME_WAIT to the peers with 'peer-first' "
-            f"-- {DOCS}warnings/#tc308"
+            f"-- {docs_url('TC308')}"
         )
     if leaks:
         holders = sorted({f"{leak.pid} ({leak.command})" for leak in leaks if leak.pid})
@@ -211,9 +225,13 @@ def _top_title(what: str, shown: int, every: int) -> str:
 
 
 def _destinations(view: HostView, top: int) -> list[tuple[Address, int, Timers]]:
-    keys = set(view.time_wait_by_destination) | set(view.ephemeral_by_destination)
+    keys = set(view.time_wait.outgoing_by_destination) | set(view.ephemeral_by_destination)
     rows = [
-        (d, view.ephemeral_by_destination.get(d, 0), view.time_wait_by_destination.get(d, Timers()))
+        (
+            d,
+            view.ephemeral_by_destination.get(d, 0),
+            view.time_wait.outgoing_by_destination.get(d, Timers()),
+        )
         for d in keys
     ]
     rows.sort(key=lambda row: (-row[1], -row[2].count, row[0]))
@@ -263,14 +281,14 @@ def format_view(
         out.append("TIME_WAIT by who closed first")
         rows = []
         for side in SIDES:
-            row = [side, str(view.time_wait_by_side[side])]
+            row = [side, str(view.time_wait.by_side[side])]
             if previous is not None:
-                row.append(_signed(view.time_wait_by_side[side] - previous.time_wait_by_side[side]))
+                row.append(_signed(view.time_wait.by_side[side] - previous.time_wait.by_side[side]))
             row.append(_SIDE_TEXT[side])
             rows.append(row)
         header = ["SIDE", "TIME_WAIT", *(["CHANGE"] if previous is not None else []), "WHERE"]
         out.extend(_table(header, rows, [False, True, *([True] if previous else []), False]))
-    listeners = list(view.time_wait_by_listener.items())
+    listeners = list(view.time_wait.accepted_by_port.items())
     if listeners:
         shown = listeners[:top]
         out.append("")
@@ -291,7 +309,9 @@ def format_view(
         )
     destinations = _destinations(view, top)
     if destinations:
-        every = len(set(view.time_wait_by_destination) | set(view.ephemeral_by_destination))
+        every = len(
+            set(view.time_wait.outgoing_by_destination) | set(view.ephemeral_by_destination)
+        )
         out.append("")
         out.append(_top_title("outgoing, by destination", len(destinations), every))
         out.extend(
@@ -320,7 +340,7 @@ def format_view(
             )
             out.extend(
                 _table(
-                    ("LOCAL", "PEER", "SEEN FOR", "RECV-Q", "PROCESS"),
+                    ("LOCAL", "PEER", "HELD FOR", "RECV-Q", "PROCESS"),
                     (
                         (
                             format_address(leak.entry.local) if leak.entry.local else "-",
@@ -400,7 +420,7 @@ def view_as_dict(
         "by_state": {state.name: n for state, n in view.by_state.items()},
         "time_wait": {
             "total": view.count(TcpState.TIME_WAIT),
-            "by_side": dict(view.time_wait_by_side),
+            "by_side": dict(view.time_wait.by_side),
             "by_local_port": [
                 {
                     "port": port,
@@ -409,7 +429,7 @@ def view_as_dict(
                     "min_seconds_left": _round(t.min_left),
                     "max_seconds_left": _round(t.max_left),
                 }
-                for port, t in list(view.time_wait_by_listener.items())[:top]
+                for port, t in list(view.time_wait.accepted_by_port.items())[:top]
             ],
         },
         "destinations": [
@@ -451,7 +471,7 @@ def view_as_dict(
             "by_state": {s.name: n for s, n in changes.items() if n},
             "per_second": {s.name: round(n / elapsed, 3) for s, n in changes.items() if n},
             "time_wait_by_side": {
-                side: view.time_wait_by_side[side] - previous.time_wait_by_side[side]
+                side: view.time_wait.by_side[side] - previous.time_wait.by_side[side]
                 for side in SIDES
             },
             "overflows": None if old is None or new is None else new - old,

@@ -1,12 +1,15 @@
-"""Warning classes and the catalogue of stable warning codes.
+"""The warning classes, and where each code's documentation lives. A leaf: it imports
+nothing of tcpclose.
 
 Every warning tcpclose emits is a :class:`TcpCloseWarning` subclass carrying a stable
 ``code`` (``TC101``...), the ``evidence`` it saw and one line of ``advice``; its text
 starts with the code so that ``-W`` filters and log searches can match it. Each code
-has a section in the docs' warnings reference (``docs/warnings.md#tc101``).
+has a section in the docs' warnings reference: :func:`docs_url` is the one place that
+link is built.
 
-The checks that decide whether a warning applies live in ``_checks.py`` (pure
-functions over facts); this module only defines the classes and how to emit one.
+The catalogue of codes and :class:`~tcpclose._findings.Finding` are in
+``_findings.py``; the rules that decide whether a warning applies are in
+``_checks.py``; ``_findings.warn`` issues a finding as one of these warnings.
 
 The text of a warning is fixed per code (code, title, advice, link); the numbers it saw
 are in its ``evidence`` attribute. The :mod:`warnings` module's once-per-location
@@ -16,26 +19,34 @@ the numbers vary, and ``-W``/``filterwarnings`` work as usual.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, ClassVar
-
-if TYPE_CHECKING:
-    from ._checks import Finding
+from typing import ClassVar
 
 __all__ = (
+    "DOCS_ROOT",
     "DOCS_URL",
     "BlockingCloseWarning",
     "DataLossWarning",
     "TcpCloseWarning",
     "UnsafeReuseWarning",
-    "emit",
-    "warn",
+    "docs_url",
 )
 
+#: The documentation's root (``mkdocs.yml``'s ``site_url``).
+DOCS_ROOT = "https://tcpclose.readthedocs.io/en/latest/"
 #: Where the warnings reference lives; each code is an anchor on that page.
-DOCS_URL = "https://tcpclose.readthedocs.io/en/latest/warnings/"
+DOCS_URL = f"{DOCS_ROOT}warnings/"
+
+
+def docs_url(code: str) -> str:
+    """Link to ``code``'s section of the warnings reference (its anchor is the code in
+    lower case).
+
+    >>> docs_url("TC101")
+    'https://tcpclose.readthedocs.io/en/latest/warnings/#tc101'
+    """
+    return f"{DOCS_URL}#{code.lower()}"
 
 
 class TcpCloseWarning(UserWarning):
@@ -74,7 +85,7 @@ class TcpCloseWarning(UserWarning):
     @property
     def docs_url(self) -> str:
         """Link to this code's section of the warnings reference."""
-        return f"{DOCS_URL}#{self.code.lower()}"
+        return docs_url(self.code)
 
 
 class DataLossWarning(TcpCloseWarning):
@@ -97,38 +108,3 @@ class UnsafeReuseWarning(TcpCloseWarning):
     TIME_WAIT exhausting the ephemeral range, misunderstood sysctls)."""
 
     category_code = "TC300"
-
-
-def emit(warning: TcpCloseWarning, *, stacklevel: int) -> None:
-    """Issue ``warning`` through the :mod:`warnings` module.
-
-    ``stacklevel`` counts from the caller of ``emit`` (1 = the function calling emit),
-    so public functions pass the depth of their caller's line. The standard
-    once-per-location filter then keeps a hot loop from repeating it.
-    """
-    warnings.warn(warning, stacklevel=stacklevel + 1)
-
-
-def warn(finding: Finding, *, stacklevel: int) -> None:
-    """Issue ``finding`` as a warning of its category (``finding.category``).
-
-    The warning carries ``code``, ``evidence`` and ``advice``; its text is fixed per
-    code, so the standard once-per-location filter shows it once per call site even
-    when each connection's numbers differ.
-
-    Args:
-        finding: what a check in ``_checks`` returned.
-        stacklevel: as for :func:`warnings.warn`, counted from the caller of ``warn``:
-            1 points at the line calling ``warn``, 2 at that function's caller, and so
-            on. Public functions pass the depth of their user's line.
-
-    Example::
-
-        finding = _checks.abort_discards(discarded)
-        if finding is not None and not allow_data_loss:
-            warn(finding, stacklevel=3)
-    """
-    warning = finding.category(
-        finding.title, code=finding.code, evidence=finding.evidence, advice=finding.advice
-    )
-    emit(warning, stacklevel=stacklevel + 1)

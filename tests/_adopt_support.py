@@ -9,14 +9,20 @@ receive queue sends RST, and the client loses what had not reached it yet.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
-from tests._support import Peer
+import tcpclose.kernel
+from tests._support import Peer, wait_until
 
 #: The request body nobody reads, and the answer.
 REQUEST_BODY = (hashlib.sha256(b"request").digest() * 2048 * 8)[: 512 << 10]
@@ -180,3 +186,135 @@ def wait_quiet(port: int, timeout: float = 10.0) -> None:
 def serve_in_thread(server: object) -> Peer:
     """Run ``server.serve_forever`` on a thread (stop with ``server.shutdown()``)."""
     return Peer(server.serve_forever, name="server")  # type: ignore[attr-defined]
+
+
+def free_port() -> int:
+    """A free port on 127.0.0.1 (the session runs in its own network namespace:
+    nobody takes it between)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def listening(port: int) -> bool:
+    return any(True for _ in tcpclose.kernel.dump(states="LISTEN", port=port))
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without tcpclose's variables and ``PYTHONPATH``, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TCPCLOSE_")}
+    env.pop("PYTHONPATH", None)
+    env.update(extra)
+    return env
+
+
+def launched(command: Sequence[str], launcher: Sequence[str] | None) -> list[str]:
+    """``command`` run through ``tcpclose run`` with ``launcher``'s arguments, or as it
+    is when ``launcher`` is None."""
+    if launcher is None:
+        return list(command)
+    return [sys.executable, "-m", "tcpclose", "run", *launcher, "--", *command]
+
+
+@contextmanager
+def server_command(
+    argv: Sequence[str],
+    port: int,
+    *,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    name: str = "server",
+    start_timeout: float = 20.0,
+) -> Iterator[Path]:
+    """Start ``argv`` (a server that will listen on ``port``), wait until it listens,
+    yield the file its stderr goes to; terminate it on exit."""
+    err = cwd / f"{name}-{port}.stderr.txt"
+    with err.open("wb") as err_file:
+        proc = subprocess.Popen(
+            list(argv),
+            cwd=cwd,
+            env=env if env is not None else clean_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+        )
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or listening(port),
+            start_timeout,
+            message=f"{name} to listen",
+        )
+        assert proc.poll() is None, err.read_text()
+        yield err
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def report_lines(err: Path) -> list[str]:
+    """The per-close log lines (``tcpclose: ...``) a launched server wrote."""
+    return [line for line in err.read_text().splitlines() if line.startswith("tcpclose: ")]
+
+
+def trap_runs(
+    port: int, tries: int, *, path: str = "/", method: str = "POST"
+) -> tuple[int, int, list[str]]:
+    """``tries`` requests carrying the unread body by curl and as many by the
+    checksumming client: whole answers of each, and the errors seen."""
+    url = f"http://127.0.0.1:{port}{path}"
+    errors: list[str] = []
+    whole_curl = whole_client = 0
+    for _ in range(tries):
+        by_curl = curl_post(url, method=method)
+        whole_curl += by_curl.whole
+        if by_curl.error:
+            errors.append(f"curl: {by_curl.error} after {by_curl.got} bytes")
+        by_client = checksum_post(port, path, method=method)
+        whole_client += by_client.whole
+        if by_client.error:
+            errors.append(f"client: {by_client.error} after {by_client.got} bytes")
+    return whole_curl, whole_client, errors
+
+
+def time_wait_placement(port: int, connections: int) -> tuple[int, int]:
+    """``connections`` small GETs, each closed by the client once it has the answer;
+    then the TIME_WAIT entries (on the server, on the clients) once every close is
+    over."""
+    for _ in range(connections):
+        assert get_small(port) == SMALL
+    wait_quiet(port)
+    return time_wait_count(port, side="server"), time_wait_count(port, side="clients")
+
+
+#: An ASGI application, as a file for servers started as commands (``app:app``): it
+#: answers without reading the request body, ``Connection: close``; ``/small`` gets
+#: :data:`SMALL`, anything else the 2 MiB answer (read from ``big`` beside it).
+ASGI_APP = """
+ANSWER = open("big", "rb").read()
+SMALL = b"small answer\\n"
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    body = SMALL if scope["path"] == "/small" else ANSWER
+    headers = [(b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+"""
+
+
+def write_app(directory: Path, source: str, name: str = "app.py") -> None:
+    """``source`` as ``directory/name``, with the 2 MiB answer beside it as ``big``."""
+    (directory / "big").write_bytes(ANSWER)
+    (directory / name).write_text(source)

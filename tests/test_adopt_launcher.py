@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import socketserver
 import subprocess
 import sys
@@ -24,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-import tcpclose.kernel
 from tcpclose import PolicyError
 from tcpclose._launcher import (
     BOOTSTRAP_DIR,
@@ -38,8 +36,12 @@ from tests._adopt_support import (
     ANSWER,
     SMALL,
     checksum_post,
+    clean_env,
     curl_post,
+    free_port,
     get_small,
+    launched,
+    server_command,
     time_wait_count,
     wait_quiet,
 )
@@ -55,19 +57,6 @@ TRIES = 10
 CONNECTIONS = 200
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TCPCLOSE_")}
-    env.pop("PYTHONPATH", None)
-    return env
-
-
 @contextmanager
 def http_server(
     tmp_path: Path, *launcher: str, env: dict[str, str] | None = None
@@ -81,32 +70,9 @@ def http_server(
     (root / "small").write_bytes(SMALL)
     port = free_port()
     server = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
-    argv = (
-        [sys.executable, "-m", "tcpclose", "run", *launcher, "--", *server] if launcher else server
-    )
-    err = tmp_path / f"stderr-{port}.txt"
-    with err.open("wb") as err_file:
-        proc = subprocess.Popen(
-            argv,
-            cwd=root,
-            env=env if env is not None else clean_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=err_file,
-        )
-    try:
-        wait_until(
-            lambda: (
-                proc.poll() is not None
-                or any(True for _ in tcpclose.kernel.dump("LISTEN", port=port))
-            ),
-            15,
-            message="http.server to listen",
-        )
-        assert proc.poll() is None, err.read_text()
+    argv = launched(server, launcher or None)
+    with server_command(argv, port, cwd=root, env=env, name="http.server") as err:
         yield port, err
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 def trap(port: int) -> tuple[int, int, list[str]]:
@@ -198,38 +164,18 @@ def hypercorn_command(
     port = free_port()
     hypercorn = [sys.executable, "-m", "hypercorn", "--bind", f"127.0.0.1:{port}"]
     hypercorn += ["--worker-class", worker_class, "app:app"]
-    argv = [sys.executable, "-m", "tcpclose", "run", *launcher, "--", *hypercorn]
-    err = tmp_path / f"hypercorn-{port}.txt"
-    with err.open("wb") as err_file:
-        proc = subprocess.Popen(
-            argv if launcher else hypercorn,
-            cwd=tmp_path,
-            env=clean_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=err_file,
-        )
-    try:
-        wait_until(
-            lambda: (
-                proc.poll() is not None
-                or any(True for _ in tcpclose.kernel.dump("LISTEN", port=port))
-            ),
-            20,
-            message="hypercorn to listen",
-        )
-        assert proc.poll() is None, err.read_text()
+    argv = launched(hypercorn, launcher or None)
+    with server_command(argv, port, cwd=tmp_path, name="hypercorn") as err:
         yield port, err
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
 @pytest.mark.parametrize("worker_class", ["asyncio", "uvloop"])
 def test_hypercorn_under_tcpclose_run_answers_whole(tmp_path: Path, worker_class: str) -> None:
     """hypercorn started as a command (``python -m hypercorn app:app``), its code and
-    the application's unchanged: plain, it loses answers to the RST trap (shown on
-    the asyncio worker class, where it loses nearly all: on uvloop it loses 1 to 3 of
-    20); under ``tcpclose run`` every answer is whole, on either worker class."""
+    the application's unchanged: plain, it loses answers to the RST trap, cut by a
+    reset (shown on the asyncio worker class, where runs lost 8 to 19 of 20: on uvloop
+    it loses 1 to 3 of 20); under ``tcpclose run`` every answer is whole, on either
+    worker class."""
     pytest.importorskip("hypercorn")
     if worker_class == "uvloop":
         pytest.importorskip("uvloop")
@@ -237,9 +183,11 @@ def test_hypercorn_under_tcpclose_run_answers_whole(tmp_path: Path, worker_class
     (tmp_path / "app.py").write_text(HYPERCORN_APP)
     if worker_class == "asyncio":
         with hypercorn_command(tmp_path, worker_class) as (port, _):
-            plain_curl, plain_client, _errors = trap_post(port)
+            plain_curl, plain_client, plain_errors = trap_post(port)
         print(f"plain hypercorn: whole {plain_curl}/{TRIES} by curl, {plain_client} by client")
-        assert plain_curl + plain_client <= TRIES, (plain_curl, plain_client)
+        # (how many are cut varies with the machine's load: that some are, by resets)
+        assert plain_curl + plain_client < 2 * TRIES, (plain_curl, plain_client)
+        assert any("reset" in e.lower() or "(56)" in e for e in plain_errors), plain_errors
     launcher = ("--policy", "graceful", "--log-reports")
     with hypercorn_command(tmp_path, worker_class, *launcher) as (port, err):
         whole_curl, whole_client, errors = trap_post(port)
@@ -296,6 +244,13 @@ def test_run_command_line_errors(tmp_path: Path) -> None:
     assert active.stdout.split() == ["tcpclose._launcher", "True"], active
     off = run("--", sys.executable, "-c", probe, env={**clean_env(), POLICY_ENV: "off"})
     assert off.stdout.split() == ["socketserver", "False"], off
+    show = "import os; print(os.environ['TCPCLOSE_LOG_REPORTS'])"
+    sampled = run("--log-reports", "0.05", "--", sys.executable, "-c", show)
+    assert sampled.stdout.split() == ["0.05"], sampled
+    every = run("--log-reports", "--", sys.executable, "-c", show)
+    assert every.stdout.split() == ["1"], every
+    too_many = run("--log-reports", "2", "--", sys.executable, "-c", show)
+    assert too_many.returncode == 2, too_many
 
 
 def test_a_shadowed_sitecustomize_still_runs(tmp_path: Path) -> None:
@@ -355,3 +310,27 @@ def test_command_environment() -> None:
     assert again["PYTHONPATH"] == env["PYTHONPATH"]  # not added twice
     with pytest.raises(PolicyError):
         command_environment(None, log_reports=False, environ={POLICY_ENV: "nope"})
+    sampled = command_environment(None, log_reports=0.05, environ={})
+    assert sampled[LOG_REPORTS_ENV] == "0.05"
+    with pytest.raises(ValueError, match=LOG_REPORTS_ENV):
+        command_environment(None, log_reports=1.5, environ={})
+
+
+def test_log_reports_from_the_environment() -> None:
+    """``TCPCLOSE_LOG_REPORTS``: 1 logs every close, a fraction samples the ordinary
+    ones (the built-in LogSink's ``sample``), 0 or unset logs none."""
+    from tcpclose._launcher import environment_on_close, environment_policy
+    from tcpclose.metrics import LogSink
+
+    assert environment_on_close({}) is None
+    assert environment_on_close({LOG_REPORTS_ENV: "0"}) is None
+    every = environment_on_close({LOG_REPORTS_ENV: "1"})
+    assert isinstance(every, LogSink)
+    assert every.sample == 1.0
+    some = environment_on_close({LOG_REPORTS_ENV: "0.25"})
+    assert isinstance(some, LogSink)
+    assert some.sample == 0.25
+    with pytest.raises(ValueError, match="fraction"):
+        environment_on_close({LOG_REPORTS_ENV: "yes"})
+    assert environment_policy({POLICY_ENV: "off"}) is None
+    assert str(environment_policy({})) == "graceful"

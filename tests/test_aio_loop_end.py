@@ -78,7 +78,7 @@ def test_one_failing_close_does_not_stall_the_others_in_its_deadline_slot(
     of them (uvloop's socket wrapper raised ValueError in the TLS soak) stopped the
     rest, whose closes then never ended (issue 20). Now the loop's exception handler
     gets it and every other close is woken."""
-    from tcpclose._aio import _Deadlines
+    from tcpclose._aio_closer import _Deadlines
 
     woken: list[str] = []
     handled: list[dict[str, Any]] = []

@@ -24,15 +24,15 @@ from tcpclose import Finding, KernelState, NotTcpSocketError, Severity, TcpState
 from tcpclose._audit import (
     audit,
     check_socket,
-    parse_netstat,
-    parse_sockstat,
     read_counters,
     read_socket_table,
     read_sysctls,
     socket_facts,
 )
-from tcpclose._checks import Sysctls, format_address
 from tcpclose._cli import main
+from tcpclose._facts import Sysctls
+from tcpclose._kernel._address import format_address
+from tcpclose._kernel._proctext import parse_netstat, parse_sockstat
 from tests._support import LOOPBACK, listener, tcp_pair, wait_until
 
 Address = tuple[str, int]
@@ -931,3 +931,15 @@ def test_cli_audit_root_that_cannot_be_read_exits_2(
     assert err.count("\n") == 1
     # The library itself stays lenient: nothing there is nothing found.
     assert audit(root=root) == []
+
+
+def test_decoders_docstring_examples() -> None:
+    """The /proc text decoders' and the audit's worked examples."""
+    import doctest
+
+    from tcpclose._kernel import _proctext
+
+    for module in (_proctext, _audit):
+        failures, tried = doctest.testmod(module)
+        assert failures == 0, module.__name__
+        assert tried > 0, module.__name__

@@ -6,6 +6,7 @@ kernels and platforms this machine is not (tcp_tw_recycle, macOS ticks, Windows)
 
 from __future__ import annotations
 
+import doctest
 import inspect
 import json
 import re
@@ -17,22 +18,15 @@ from typing import Any
 import pytest
 
 import tcpclose
-from tcpclose import _checks
-from tcpclose._checks import (
-    CATALOGUE,
-    Counters,
-    Finding,
-    Severity,
-    SocketFacts,
-    Sysctls,
-    TimeWaitSummary,
-)
+from tcpclose import _checks, _facts, _findings, _warnings
+from tcpclose._facts import Counters, SocketFacts, Sysctls, Timers, TimeWaitSummary
+from tcpclose._findings import CATALOGUE, Finding, Severity, warn
+from tcpclose._kernel._types import KernelState, TcpState
 from tcpclose._warnings import (
     BlockingCloseWarning,
     DataLossWarning,
     TcpCloseWarning,
     UnsafeReuseWarning,
-    warn,
 )
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "warnings.md"
@@ -67,6 +61,12 @@ def test_catalogue_severity_ranges() -> None:
     assert CATALOGUE["TC303"].severities == (Severity.WARNING, Severity.ERROR)
     assert CATALOGUE["TC309"].severities == (Severity.INFO,)
     assert CATALOGUE["TC312"].severities == (Severity.INFO, Severity.WARNING)
+
+
+def test_links_point_at_the_docs_site() -> None:
+    mkdocs = (DOCS.parent.parent / "mkdocs.yml").read_text(encoding="utf-8")
+    assert f"\nsite_url: {_warnings.DOCS_ROOT}\n" in mkdocs
+    assert _warnings.docs_url("TC303") == f"{_warnings.DOCS_ROOT}warnings/#tc303"
 
 
 def test_docs_page_has_one_section_per_code() -> None:
@@ -151,7 +151,7 @@ def test_sort_findings_most_severe_first() -> None:
     assert info is not None
     assert error is not None
     assert warning is not None
-    assert codes(_checks.sort_findings([info, warning, error])) == ["TC307", "TC101", "TC309"]
+    assert codes(_findings.sort_findings([info, warning, error])) == ["TC307", "TC101", "TC309"]
 
 
 # -- TC1xx -------------------------------------------------------------------------------
@@ -281,12 +281,12 @@ def test_tc301_tc302_near_misses(change: dict[str, Any]) -> None:
 
 
 def test_tc301_from_time_wait_on_fixed_ports() -> None:
-    summary = TimeWaitSummary(total=3, fixed_port={5000: 2, 5001: 1})
+    summary = TimeWaitSummary(bound_by_port={5000: Timers(2), 5001: Timers(1)})
     finding = _checks.fixed_port_time_wait(summary)
     assert finding is not None
     assert finding.code == "TC301"
     assert finding.evidence == {"time_wait": 3, "local_ports": [5000, 5001]}
-    assert _checks.fixed_port_time_wait(TimeWaitSummary(total=3, accepted=3)) is None
+    assert _checks.fixed_port_time_wait(TimeWaitSummary(accepted_by_port={80: Timers(3)})) is None
 
 
 # -- TC303: TIME_WAIT towards one destination vs the ephemeral range ---------------------
@@ -487,10 +487,8 @@ def test_check_system_combines_and_sorts() -> None:
     )
     counters = Counters(time_wait=1000, orphans=50, time_wait_overflows=3)
     summary = TimeWaitSummary(
-        total=1095,
-        accepted=1000,
-        towards={("10.0.0.5", 443): 95},
-        outgoing_non_loopback=95,
+        accepted_by_port={80: Timers(1000)},
+        outgoing_by_destination={("10.0.0.5", 443): Timers(95)},
     )
     found = _checks.check_system(sysctls, counters, summary)
     assert codes(found) == [
@@ -510,24 +508,34 @@ def test_check_system_combines_and_sorts() -> None:
 
 def test_summarize_time_wait_classifies_by_who_closed_first() -> None:
     sysctls = Sysctls(ip_local_port_range=(32768, 60999), ip_local_reserved_ports=((40000, 40000),))
-    entries = [
+    pairs = [
         (("10.0.0.1", 8080), ("10.0.0.9", 51000)),  # listener on 8080: server closed first
         (("10.0.0.1", 33000), ("10.0.0.5", 443)),  # ephemeral: outgoing
         (("::ffff:10.0.0.1", 33001), ("::ffff:10.0.0.5", 443)),  # mapped: same destination
         (("127.0.0.1", 33002), ("127.0.0.1", 6379)),  # loopback destination
         (("10.0.0.1", 5000), ("10.0.0.5", 443)),  # chosen port, no listener
         (("10.0.0.1", 40000), ("10.0.0.5", 443)),  # reserved: chosen too
+        (("10.0.0.1", 8081), ("10.0.0.9", 51001)),  # a server's, its listener gone
     ]
-    s = _checks.summarize_time_wait(entries, listening_ports={8080}, sysctls=sysctls)
-    assert s.total == 6
-    assert s.accepted == 1
-    assert dict(s.towards) == {("10.0.0.5", 443): 2, ("127.0.0.1", 6379): 1}
+    entries = [
+        KernelState(TcpState.TIME_WAIT, "procfs", local, peer, seconds_left=30.0 + i)
+        for i, (local, peer) in enumerate(pairs)
+    ]
+    entries.append(
+        KernelState(TcpState.ESTABLISHED, "procfs", ("10.0.0.1", 33003), ("10.0.0.5", 443))
+    )
+    s = _facts.summarize_time_wait(entries, listening_ports={8080}, sysctls=sysctls)
+    assert s.total == 7
+    assert dict(s.by_side) == {"accepted": 2, "outgoing": 3, "bound": 2}
+    assert list(s.accepted_by_port) == [8080, 8081]
+    towards = {d: (t.count, t.min_left, t.max_left) for d, t in s.outgoing_by_destination.items()}
+    assert towards == {("10.0.0.5", 443): (2, 31.0, 32.0), ("127.0.0.1", 6379): (1, 33.0, 33.0)}
     assert s.outgoing_non_loopback == 2
-    assert dict(s.fixed_port) == {5000: 1, 40000: 1}
+    assert {p: t.count for p, t in s.bound_by_port.items()} == {5000: 1, 40000: 1}
     # Unknown range: everything without a listener counts as outgoing.
-    s = _checks.summarize_time_wait(entries, listening_ports=set(), sysctls=Sysctls())
-    assert sum(s.towards.values()) == 6
-    assert not s.fixed_port
+    s = _facts.summarize_time_wait(entries, listening_ports=set(), sysctls=Sysctls())
+    assert s.by_side["outgoing"] == 7
+    assert not s.bound_by_port
 
 
 # -- warn(): category, attributes, stacklevel, once per location -------------------------
@@ -614,7 +622,7 @@ def _samples() -> list[Finding | None]:
         _checks.orphans_near_limit(orphans=2000, max_orphans=4096),
         _checks.blocking_linger(linger_on=True, linger_time=5, nonblocking=True),
         _checks.fixed_port_client(CLIENT),
-        _checks.fixed_port_time_wait(TimeWaitSummary(total=1, fixed_port={5000: 1})),
+        _checks.fixed_port_time_wait(TimeWaitSummary(bound_by_port={5000: Timers(1)})),
         _checks.reuseaddr_takeover(reuse_client),
         *_checks.time_wait_near_port_range({("10.0.0.5", 443): 99}, RANGE_100),
         _checks.tw_reuse_for_accepted(tcp_tw_reuse=1, accepted_time_wait=1000),
@@ -644,3 +652,10 @@ def test_every_code_is_reachable_and_its_evidence_documented() -> None:
             entry.advice,
             entry.category,
         )
+
+
+def test_the_findings_modules_docstring_examples() -> None:
+    for module in (_checks, _facts, _findings, _warnings):
+        failures, tried = doctest.testmod(module)
+        assert failures == 0, module.__name__
+        assert tried > 0, module.__name__

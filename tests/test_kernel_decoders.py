@@ -36,6 +36,7 @@ from tcpclose._kernel._diag import (
     count_dump,
     decode_attributes,
     decode_dump,
+    decode_dump_info,
     decode_lookup_state,
     decode_reply,
     encode_dump_request,
@@ -159,6 +160,23 @@ def test_captures_decode_as_before_the_one_codec(name: str) -> None:
 def test_dump_capture_decodes_as_before_the_one_codec() -> None:
     states = list(decode_dump(dump_port_chunks()))
     assert [s.as_dict() for s in states] == decoded_before()["dump_port"]
+
+
+def test_dump_with_info_decodes_the_same_sockets_and_their_tcp_info() -> None:
+    """The captured dump has no INET_DIAG_INFO attribute: the same sockets, no info. The
+    same messages with a tcp_info attribute appended give its bytes back."""
+    chunks = dump_port_chunks()
+    plain = list(decode_dump(chunks))
+    assert [(state, None) for state in plain] == list(decode_dump_info(chunks))
+    # one message, the attribute appended and nlmsg_len grown to cover it
+    (data, *_) = chunks
+    length = struct.unpack_from("=I", data)[0]
+    info = bytes(range(104)) + bytes(4)  # a tcp_info's first 108 bytes, 4-aligned
+    attribute = struct.pack("=HH", 4 + len(info), 2) + info  # INET_DIAG_INFO
+    message = struct.pack("=I", length + len(attribute)) + data[4:length] + attribute
+    ((state, got),) = decode_dump_info([message])
+    assert state == plain[0]
+    assert got == info
 
 
 def test_counting_a_dump_equals_counting_its_states() -> None:
@@ -465,6 +483,7 @@ def test_fuzz_netlink_decoders(data: bytes) -> None:
     _only_kernel_view_errors(decode_lookup_state, data, len(data), FOUR)
     _only_kernel_view_errors(decode_lookup_state, data, len(data), FOUR, REQUEST)
     _only_kernel_view_errors(lambda: list(decode_dump([data, data])))
+    _only_kernel_view_errors(lambda: list(decode_dump_info([data, data])))
     _only_kernel_view_errors(count_dump, [[data, data], [data]])
     _only_kernel_view_errors(scan_dump_chunk, data, 0)
     _only_kernel_view_errors(decode_attributes, data, 0, len(data))

@@ -439,7 +439,7 @@ def test_docstring_examples(module: str) -> None:
 def test_host_view_sorts_a_constructed_table() -> None:
     """The pure sort, on a table made by hand: a listener's TIME_WAIT, outgoing ones,
     one on a bound port, a CLOSE_WAIT, against a 10-port ephemeral range."""
-    from tcpclose._checks import Counters, Sysctls
+    from tcpclose._facts import Counters, Sysctls
     from tcpclose._hostview import HostView
     from tcpclose.kernel import KernelState
 
@@ -464,15 +464,15 @@ def test_host_view_sorts_a_constructed_table() -> None:
         source="test",
         taken=0.0,
     )
-    assert dict(view.time_wait_by_side) == {"accepted": 2, "outgoing": 2, "bound": 1}
-    (listener_port,) = view.time_wait_by_listener.items()
+    assert dict(view.time_wait.by_side) == {"accepted": 2, "outgoing": 2, "bound": 1}
+    (listener_port,) = view.time_wait.accepted_by_port.items()
     assert listener_port[0] == 80
     assert (listener_port[1].count, listener_port[1].min_left, listener_port[1].max_left) == (
         2,
         30.0,
         50.0,
     )
-    assert list(view.time_wait_by_destination) == [("10.0.0.5", 443)]
+    assert list(view.time_wait.outgoing_by_destination) == [("10.0.0.5", 443)]
     assert dict(view.ephemeral_by_destination) == {("10.0.0.5", 443): 3}
     assert view.ephemeral_share(3) == 0.3
     assert view.time_wait_fill == 0.5

@@ -456,3 +456,36 @@ def test_largest_values_still_parse() -> None:
 
 def _kw(key: str, value: object) -> dict[str, Any]:
     return {key: value}
+
+
+def test_defaults_are_defined_once_and_the_docs_show_them() -> None:
+    """Issue 21: the constructors and the configuration page use the one definition of
+    each default (``_policy.DEFAULT_*``, mapped by ``ClosePolicy.DEFAULTS``)."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    from tcpclose import _policy
+
+    assert dict(ClosePolicy.DEFAULTS) == {
+        "idle_timeout": _policy.DEFAULT_IDLE_TIMEOUT,
+        "linger_time": _policy.DEFAULT_LINGER_TIME,
+        "max_drain_bytes": _policy.DEFAULT_MAX_DRAIN_BYTES,
+        "timeout": _policy.DEFAULT_TIMEOUT,
+        "grace": _policy.DEFAULT_GRACE,
+        "fallback": _policy.DEFAULT_FALLBACK,
+    }
+    for constructor in (ClosePolicy.graceful, ClosePolicy.peer_first):
+        for name, parameter in inspect.signature(constructor).parameters.items():
+            assert parameter.default == ClosePolicy.DEFAULTS[name], (constructor, name)
+    page = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    row = re.compile(r"^\| `(\w+)` \| [^|]+ \| [^|]+ \| `([^`]+)` \|", re.M)
+    shown: dict[str, str] = {}
+    for name, value in ClosePolicy.DEFAULTS.items():
+        if isinstance(value, Fallback):
+            shown[name] = value.value
+        elif name == "max_drain_bytes":
+            shown[name] = format_size(int(value))  # type: ignore[call-overload]
+        else:
+            shown[name] = format_duration(float(value))  # type: ignore[arg-type]
+    assert dict(row.findall(page.read_text(encoding="utf-8"))) == shown

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 import tcpclose.kernel
+from tcpclose import _kernel as tcpclose_kernel
 from tcpclose._cli import main
 from tests import _session_netns
 from tests._support import addr, listener, tcp_pair, wait_until
@@ -198,7 +199,8 @@ def test_time_wait_table_full_shows_the_overflow(
 
 def test_leaked_close_wait_with_its_process(capsys: pytest.CaptureFixture[str]) -> None:
     """A connection whose peer closed and that this process never closes: CLOSE_WAIT,
-    shown with the owning process once it has been held longer than the threshold."""
+    shown with the owning process once it has been held longer than the threshold --
+    in one look, from the kernel's time since the peer's FIN, and across --watch."""
     with listener(socket.AF_INET) as lst:
         port = addr(lst)[1]
         client, server = tcp_pair(socket.AF_INET, lst)
@@ -214,21 +216,62 @@ def test_leaked_close_wait_with_its_process(capsys: pytest.CaptureFixture[str]) 
             ).stdout.splitlines()
             assert f"pid={os.getpid()}," in ss_line
 
-            once = states(capsys, "--port", str(port))
-            assert "CLOSE_WAIT: 1 (how long each is held shows with --watch)" in once
+            young = json.loads(
+                states(capsys, "--port", str(port), "--close-wait-age", "30", "--json")
+            )
+            assert young["close_wait"] == {"total": 1, "leaks": []}
+            assert "CLOSE_WAIT: 1 (none held 30 s yet)" in states(
+                capsys, "--port", str(port), "--close-wait-age", "30"
+            )
 
-            out = states(
-                capsys, "--port", str(port), "--watch", "0.2", "--count", "3",
-                "--close-wait-age", "0.3", "--json",
-            )  # fmt: skip
-            last = json.loads(out.splitlines()[-1])
-            (leak,) = last["close_wait"]["leaks"]
+            # One look, no --watch: the kernel's tcp_info says how long ago the FIN came.
+            def leaks_in_one_look() -> list[dict[str, object]]:
+                document = json.loads(
+                    states(capsys, "--port", str(port), "--close-wait-age", "0.3", "--json")
+                )
+                leaks: list[dict[str, object]] = document["close_wait"]["leaks"]
+                return leaks
+
+            wait_until(lambda: len(leaks_in_one_look()) == 1, timeout=10)
+            (leak,) = leaks_in_one_look()
             assert leak["local"] == f"127.0.0.1:{port}"
             assert leak["pid"] == os.getpid()
-            assert leak["seen_for_s"] >= 0.3
-            assert any("CLOSE_WAIT held 0.3 s or more" in a for a in last["advice"])
-            first = json.loads(out.splitlines()[0])
-            assert first["close_wait"] == {"total": 1, "leaks": []}
+            assert isinstance(leak["held_for_s"], float)
+            assert leak["held_for_s"] >= 0.3
+
+            out = states(
+                capsys, "--port", str(port), "--watch", "0.2", "--count", "2",
+                "--close-wait-age", "0.3", "--json",
+            )  # fmt: skip
+            for line in out.splitlines():
+                document = json.loads(line)
+                (leak,) = document["close_wait"]["leaks"]
+                assert leak["held_for_s"] >= 0.3
+                assert any("CLOSE_WAIT held 0.3 s or more" in a for a in document["advice"])
+
+
+def test_close_wait_age_is_the_kernels_time_since_the_peers_fin() -> None:
+    """The age comes from tcp_info's last-received times: it grows while the socket sits
+    in CLOSE_WAIT, and a segment the peer sends (an ACK of our data) does not make it
+    look older than it is."""
+    with listener(socket.AF_INET) as lst:
+        port = addr(lst)[1]
+        client, server = tcp_pair(socket.AF_INET, lst)
+        with server:
+            cookie = tcpclose.kernel.socket_cookie(server)
+            assert cookie is not None
+            client.shutdown(socket.SHUT_WR)  # FIN; the client still reads, so it ACKs
+            wait_until(lambda: len(ss("state", "close-wait", "(", "sport", "=", f":{port}", ")")))
+            started = time.monotonic()
+            wait_until(
+                lambda: tcpclose_kernel.received_ages(["CLOSE_WAIT"], port).get(cookie, 0) >= 0.2
+            )
+            age = tcpclose_kernel.received_ages(["CLOSE_WAIT"], port)[cookie]
+            assert 0.2 <= age <= time.monotonic() - started + 0.05
+            server.sendall(b"x")  # the client ACKs it: a segment after the FIN
+            assert client.recv(1) == b"x"
+            wait_until(lambda: tcpclose_kernel.received_ages(["CLOSE_WAIT"], port)[cookie] < 0.2)
+            client.close()
 
 
 def test_watch_shows_the_change_per_refresh(

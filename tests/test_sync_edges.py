@@ -1,6 +1,7 @@
 """The sync driver's edges from issue 20: each one reproduced first, then fixed.
 
 Real loopback connections; the kernel's view from ``tcpclose.lookup`` and ``ss``.
+(Item 8's forked fd holder applies to every driver: ``tests/test_conformance.py``.)
 """
 
 from __future__ import annotations
@@ -8,8 +9,6 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import tracemalloc
@@ -19,7 +18,7 @@ import pytest
 import tcpclose
 from tcpclose import TcpState
 from tcpclose._plan import Outcome
-from tests._support import addr, fill_send_queue, ss_lookup, tcp_pair, wait_until
+from tests._support import addr, fill_send_queue, ss_lookup, tcp_pair
 
 
 def set_linger(sock: socket.socket, on: int, seconds: int) -> None:
@@ -229,50 +228,6 @@ def test_peer_eof_after_own_read_shutdown_is_still_seen(family: int) -> None:
     report = tcpclose.close(server, "graceful")
     assert report.peer_eof
     assert report.outcome is Outcome.PEER_EOF
-
-
-def _hold_fd_in_child(sock: socket.socket) -> subprocess.Popen[bytes]:
-    """A child process sharing ``sock``'s open file (as after fork), until its stdin
-    closes."""
-    return subprocess.Popen(
-        [sys.executable, "-c", "import sys; sys.stdin.read()"],
-        stdin=subprocess.PIPE,
-        pass_fds=[sock.fileno()],
-    )
-
-
-@pytest.mark.parametrize("policy", ["abort", "default"])
-def test_rst_is_not_claimed_while_another_process_holds_the_socket(
-    family: int, policy: str
-) -> None:
-    """Issue 20 (8): a forked process holding the fd keeps the socket open after our
-    close(), so no RST goes out, yet the report said ``rst_sent=True`` while the
-    4-tuple was still ESTABLISHED (4 of 300 in the probe). The kernel decides."""
-    client, server = tcp_pair(family)
-    local, peer = addr(server), addr(server, peer=True)
-    client.sendall(b"unread: a plain close would reset")
-    wait_until(lambda: tcpclose.queues(server).unread, message="the bytes arrive")
-    child = _hold_fd_in_child(server)
-    try:
-        if policy == "default":  # (the unread bytes: TC102, as for any plain close)
-            with pytest.warns(tcpclose.DataLossWarning, match="TC102"):
-                report = tcpclose.close(server, policy)
-        else:
-            report = tcpclose.close(server, policy, allow_data_loss=True)
-        entry = ss_lookup(local, peer)
-        assert entry is not None
-        assert entry.state == "ESTAB"  # nothing was sent: the child still holds it
-        assert report.state is TcpState.ESTABLISHED
-        assert not report.rst_sent
-    finally:
-        assert child.stdin is not None
-        child.stdin.close()
-        child.wait(10)
-    # The child's exit released the last reference: now the reset goes out.
-    client.settimeout(5)
-    with pytest.raises(ConnectionResetError):
-        client.recv(100)
-    client.close()
 
 
 def test_connecting_socket_is_a_value_error(family: int) -> None:

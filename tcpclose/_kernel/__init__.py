@@ -28,12 +28,12 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Final, Protocol, TypeAlias
 
 from ._address import FourTuple, parse_four_tuple
-from ._netlink import NetlinkBackend
+from ._netlink import NetlinkBackend, dump_with_info
 from ._netlink import probe as netlink_probe
 from ._procfs import ProcfsBackend
 from ._sockopt import SocketLike, queues, socket_cookie, tcp_info
 from ._summary import Summary
-from ._tcpinfo import TcpInfo
+from ._tcpinfo import TcpInfo, decode_tcp_info
 from ._types import Address, KernelState, Queues, Source, TcpState, TimerKind
 from ._unsupported import UnsupportedBackend
 
@@ -288,3 +288,28 @@ def summary(
     wanted = _wanted_states(states)
     _check_port(port)
     return current_backend().summary(wanted, port, _wanted_families(family))
+
+
+def received_ages(
+    states: TcpState | str | Iterable[TcpState | str], port: int | None = None
+) -> dict[int, float]:
+    """Seconds since each socket in ``states`` last received a segment (data or ACK),
+    by ``SO_COOKIE``, from the kernel's ``tcp_info`` (``tcpi_last_data_recv`` and
+    ``tcpi_last_ack_recv``). For a CLOSE_WAIT socket this is a lower bound of how long
+    it has been in CLOSE_WAIT: the peer's FIN was a segment, and anything later is
+    later. Empty where the kernel view is not sock_diag (``/proc`` has no such field).
+
+    Raises:
+        ValueError, TimeoutError, KernelViewError: as :func:`dump`.
+    """
+    wanted = _wanted_states(states)
+    _check_port(port)
+    if not isinstance(current_backend(), NetlinkBackend):
+        return {}
+    ages: dict[int, float] = {}
+    for entry, info_bytes in dump_with_info(wanted, port, _wanted_families(None)):
+        if info_bytes is None or not entry.cookie:
+            continue
+        info = decode_tcp_info(info_bytes)
+        ages[entry.cookie] = min(info.last_data_recv, info.last_ack_recv)
+    return ages

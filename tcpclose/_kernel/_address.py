@@ -20,6 +20,7 @@ from typing import Final, NamedTuple
 __all__ = (
     "MAPPED_PREFIX",
     "FourTuple",
+    "format_address",
     "format_host",
     "parse_endpoint",
     "parse_four_tuple",
@@ -231,3 +232,14 @@ peer=b'\\x7f\\x00\\x00\\x01', peer_port=51000, scope_id=0)
             f"({socket.AddressFamily(lfam).name} and {socket.AddressFamily(pfam).name})"
         )
     return FourTuple(lfam, lraw, lport, praw, pport, lscope or pscope)
+
+
+def format_address(address: tuple[str, int]) -> str:
+    """``host:port``, with brackets around an IPv6 host: how every report, finding and
+    table of tcpclose writes an address.
+
+    >>> format_address(("10.0.0.5", 443)), format_address(("::1", 8080))
+    ('10.0.0.5:443', '[::1]:8080')
+    """
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
