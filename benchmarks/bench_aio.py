@@ -1,35 +1,77 @@
-"""Short connections against asyncio servers: plain asyncio vs tcpclose.aio, per policy.
+"""Short connections against asyncio servers: tcpclose.aio, per policy, against the
+same closes written by hand.
 
 A separate client process opens N short connections (64 at a time): it sends a
 request, reads a response of known length and closes as soon as it has all of it.
 The server, in this process, is ``asyncio.start_server`` with a handler that writes
-the response and calls ``writer.close()`` (plain), or ``tcpclose.aio.start_server``
-with the same handler returning, for each policy, with reports on (an ``on_close``
-receives every report) and off. All runs happen in one invocation, on loopback.
+the response and closes, or ``tcpclose.aio.start_server`` with the same handler
+returning. All rows run in one invocation, on loopback, in a network namespace of the
+benchmark's own when run as root (the TIME_WAIT counts are then this run's alone).
 
-For each run: connections per second (the client's wall time), the ratio to plain
-asyncio, the server's CPU time per connection, client-side errors (a reset before the
-whole response arrived) and the TIME_WAIT entries left on the server's side of the
-port (``tcpclose.kernel.dump``).
+Rows (``kind`` in the JSON):
 
-Reference rows, plain ``asyncio.start_server`` with no library logic, give the floors:
+* floors, plain ``asyncio.start_server`` with no library code, each named for the close
+  its handler does:
 
-* "asyncio, graceful by hand": the handler does a graceful close itself
-  (``write_eof()``, read to EOF, ``close()``): what waiting for the peer's FIN costs,
-  the floor for ``graceful`` and ``peer-first`` with reports off;
-* "... + report reads": the same closes (plain ``close()``, graceful by hand) plus the
-  three kernel reads a report is made of (``SO_COOKIE`` and ``TCP_INFO`` before the
-  close, the sock_diag lookup of the 4-tuple after it): the floors with reports on.
+  - ``plain asyncio``: ``writer.close()``; the floor of ``default`` with reports off;
+  - ``by hand: graceful``: ``write_eof()``, read to EOF, ``close()``; the floor of
+    ``graceful`` and ``peer-first`` with reports off;
+  - ``by hand: abort``: ``SO_LINGER {1, 0}``, then ``transport.abort()`` (the fd's
+    close sends the RST); the floor of ``abort`` with reports off;
+  - ``by hand: close + report reads``, ``by hand: graceful + report reads``,
+    ``by hand: abort + report reads``: the same closes plus the three kernel reads a
+    report is made of, with raw system calls (``SO_COOKIE`` and ``TCP_INFO`` before the
+    close, the ``sock_diag`` lookup of the 4-tuple after it); the floors with reports on;
 
-The rounds are interleaved and each round runs in a shuffled order (seeded), so that a
-slow spell of the machine, or the TIME_WAIT entries earlier runs leave in the kernel's
-tables, do not always fall on the same rows; the table shows each row's median.
+* the library: each policy with reports off, with reports on (``eager``: the kernel
+  state looked up at each close, the default), and, when ``tcpclose.aio.start_server``
+  takes a ``kernel_state`` keyword, with reports on and ``kernel_state="lazy"`` (looked
+  up on first access: this benchmark's ``on_close`` counts reports and never reads it)
+  and one ``graceful`` row with the sampled setting (``--sampled``, default
+  ``sampled:0.1``); without that keyword those rows are skipped and the output says why;
 
-Targets: >= 0.9x plain with reports off, >= 0.8x with reports on; peer-first leaves no
-TIME_WAIT on the server's side.
+* calibration: ``plain asyncio`` plus a busy-wait of 2, 5 and 10 µs per connection in
+  the handler: how much throughput a microsecond of server CPU costs on this loop
+  (uvloop's plain server outruns the client, so extra server CPU first shows as idle
+  client time and then, past a knee, as lost throughput).
 
-Usage: python benchmarks/bench_aio.py [--quick] [--connections N] [--loop asyncio|uvloop]
-       [--json PATH]
+For each row: connections per second (the client's wall time), its ratio to plain
+asyncio and to its floor, the server's CPU time per connection (``getrusage`` of the
+server process over the run, divided by N) and its excess over the floor's, client-side
+errors (a response cut short), reports delivered, and the TIME_WAIT entries left on
+the server's and on the client's side of the port (``tcpclose.kernel.dump``).
+
+The rounds are interleaved and each round runs every row in a shuffled order (seeded),
+so that a slow spell of the machine, or the TIME_WAIT entries earlier runs leave in the
+kernel's tables, do not always fall on the same rows; each row's figures are medians
+over the rounds, and a ratio is the ratio of two medians from the same rounds.
+
+Targets (issue 16), each printed as met / NOT met and stored under ``targets``:
+
+* reports off: every policy >= 0.97x its floor (``graceful`` and ``peer-first``:
+  ``by hand: graceful``; ``abort``: ``by hand: abort``; ``default``: ``plain asyncio``);
+* reports on, ``eager``: >= 0.95x the same floor + report reads;
+* reports on, ``lazy``: >= 0.92x the reports-off floor;
+* ``peer-first`` leaves 0 TIME_WAIT on the server's side, where ``by hand: graceful``
+  leaves one per connection (less the client ports that repeat within a run);
+* every response whole (0 client errors) and every report delivered.
+
+Instruction counts (``--instructions``): after the timed rounds, each non-calibration
+row runs once more in a server process of its own under ``valgrind --tool=callgrind``
+(hardware counters through ``perf`` are not available on every virtual machine;
+callgrind counts user-space instructions only, repeatable to well under 1 %). The
+server runs a warm-up of ``--instructions-warmup`` connections, then ``os.getsid(0)``,
+which callgrind is told to zero its counters before (``--zero-before=os_getsid``),
+then ``--instructions-connections`` connections from the native client, then, once its
+last close finished, ``os.getpgid(0)``, which callgrind dumps the counters before
+(``--dump-before=os_getpgid``). Instructions per connection = the dumped total / N: no
+interpreter start-up, imports or warm-up in it, and nothing of the client. Under
+callgrind the server runs some 50 times slower, so the client's 64 connections always
+wait on it, as in the timed runs. The busy-wait rows are left out: their wait is wall
+time, which valgrind stretches.
+
+Usage: python benchmarks/bench_aio.py [--quick] [--connections N] [--rounds R]
+       [--loop asyncio|uvloop] [--instructions] [--json PATH]
 """
 
 from __future__ import annotations
@@ -38,16 +80,23 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import inspect
 import json
 import os
 import platform
 import random
+import re
 import resource
+import shutil
 import socket
+import struct
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -56,6 +105,10 @@ REQUEST = b"GET / HTTP/1.1\r\n\r\n"
 RESPONSE_SIZE = 4096
 CONCURRENCY = 64
 RUN_TIMEOUT_S = 120.0
+#: The busy-wait calibration rows: µs of spin per connection.
+BUSY_WAIT_US = (2.0, 5.0, 10.0)
+#: A server process under callgrind: at most this long per row.
+INSTRUCTIONS_TIMEOUT_S = 900.0
 
 
 # -- the client process ------------------------------------------------------------------------
@@ -122,16 +175,17 @@ def client_main(host: str, port: int, total: int, concurrency: int) -> None:
     print(json.dumps(result))
 
 
-# -- the server side ---------------------------------------------------------------------------
+# -- the server's handlers: the floors, written by hand ----------------------------------------
 
 
 RESPONSE = b"r" * RESPONSE_SIZE
-
 
 #: ``struct tcp_info``'s size on Linux 6.x: what a report reads before the close.
 _TCP_INFO_SIZE = 232
 #: ``SO_COOKIE`` on Linux (the socket module does not name it).
 _SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
+#: ``struct linger {l_onoff = 1, l_linger = 0}``: the fd's close sends RST.
+_LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
 def _report_reads(writer: asyncio.StreamWriter) -> Callable[[], None]:
@@ -151,31 +205,52 @@ def _report_reads(writer: asyncio.StreamWriter) -> Callable[[], None]:
     return lookup
 
 
-def _close(writer: asyncio.StreamWriter, report_reads: bool) -> None:
-    """``writer.close()``; with ``report_reads``, the report's kernel reads around it
-    (the transport closes the fd on the next loop turn: the lookup runs after it)."""
+def _close(writer: asyncio.StreamWriter, report_reads: bool, abort: bool = False) -> None:
+    """``writer.close()`` (with ``abort``: ``SO_LINGER {1, 0}`` then
+    ``transport.abort()``, as the library's ``abort``); with ``report_reads``, the
+    report's kernel reads around it (the transport closes the fd on the next loop turn:
+    the lookup runs after it)."""
     lookup = _report_reads(writer) if report_reads else None
-    writer.close()
+    if abort:
+        writer.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO
+        )
+        writer.transport.abort()
+    else:
+        writer.close()
     if lookup is not None:
         asyncio.get_running_loop().call_soon(lookup)
 
 
+def _busy_wait(us: float) -> None:
+    """Spin (no sleep, no system call) for ``us`` microseconds of wall time."""
+    end = time.perf_counter_ns() + int(us * 1000)
+    while time.perf_counter_ns() < end:
+        pass
+
+
 async def _plain_handler(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, report_reads: bool = False
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    report_reads: bool = False,
+    abort: bool = False,
+    busy_wait_us: float = 0.0,
 ) -> None:
-    """Plain asyncio: answer, then ``writer.close()``."""
+    """Plain asyncio: answer, then ``writer.close()`` (or the abort by hand)."""
     try:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(RESPONSE)
     except (asyncio.IncompleteReadError, ConnectionError):
-        pass
-    _close(writer, report_reads)
+        report_reads = abort = False  # (the connection is gone: nothing to read)
+    if busy_wait_us:
+        _busy_wait(busy_wait_us)
+    _close(writer, report_reads, abort)
 
 
 async def _graceful_by_hand(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, report_reads: bool = False
 ) -> None:
-    """A reference: a graceful close written in the handler, no library."""
+    """A graceful close written in the handler, no library."""
     try:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(RESPONSE)
@@ -194,6 +269,162 @@ async def _policy_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWr
     except (asyncio.IncompleteReadError, ConnectionError):
         pass
     # returning applies the policy
+
+
+# -- the rows ----------------------------------------------------------------------------------
+
+FLOOR, LIBRARY, CALIBRATION = "floor", "library", "calibration"
+
+PLAIN = "plain asyncio"
+GRACEFUL_BY_HAND = "by hand: graceful"
+ABORT_BY_HAND = "by hand: abort"
+CLOSE_READS = "by hand: close + report reads"
+GRACEFUL_READS = "by hand: graceful + report reads"
+ABORT_READS = "by hand: abort + report reads"
+
+#: The floors' handlers, by row name.
+_FLOOR_HANDLERS: dict[str, Callable[..., Any]] = {
+    PLAIN: _plain_handler,
+    GRACEFUL_BY_HAND: _graceful_by_hand,
+    ABORT_BY_HAND: functools.partial(_plain_handler, abort=True),
+    CLOSE_READS: functools.partial(_plain_handler, report_reads=True),
+    GRACEFUL_READS: functools.partial(_graceful_by_hand, report_reads=True),
+    ABORT_READS: functools.partial(_plain_handler, report_reads=True, abort=True),
+}
+
+#: (label, policy text, floor with reports off, floor with reports on)
+POLICIES: tuple[tuple[str, str, str, str], ...] = (
+    ("graceful", "graceful", GRACEFUL_BY_HAND, GRACEFUL_READS),
+    ("peer-first", "peer-first timeout=5s", GRACEFUL_BY_HAND, GRACEFUL_READS),
+    ("abort", "abort", ABORT_BY_HAND, ABORT_READS),
+    ("default", "default", PLAIN, CLOSE_READS),
+)
+
+#: Issue 16's targets: a row's ratio to its floor.
+TARGET_REPORTS_OFF = 0.97
+TARGET_EAGER = 0.95
+TARGET_LAZY = 0.92
+
+
+@dataclass(frozen=True)
+class Row:
+    """One server set-up the benchmark measures."""
+
+    name: str
+    kind: str
+    #: the policy text (library rows), else None
+    policy: str | None = None
+    reports: bool = False
+    #: what a report's kernel state is: "eager" (the library's default, not passed),
+    #: "lazy", "sampled"; None with reports off and for the floors
+    kernel_state: str | None = None
+    #: the value passed as ``kernel_state=`` (None: the keyword is not passed)
+    kernel_state_arg: object = None
+    busy_wait_us: float = 0.0
+    #: the row it is compared with, and the ratio to it that issue 16 asks for
+    floor: str | None = None
+    target: float | None = None
+
+    def handler(self) -> Callable[..., Any]:
+        if self.busy_wait_us:
+            return functools.partial(_plain_handler, busy_wait_us=self.busy_wait_us)
+        return _FLOOR_HANDLERS[self.name]
+
+
+def kernel_state_support() -> str:
+    """``""`` when ``tcpclose.aio.start_server`` takes a ``kernel_state`` keyword (its
+    own, or one of :class:`~tcpclose.aio.ServerOptions`), else why the rows that need
+    it are skipped."""
+    import tcpclose.aio
+
+    parameters = inspect.signature(tcpclose.aio.start_server).parameters
+    options = getattr(tcpclose.aio, "ServerOptions", None)
+    if "kernel_state" in parameters or "kernel_state" in getattr(options, "__annotations__", {}):
+        return ""
+    return "tcpclose.aio.start_server takes no kernel_state keyword (issue 16 item 4 not merged)"
+
+
+def _argument(text: str) -> object:
+    """``--sampled`` as given: a number when it reads as one, else the text."""
+    with contextlib.suppress(ValueError):
+        return float(text)
+    return text
+
+
+def make_rows(kernel_state: bool, sampled: str) -> list[Row]:
+    """Every row, floors first (``plain asyncio`` first of all: the ratios' baseline).
+    ``kernel_state``: whether the library takes the keyword (the lazy and sampled rows)."""
+    rows = [Row(name, FLOOR) for name in _FLOOR_HANDLERS]
+    for label, policy, floor_off, floor_on in POLICIES:
+        rows.append(
+            Row(
+                f"{label}, reports off",
+                LIBRARY,
+                policy,
+                False,
+                None,
+                None,
+                0.0,
+                floor_off,
+                TARGET_REPORTS_OFF,
+            )
+        )
+        rows.append(
+            Row(
+                f"{label}, reports on, eager",
+                LIBRARY,
+                policy,
+                True,
+                "eager",
+                None,
+                0.0,
+                floor_on,
+                TARGET_EAGER,
+            )
+        )
+        if kernel_state:
+            rows.append(
+                Row(
+                    f"{label}, reports on, lazy",
+                    LIBRARY,
+                    policy,
+                    True,
+                    "lazy",
+                    "lazy",
+                    0.0,
+                    floor_off,
+                    TARGET_LAZY,
+                )
+            )
+    if kernel_state:
+        rows.append(
+            Row(
+                f"graceful, reports on, {sampled}",
+                LIBRARY,
+                "graceful",
+                True,
+                "sampled",
+                _argument(sampled),
+                floor=GRACEFUL_READS,
+            )
+        )
+    rows.extend(
+        Row(f"plain + busy-wait {us:g} µs", CALIBRATION, busy_wait_us=us, floor=PLAIN)
+        for us in BUSY_WAIT_US
+    )
+    return rows
+
+
+def skipped_rows(reason: str, sampled: str) -> list[dict[str, Any]]:
+    """The rows (and targets) left out when the library lacks ``kernel_state``."""
+    if not reason:
+        return []
+    names = [f"{label}, reports on, lazy" for label, *_ in POLICIES]
+    names.append(f"graceful, reports on, {sampled}")
+    return [{"name": name, "reason": reason} for name in names]
+
+
+# -- one run -----------------------------------------------------------------------------------
 
 
 def _server_time_wait(port: int) -> int | None:
@@ -249,31 +480,14 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-#: The policy names of the runs without tcpclose, and their handlers.
-PLAIN = None
-BY_HAND = "asyncio-graceful-by-hand"
-BY_HAND_REPORTED = "asyncio-close-by-hand-report-reads"
-GRACEFUL_BY_HAND_REPORTED = "asyncio-graceful-by-hand-report-reads"
-_HANDLERS: dict[str | None, Callable[..., Any]] = {
-    PLAIN: _plain_handler,
-    BY_HAND: _graceful_by_hand,
-    BY_HAND_REPORTED: functools.partial(_plain_handler, report_reads=True),
-    GRACEFUL_BY_HAND_REPORTED: functools.partial(_graceful_by_hand, report_reads=True),
-}
-
-
-async def _one_run(name: str, policy: str | None, report: bool, total: int) -> dict[str, Any]:
+async def _start(row: Row) -> tuple[Any, Callable[[], int], Callable[[], int]]:
+    """The row's server on an ephemeral port; functions giving its open connections
+    and the reports it delivered."""
     import tcpclose.aio
 
-    reports = 0
-    open_conns = 0
-
-    def count(_: object) -> None:
-        nonlocal reports
-        reports += 1
-
-    if policy is None or policy in _HANDLERS:
-        handler = _HANDLERS[policy]
+    if row.policy is None:
+        handler = row.handler()
+        open_conns = 0
 
         async def plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             nonlocal open_conns
@@ -284,15 +498,33 @@ async def _one_run(name: str, policy: str | None, report: bool, total: int) -> d
                 open_conns -= 1
 
         server: Any = await asyncio.start_server(plain, "127.0.0.1", 0, backlog=1024)
-    else:
-        server = await tcpclose.aio.start_server(
-            _policy_handler,
-            "127.0.0.1",
-            0,
-            backlog=1024,
-            close_policy=policy,
-            on_close=count if report else None,
-        )
+        return server, lambda: open_conns, lambda: 0
+    reports = 0
+
+    def count(_: object) -> None:
+        nonlocal reports
+        reports += 1
+
+    extra: dict[str, Any] = {}
+    if row.kernel_state_arg is not None:
+        extra["kernel_state"] = row.kernel_state_arg
+    server = await tcpclose.aio.start_server(
+        _policy_handler,
+        "127.0.0.1",
+        0,
+        backlog=1024,
+        close_policy=row.policy,
+        on_close=count if row.reports else None,
+        **extra,
+    )
+    return server, lambda: server.open_connections, lambda: reports
+
+
+async def _one_run(row: Row, total: int, *, mark_for_callgrind: bool = False) -> dict[str, Any]:
+    """``total`` connections against the row's server. With ``mark_for_callgrind``, the
+    window callgrind counts is marked by ``os.getsid`` (zero) after the client started
+    and ``os.getpgid`` (dump) once the last close has finished (see the module's doc)."""
+    server, busy, delivered = await _start(row)
     port = server.sockets[0].getsockname()[1]
     cpu_before = _cpu_s()
     proc = await asyncio.create_subprocess_exec(
@@ -305,8 +537,12 @@ async def _one_run(name: str, policy: str | None, report: bool, total: int) -> d
         str(CONCURRENCY),
         stdout=asyncio.subprocess.PIPE,
     )
+    if mark_for_callgrind:
+        os.getsid(0)  # callgrind: --zero-before=os_getsid
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT_S)
+        out, _ = await asyncio.wait_for(
+            proc.communicate(), RUN_TIMEOUT_S * (50 if mark_for_callgrind else 1)
+        )
     except TimeoutError:
         proc.kill()
         await proc.wait()
@@ -314,19 +550,16 @@ async def _one_run(name: str, policy: str | None, report: bool, total: int) -> d
     result: dict[str, Any] = json.loads(out)
     # Let the last closes finish (bounded), then count what the kernel holds.
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        busy = open_conns if policy in _HANDLERS else server.open_connections
-        if not busy:
-            break
+    while busy() and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
+    if mark_for_callgrind:
+        os.getpgid(0)  # callgrind: --dump-before=os_getpgid
     cpu = _cpu_s() - cpu_before
     server.close()
     await server.wait_closed()
     result.update(
-        name=name,
-        policy=policy,
-        reports=report,
-        reports_received=reports,
+        name=row.name,
+        reports_received=delivered(),
         connections_per_s=total / result["elapsed_s"],
         server_cpu_us_per_conn=cpu / total * 1e6,
         server_time_wait=_server_time_wait(port),
@@ -335,38 +568,91 @@ async def _one_run(name: str, policy: str | None, report: bool, total: int) -> d
     return result
 
 
-RUNS: list[tuple[str, str | None, bool]] = [
-    ("plain asyncio", PLAIN, False),
-    ("asyncio, graceful by hand", BY_HAND, False),
-    ("asyncio, close by hand + report reads", BY_HAND_REPORTED, True),
-    ("asyncio, graceful by hand + report reads", GRACEFUL_BY_HAND_REPORTED, True),
-    ("graceful, reports off", "graceful", False),
-    ("graceful, reports on", "graceful", True),
-    ("peer-first, reports off", "peer-first timeout=5s", False),
-    ("peer-first, reports on", "peer-first timeout=5s", True),
-    ("abort, reports off", "abort", False),
-    ("abort, reports on", "abort", True),
-    ("default, reports off", "default", False),
-    ("default, reports on", "default", True),
-]
-
-
-async def _all_runs(total: int, rounds: int, seed: int) -> list[list[dict[str, Any]]]:
-    """``rounds`` rounds of every run, interleaved and each in a shuffled order, so that
+async def _all_runs(
+    rows: list[Row], total: int, rounds: int, seed: int
+) -> list[list[dict[str, Any]]]:
+    """``rounds`` rounds of every row, interleaved and each in a shuffled order, so that
     a slow spell of the machine (or the TIME_WAIT entries of earlier runs) hits all of
-    them alike; the table uses each run's median."""
-    samples: list[list[dict[str, Any]]] = [[] for _ in RUNS]
+    them alike; the table uses each row's median."""
+    samples: list[list[dict[str, Any]]] = [[] for _ in rows]
     shuffler = random.Random(seed)
-    await _one_run("warm-up", PLAIN, False, min(total, 1000))  # imports, allocator
+    await _one_run(rows[0], min(total, 1000))  # warm-up: imports, allocator
     for number in range(rounds):
-        await _room_for_time_wait(total * len(RUNS))
+        await _room_for_time_wait(total * len(rows))
         print(f"round {number + 1}/{rounds}", flush=True)
-        order = list(range(len(RUNS)))
+        order = list(range(len(rows)))
         shuffler.shuffle(order)
         for index in order:
-            name, policy, report = RUNS[index]
-            samples[index].append(await _one_run(name, policy, report, total))
+            samples[index].append(await _one_run(rows[index], total))
     return samples
+
+
+# -- instruction counts (callgrind) ------------------------------------------------------------
+
+#: callgrind's dump of the marked window: ``summary: <instructions>``.
+_SUMMARY = re.compile(r"^summary:\s*(\d+)", re.MULTILINE)
+
+
+def instructions_unavailable() -> str:
+    """``""`` when valgrind can count, else why not."""
+    if shutil.which("valgrind") is None:
+        return "valgrind is not installed"
+    return ""
+
+
+def count_instructions(
+    row: Row, total: int, warmup: int, loop: str, sampled: str
+) -> dict[str, Any]:
+    """The row's server in a process of its own under callgrind: instructions per
+    connection over ``total`` connections, after ``warmup`` of them."""
+    with tempfile.TemporaryDirectory(prefix="bench_aio_callgrind_") as tmp:
+        out = Path(tmp) / "callgrind.out"
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            "--zero-before=os_getsid",
+            "--dump-before=os_getpgid",
+            sys.executable,
+            __file__,
+            "--serve",
+            row.name,
+            "--connections",
+            str(total),
+            "--instructions-warmup",
+            str(warmup),
+            "--loop",
+            loop,
+            "--sampled",
+            sampled,
+        ]
+        env = dict(os.environ, PYTHONHASHSEED="0")  # the same dict layouts every time
+        started = time.monotonic()
+        proc = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=INSTRUCTIONS_TIMEOUT_S,
+            env=env,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{row.name} under callgrind failed:\n{proc.stdout}\n{proc.stderr}")
+        dumps = sorted(Path(tmp).glob("callgrind.out.1"))
+        if len(dumps) != 1:
+            raise RuntimeError(f"{row.name}: no callgrind dump of the marked window")
+        match = _SUMMARY.search(dumps[0].read_text())
+        if match is None:
+            raise RuntimeError(f"{row.name}: no summary line in {dumps[0].name}")
+        run = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {
+        "instructions_per_conn": int(match.group(1)) / total,
+        "errors": run["errors"],
+        "wall_s": time.monotonic() - started,
+    }
+
+
+# -- the summary -------------------------------------------------------------------------------
 
 
 def _median(values: list[float]) -> float:
@@ -377,101 +663,332 @@ def _median(values: list[float]) -> float:
     return (ordered[middle - 1] + ordered[middle]) / 2
 
 
-def _summarize(samples: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    rows = []
-    for (name, policy, report), runs in zip(RUNS, samples, strict=True):
-        rows.append(
+def summarize(rows: list[Row], samples: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One record per row: medians over the rounds, ratios to plain and to the floor
+    (the columns a reader wants first come first: the docs' tables keep this order)."""
+    median = {
+        row.name: (
+            _median([r["connections_per_s"] for r in runs]),
+            _median([r["server_cpu_us_per_conn"] for r in runs]),
+        )
+        for row, runs in zip(rows, samples, strict=True)
+    }
+    plain_rate, plain_cpu = median[PLAIN]
+    records = []
+    for row, runs in zip(rows, samples, strict=True):
+        rate, cpu = median[row.name]
+        floor = median.get(row.floor or "")
+        ratio_to_floor = None if floor is None else rate / floor[0]
+        records.append(
             {
-                "name": name,
-                "policy": policy,
-                "reports": report,
-                "connections_per_s": _median([r["connections_per_s"] for r in runs]),
-                "server_cpu_us_per_conn": _median([r["server_cpu_us_per_conn"] for r in runs]),
+                "name": row.name,
+                "connections_per_s": rate,
+                "ratio_to_plain": rate / plain_rate,
+                "floor": row.floor,
+                "ratio_to_floor": ratio_to_floor,
+                "target_vs_floor": row.target,
+                "meets_target": (
+                    None
+                    if row.target is None or ratio_to_floor is None
+                    else ratio_to_floor >= row.target
+                ),
+                "server_cpu_us_per_conn": cpu,
+                "server_cpu_us_over_floor": None if floor is None else cpu - floor[1],
+                # The floor's CPU over the row's: the throughput ratio a server that
+                # alone sets the pace would show; load from elsewhere moves it less.
+                "cpu_ratio_to_floor": None if floor is None else floor[1] / cpu,
+                "instructions_per_conn": None,
+                "instructions_over_floor": None,
+                "instructions_ratio_to_floor": None,
                 "server_time_wait": max((r["server_time_wait"] or 0) for r in runs),
                 "client_time_wait": max((r["client_time_wait"] or 0) for r in runs),
                 "errors": sum(r["errors"] for r in runs),
+                "reports_missing": (
+                    sum(r["ok"] + r["errors"] - r["reports_received"] for r in runs)
+                    if row.reports and row.kind == LIBRARY
+                    else 0
+                ),
+                "kind": row.kind,
+                "policy": row.policy,
+                "reports": row.reports,
+                "kernel_state": row.kernel_state,
+                "busy_wait_us": row.busy_wait_us,
+                "cpu_ratio_to_plain": cpu / plain_cpu,
+                "instructions_ratio_to_plain": None,
                 "samples": runs,
             }
         )
-    plain = rows[0]
-    for row in rows:
-        row["ratio_to_plain"] = row["connections_per_s"] / plain["connections_per_s"]
-        row["cpu_ratio_to_plain"] = row["server_cpu_us_per_conn"] / plain["server_cpu_us_per_conn"]
-    return rows
+    return records
 
 
-def _has_target(row: dict[str, Any]) -> bool:
-    return row["policy"] not in _HANDLERS
+def add_instructions(records: list[dict[str, Any]], counted: dict[str, dict[str, Any]]) -> None:
+    """Put the callgrind counts beside the timed figures."""
+    by_name = {r["name"]: r for r in records}
+    for record in records:
+        found = counted.get(record["name"])
+        record["instructions_per_conn"] = None if found is None else found["instructions_per_conn"]
+    plain = by_name[PLAIN]["instructions_per_conn"]
+    for record in records:
+        own = record["instructions_per_conn"]
+        floor = by_name.get(record["floor"] or "", {}).get("instructions_per_conn")
+        record["instructions_ratio_to_plain"] = None if own is None or not plain else own / plain
+        record["instructions_over_floor"] = None if own is None or floor is None else own - floor
+        record["instructions_ratio_to_floor"] = None if own is None or not floor else floor / own
 
 
-def _print_table(rows: list[dict[str, Any]], total: int) -> None:
-    print(
-        f"\n  {'server':<42} {'conn/s':>8} {'ratio':>6} {'target':>7}"
-        f" {'server CPU/conn':>16} {'TIME_WAIT here':>15} {'errors':>7}"
-    )
-    for row in rows:
-        target = "" if not _has_target(row) else (">=0.8" if row["reports"] else ">=0.9")
-        print(
-            f"  {row['name']:<42} {row['connections_per_s']:8.0f} {row['ratio_to_plain']:5.2f}x"
-            f" {target:>7} {row['server_cpu_us_per_conn']:11.0f} µs"
-            f" {row['cpu_ratio_to_plain']:4.2f}x"
-            f" {row['server_time_wait']:>9}/{total} {row['errors']:>7}"
+def targets(
+    records: list[dict[str, Any]], total: int
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The ratio targets, one record each; and the other checks (TIME_WAIT, whole
+    responses, reports), with ``all_targets_met`` over both."""
+    by_name = {r["name"]: r for r in records}
+    ratio_targets = []
+    for record in records:
+        if record["target_vs_floor"] is None:
+            continue
+        floor = by_name[record["floor"]]
+        ratio_targets.append(
+            {
+                "row": record["name"],
+                "floor": record["floor"],
+                "ratio_to_floor": record["ratio_to_floor"],
+                "target": record["target_vs_floor"],
+                "met": record["meets_target"],
+                "server_cpu_us_over_floor": record["server_cpu_us_over_floor"],
+                "instructions_over_floor": record["instructions_over_floor"],
+                "cpu_ratio_to_floor": record["cpu_ratio_to_floor"],
+                "instructions_ratio_to_floor": record["instructions_ratio_to_floor"],
+                "connections_per_s": record["connections_per_s"],
+                "floor_connections_per_s": floor["connections_per_s"],
+            }
         )
+    peer_first = [
+        r["server_time_wait"] for r in records if (r["policy"] or "").startswith("peer-first")
+    ]
+    by_hand = by_name[GRACEFUL_BY_HAND]["server_time_wait"]
+    library = [r for r in records if r["kind"] == LIBRARY]
+    errors = sum(r["errors"] for r in records)
+    missing = sum(r["reports_missing"] for r in library)
+    checks: dict[str, Any] = {
+        "peer_first_server_time_wait": peer_first,
+        "graceful_by_hand_server_time_wait": by_hand,
+        "connections_per_run": total,
+        "peer_first_leaves_no_time_wait": all(tw == 0 for tw in peer_first) and by_hand > 0,
+        "client_errors": errors,
+        "reports_missing": missing,
+        "every_response_whole": errors == 0 and missing == 0,
+    }
+    checks["all_targets_met"] = (
+        all(t["met"] for t in ratio_targets)
+        and checks["peer_first_leaves_no_time_wait"]
+        and checks["every_response_whole"]
+    )
+    return ratio_targets, checks
+
+
+def calibration(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The busy-wait rows: µs of spin against throughput lost."""
+    return [
+        {
+            "busy_wait_us": r["busy_wait_us"],
+            "ratio_to_plain": r["ratio_to_plain"],
+            "server_cpu_us_over_plain": r["server_cpu_us_over_floor"],
+            "throughput_lost_per_us": (1 - r["ratio_to_plain"]) / r["busy_wait_us"],
+        }
+        for r in records
+        if r["kind"] == CALIBRATION
+    ]
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def _times(value: float | None) -> str:
+    return "    -" if value is None else f"{value:4.2f}x"
+
+
+def print_table(records: list[dict[str, Any]], total: int) -> None:
+    print(
+        f"\n  {'row':<44} {'conn/s':>7} {'plain':>5} {'floor':>5} {'target':>6}"
+        f" {'CPU µs/conn':>11} {'+floor':>6} {'instr/conn':>10} {'TW here':>10} {'errors':>6}"
+    )
+    kind = ""
+    for r in records:
+        if r["kind"] != kind:
+            kind = r["kind"]
+            print(f"  [{kind}]")
+        target = "" if r["target_vs_floor"] is None else f">={r['target_vs_floor']:.2f}"
+        over_floor = _fmt(r["server_cpu_us_over_floor"], "+6.1f")
+        print(
+            f"  {r['name']:<44} {r['connections_per_s']:7.0f} {_times(r['ratio_to_plain'])}"
+            f" {_times(r['ratio_to_floor'])} {target:>6}"
+            f" {r['server_cpu_us_per_conn']:11.1f} {over_floor:>6}"
+            f" {_fmt(r['instructions_per_conn'], ',.0f'):>10}"
+            f" {r['server_time_wait']:>5}/{total} {r['errors']:>6}"
+        )
+
+
+def print_verdicts(
+    ratio_targets: list[dict[str, Any]],
+    checks: dict[str, Any],
+    skipped: list[dict[str, Any]],
+    rounds: int,
+) -> None:
+    print(f"\ntargets (issue 16): ratios of medians over {rounds} interleaved round(s)")
+    for t in ratio_targets:
+        verdict = "met    " if t["met"] else "NOT met"
+        instructions = t["instructions_ratio_to_floor"]
+        print(
+            f"  {verdict}  {t['row']:<34} {t['ratio_to_floor']:.3f}x {t['floor']}"
+            f" (>= {t['target']:.2f}; server CPU {t['server_cpu_us_over_floor']:+.1f} µs/conn,"
+            f" CPU ratio {t['cpu_ratio_to_floor']:.2f}x, instructions ratio"
+            f" {_times(instructions).strip()})"
+        )
+    for s in skipped:
+        print(f"  skipped  {s['name']}: {s['reason']}")
+    total = checks["connections_per_run"]
+    verdict = "met    " if checks["peer_first_leaves_no_time_wait"] else "NOT met"
+    print(
+        f"  {verdict}  peer-first leaves no server TIME_WAIT:"
+        f" {checks['peer_first_server_time_wait']} (by hand: graceful leaves"
+        f" {checks['graceful_by_hand_server_time_wait']} of {total})"
+    )
+    verdict = "met    " if checks["every_response_whole"] else "NOT met"
+    print(
+        f"  {verdict}  every response whole: {checks['client_errors']} client errors,"
+        f" {checks['reports_missing']} reports missing"
+    )
+    print(f"  all targets {'met' if checks['all_targets_met'] else 'NOT met'}")
+
+
+def print_calibration(rows: list[dict[str, Any]], loop: str) -> None:
+    if not rows:
+        return
+    parts = [
+        f"+{c['busy_wait_us']:g} µs -> {c['ratio_to_plain']:.2f}x"
+        f" ({c['server_cpu_us_over_plain']:+.1f} µs CPU)"
+        for c in rows
+    ]
+    print(f"\nbusy-wait calibration on {loop}: " + ", ".join(parts))
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def enter_own_namespace() -> str:
+    """Move into a network namespace of our own (root): the TIME_WAIT counts are then
+    this run's alone. Returns where the benchmark runs."""
+    if os.geteuid() != 0:
+        return "host namespace (not root)"
+    from tests import _session_netns
+
+    _session_netns.enter_private_namespace()
+    return _session_netns.status
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="500 connections per run (CI)")
+    parser.add_argument("--quick", action="store_true", help="500 connections, 1 round (CI)")
     parser.add_argument("--connections", type=int, default=5000)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median)")
     parser.add_argument("--seed", type=int, default=6, help="seed of the shuffled run order")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument(
+        "--sampled", default="sampled:0.1", help="the kernel_state= value of the sampled row"
+    )
+    parser.add_argument(
+        "--instructions", action="store_true", help="count instructions per connection (callgrind)"
+    )
+    parser.add_argument("--instructions-connections", type=int, default=500)
+    parser.add_argument("--instructions-warmup", type=int, default=100)
     parser.add_argument("--json", type=Path, default=RESULTS)
     parser.add_argument("--client", nargs=4, metavar=("HOST", "PORT", "N", "CONC"))
+    parser.add_argument("--serve", metavar="ROW", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.client:
-        host, port, n, conc = args.client
-        client_main(host, int(port), int(n), int(conc))
-        return 0
-    total = 500 if args.quick else args.connections
-    rounds = 1 if args.quick else args.rounds
-    warnings.simplefilter("ignore")  # abort's DataLossWarning is the point of that run
     loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
     if args.loop == "uvloop":
         import uvloop
 
         loop_factory = uvloop.new_event_loop
+    warnings.simplefilter("ignore")  # abort's DataLossWarning is the point of that row
+    if args.client:
+        host, port, n, conc = args.client
+        client_main(host, int(port), int(n), int(conc))
+        return 0
+    if args.serve:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            rows = {row.name: row for row in make_rows(not kernel_state_support(), args.sampled)}
+            result = runner.run(
+                _serve(rows[args.serve], args.connections, args.instructions_warmup)
+            )
+        print(json.dumps(result))
+        return 0
+
+    namespace = enter_own_namespace()
+    total = 500 if args.quick else args.connections
+    rounds = 1 if args.quick else args.rounds
+    no_kernel_state = kernel_state_support()
+    rows = make_rows(not no_kernel_state, args.sampled)
+    skipped = skipped_rows(no_kernel_state, args.sampled)
+    load_before = os.getloadavg()
     print(
         f"{total} connections per run, {CONCURRENCY} concurrent, {RESPONSE_SIZE} B responses,"
-        f" server on {args.loop}, client (uvloop) in another process, {rounds} round(s)"
+        f" server on {args.loop}, client (uvloop) in another process, {rounds} round(s),"
+        f" {len(rows)} rows; {namespace}; load average {load_before[0]:.2f}"
     )
+    for s in skipped:
+        print(f"skipped: {s['name']}: {s['reason']}")
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        samples = runner.run(_all_runs(total, rounds, args.seed))
-    results = _summarize(samples)
-    _print_table(results, total)
-    plain = results[0]["connections_per_s"]
-    verdicts = []
-    for r in results:
-        if not _has_target(r):
-            continue
-        target = 0.8 if r["reports"] else 0.9
-        r["target"] = target
-        r["meets_target"] = r["ratio_to_plain"] >= target
-        verdicts.append(r["meets_target"])
-    peer_first_tw = [
-        r["server_time_wait"] for r in results if (r["policy"] or "").startswith("peer-first")
-    ]
-    summary = {
-        "plain_connections_per_s": plain,
-        "all_ratio_targets_met": all(verdicts),
-        "peer_first_server_time_wait": peer_first_tw,
-        "peer_first_leaves_no_time_wait": all(tw == 0 for tw in peer_first_tw),
-    }
-    print(
-        f"ratio targets (>=0.9x reports off, >=0.8x on): "
-        f"{'met' if summary['all_ratio_targets_met'] else 'NOT met'};"
-        f" peer-first server TIME_WAIT: {peer_first_tw}"
-    )
+        samples = runner.run(_all_runs(rows, total, rounds, args.seed))
+    load_after = os.getloadavg()
+    cpus = os.cpu_count() or 1
+    if max(load_before[0], load_after[0]) > cpus:
+        print(
+            f"the machine was loaded (load average {load_before[0]:.1f} before,"
+            f" {load_after[0]:.1f} after, {cpus} CPUs): the client and the server competed"
+            " with other work, and throughput ratios may follow that more than the server;"
+            " the CPU and instruction ratios are steadier"
+        )
+    records = summarize(rows, samples)
+    instructions_note = "not counted (run with --instructions)"
+    if args.instructions:
+        instructions_note = instructions_unavailable()
+        if instructions_note:
+            print(f"instructions not counted: {instructions_note}")
+        else:
+            counted = {}
+            for row in rows:
+                if row.kind == CALIBRATION:
+                    continue
+                print(f"callgrind: {row.name}", flush=True)
+                try:
+                    counted[row.name] = count_instructions(
+                        row,
+                        args.instructions_connections,
+                        args.instructions_warmup,
+                        args.loop,
+                        args.sampled,
+                    )
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:  # keep the rest
+                    print(f"  not counted: {exc}", flush=True)
+                else:
+                    print(f"  {counted[row.name]['instructions_per_conn']:,.0f} per connection")
+            add_instructions(records, counted)
+            instructions_note = (
+                f"callgrind, {args.instructions_connections} connections after"
+                f" {args.instructions_warmup} of warm-up, in a server process of their own"
+            )
+    else:
+        add_instructions(records, {})
+    print_table(records, total)
+    ratio_targets, checks = targets(records, total)
+    calibrated = calibration(records)
+    print_calibration(calibrated, args.loop)
+    print_verdicts(ratio_targets, checks, skipped, rounds)
     document = {
         "benchmark": "aio short connections",
         "connections_per_run": total,
@@ -482,8 +999,15 @@ def main(argv: list[str] | None = None) -> int:
         "loop": args.loop,
         "python": platform.python_version(),
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
-        "runs": results,
-        "summary": summary,
+        "namespace": namespace,
+        "load_average_1m_before": load_before[0],
+        "load_average_1m_after": load_after[0],
+        "instructions": instructions_note,
+        "runs": records,
+        "targets": ratio_targets,
+        "checks": checks,
+        "skipped": skipped,
+        "calibration": calibrated,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     existing: dict[str, Any] = {}
@@ -495,6 +1019,12 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(existing, indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0
+
+
+async def _serve(row: Row, total: int, warmup: int) -> dict[str, Any]:
+    """The server side of :func:`count_instructions` (runs under callgrind)."""
+    await _one_run(row, warmup)
+    return await _one_run(row, total, mark_for_callgrind=True)
 
 
 if __name__ == "__main__":
