@@ -921,9 +921,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.serve:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            rows = {row.name: row for row in make_rows(not kernel_state_support(), args.sampled)}
+            by_name = {r.name: r for r in make_rows(not kernel_state_support(), args.sampled)}
             result = runner.run(
-                _serve(rows[args.serve], args.connections, args.instructions_warmup)
+                _serve(by_name[args.serve], args.connections, args.instructions_warmup)
             )
         print(json.dumps(result))
         return 0
