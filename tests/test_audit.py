@@ -943,3 +943,20 @@ def test_decoders_docstring_examples() -> None:
         failures, tried = doctest.testmod(module)
         assert failures == 0, module.__name__
         assert tried > 0, module.__name__
+
+
+def test_one_netstat_counter_reads_as_the_whole_file_does() -> None:
+    """The close path reads one counter of /proc/net/netstat (netstat_field); on this
+    host's real file every counter reads as the full decoder has it."""
+    from tcpclose._kernel._proctext import netstat_field, parse_netstat
+
+    with open("/proc/net/netstat", encoding="ascii") as f:
+        text = f.read()
+    table = parse_netstat(text)
+    assert table.get("TcpExt")
+    for group, fields in table.items():
+        for name, value in fields.items():
+            assert netstat_field(text, group, name) == value, (group, name)
+    assert netstat_field(text, "TcpExt", "NoSuchCounter") is None
+    assert netstat_field(text, "NoSuchGroup", "TW") is None
+    assert netstat_field("TcpExt: TW X\nTcpExt: 1\n", "TcpExt", "TW") is None  # mismatched

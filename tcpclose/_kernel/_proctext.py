@@ -12,6 +12,7 @@ digits are malformed, never passed to ``int()``.
 from __future__ import annotations
 
 __all__ = (
+    "netstat_field",
     "parse_int",
     "parse_netstat",
     "parse_port_list",
@@ -108,6 +109,34 @@ def parse_sockstat(text: str) -> dict[str, dict[str, int]]:
                 fields[name] = number
         table[proto.strip()] = fields
     return table
+
+
+def netstat_field(text: str, group: str, name: str) -> int | None:
+    """One counter of ``/proc/net/netstat`` (or ``snmp``), without decoding the rest
+    (the close path asks for one; the whole file decodes in ~140 us).
+
+    >>> netstat_field("TcpExt: TW TCPTimeWaitOverflow\\nTcpExt: 9 3\\n", "TcpExt",
+    ...               "TCPTimeWaitOverflow")
+    3
+
+    None when the group, the name or its number is missing, or the group's two lines do
+    not match in length.
+    """
+    prefix = group + ":"
+    start = text.find(prefix)
+    while start > 0 and text[start - 1] != "\n":  # (a line's start only)
+        start = text.find(prefix, start + 1)
+    if start < 0:
+        return None
+    header_end = text.find("\n", start)
+    if header_end < 0:
+        return None
+    values_end = text.find("\n", header_end + 1)
+    names = text[start:header_end].split()
+    values = text[header_end + 1 : values_end if values_end >= 0 else len(text)].split()
+    if len(names) != len(values) or not values or values[0] != prefix or name not in names:
+        return None
+    return parse_int(values[names.index(name)])
 
 
 def parse_netstat(text: str) -> dict[str, dict[str, int]]:
