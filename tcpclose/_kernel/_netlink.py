@@ -271,7 +271,7 @@ def _may_end_dump(data: bytes) -> bool:
 
 
 def dump_chunks(
-    requests: Sequence[bytes], *, timeout: float = RECEIVE_TIMEOUT, deadline_s: float = 60.0
+    requests: Sequence[bytes], *, timeout: float = RECEIVE_TIMEOUT, time_limit: float = 60.0
 ) -> list[list[bytes]]:
     """Run each dump request on a fresh socket and return its datagrams.
 
@@ -279,11 +279,11 @@ def dump_chunks(
     Each request's ``nlmsg_seq`` must be distinct.
 
     Raises:
-        TimeoutError: the kernel stopped answering, or ``deadline_s`` passed.
+        TimeoutError: the kernel stopped answering, or ``time_limit`` passed.
         KernelErrorReply: the kernel rejected a request.
         KernelViewError: malformed framing.
     """
-    deadline = time.monotonic() + deadline_s
+    deadline = time.monotonic() + time_limit
     results: list[list[bytes]] = []
     with _open_socket(timeout) as sock:
         for request in requests:
@@ -299,7 +299,7 @@ def dump_chunks(
                 if _may_end_dump(data) and scan_dump_chunk(data, seq):
                     break
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"sock_diag dump took longer than {deadline_s}s")
+                    raise TimeoutError(f"sock_diag dump took longer than {time_limit}s")
             results.append(chunks)
     return results
 
