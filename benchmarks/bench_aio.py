@@ -271,6 +271,71 @@ async def _policy_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWr
     # returning applies the policy
 
 
+class _BareTransport:
+    """The least a library standing between a transport and the application's
+    protocol can be: ``close()`` becomes the graceful close (FIN now, the fd's close
+    once the peer's FIN came); everything else is the real transport's."""
+
+    __slots__ = ("_conn", "_real")
+
+    def __init__(self, conn: _BareWrapper, real: asyncio.Transport) -> None:
+        self._conn = conn
+        self._real = real
+
+    def write(self, data: bytes) -> None:
+        self._real.write(data)
+
+    def close(self) -> None:
+        if not self._conn.closing:
+            self._conn.closing = True
+            self._real.write_eof()
+
+    def is_closing(self) -> bool:
+        return self._conn.closing or self._real.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._real.get_extra_info(name, default)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+class _BareWrapper(asyncio.Protocol):
+    """A protocol that forwards every callback to the application's, and closes the
+    transport once the peer's FIN arrives after ``close()``: the calibration row
+    ``BARE_WRAPPER`` (no policy, no plan, no report, no bookkeeping)."""
+
+    __slots__ = ("closing", "inner", "real")
+
+    def __init__(self, inner: asyncio.Protocol) -> None:
+        self.inner = inner
+        self.closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.real = cast(asyncio.Transport, transport)
+        self.inner.connection_made(_BareTransport(self, self.real))  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self.closing:
+            self.real.close()
+            return True
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(None if self.closing else exc)
+
+
+async def _closed_by_bare_wrapper(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """The library's handler, then ``writer.close()``: the bare wrapper's close."""
+    await _policy_handler(reader, writer)
+    writer.close()
+
+
 # -- the rows ----------------------------------------------------------------------------------
 
 FLOOR, LIBRARY, CALIBRATION = "floor", "library", "calibration"
@@ -281,6 +346,8 @@ ABORT_BY_HAND = "by hand: abort"
 CLOSE_READS = "by hand: close + report reads"
 GRACEFUL_READS = "by hand: graceful + report reads"
 ABORT_READS = "by hand: abort + report reads"
+#: Calibration: the graceful close through the thinnest possible wrapper protocol.
+BARE_WRAPPER = "by hand: graceful through a bare wrapper"
 
 #: The floors' handlers, by row name.
 _FLOOR_HANDLERS: dict[str, Callable[..., Any]] = {
@@ -412,6 +479,7 @@ def make_rows(kernel_state: bool, sampled: str) -> list[Row]:
         Row(f"plain + busy-wait {us:g} µs", CALIBRATION, busy_wait_us=us, floor=PLAIN)
         for us in BUSY_WAIT_US
     )
+    rows.append(Row(BARE_WRAPPER, CALIBRATION, floor=GRACEFUL_BY_HAND))
     return rows
 
 
@@ -485,6 +553,8 @@ async def _start(row: Row) -> tuple[Any, Callable[[], int], Callable[[], int]]:
     and the reports it delivered."""
     import tcpclose.aio
 
+    if row.name == BARE_WRAPPER:
+        return await _start_bare_wrapper()
     if row.policy is None:
         handler = row.handler()
         open_conns = 0
@@ -518,6 +588,28 @@ async def _start(row: Row) -> tuple[Any, Callable[[], int], Callable[[], int]]:
         **extra,
     )
     return server, lambda: server.open_connections, lambda: reports
+
+
+async def _start_bare_wrapper() -> tuple[Any, Callable[[], int], Callable[[], int]]:
+    """The ``BARE_WRAPPER`` row's server: ``asyncio.start_server``'s protocol behind
+    :class:`_BareWrapper`."""
+    loop = asyncio.get_running_loop()
+    open_conns = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_conns
+        open_conns += 1
+        try:
+            await _closed_by_bare_wrapper(reader, writer)
+        finally:
+            open_conns -= 1
+
+    def factory() -> asyncio.Protocol:
+        reader = asyncio.StreamReader(loop=loop)
+        return _BareWrapper(asyncio.StreamReaderProtocol(reader, handler, loop=loop))
+
+    server = await loop.create_server(factory, "127.0.0.1", 0, backlog=1024)
+    return server, lambda: open_conns, lambda: 0
 
 
 async def _one_run(row: Row, total: int, *, mark_for_callgrind: bool = False) -> dict[str, Any]:
@@ -796,7 +888,7 @@ def calibration(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "throughput_lost_per_us": (1 - r["ratio_to_plain"]) / r["busy_wait_us"],
         }
         for r in records
-        if r["kind"] == CALIBRATION
+        if r["kind"] == CALIBRATION and r["busy_wait_us"]
     ]
 
 
@@ -962,8 +1054,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             counted = {}
             for row in rows:
-                if row.kind == CALIBRATION:
-                    continue
+                if row.busy_wait_us:
+                    continue  # (a spin's instructions say nothing)
                 print(f"callgrind: {row.name}", flush=True)
                 try:
                     counted[row.name] = count_instructions(

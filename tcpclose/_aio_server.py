@@ -23,7 +23,7 @@ from typing import Any, Final, TypedDict
 from typing_extensions import Unpack
 
 from ._aio import OnClose, PolicyProtocolFactory, connection_of
-from ._aio_proxy import ConnectionRegistry, ListenerLinger
+from ._aio_proxy import ConnectionRegistry, ListenerLinger, PolicyTransport
 from ._policy import PolicyLike, as_policy
 
 __all__ = (
@@ -350,6 +350,11 @@ async def _run_handler(handler: Coroutine[Any, Any, Any], writer: asyncio.Stream
     finally:
         # The close runs on its own (the server's shutdown waits for it); the task
         # need not wait for the peer.
-        conn = connection_of(writer.transport)
+        transport = writer.transport
+        conn = (
+            transport.connection  # (the usual case, without connection_of()'s checks)
+            if type(transport) is PolicyTransport
+            else connection_of(transport)
+        )
         if conn is not None:
             conn.request_close(trigger)

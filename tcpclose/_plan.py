@@ -119,6 +119,7 @@ __all__ = (
     "Receive",
     "SetLingerZero",
     "ShutdownWrite",
+    "course_of",
     "error_event",
     "start_plan",
 )
@@ -1116,6 +1117,8 @@ class Course:
     bound_s: float
     result: PlanResult | None
     passive_result: PlanResult | None
+    #: The action type of each step, in order (how drivers recognise a course).
+    kinds: tuple[type, ...] = ()
 
     @classmethod
     def derive(cls, policy: ClosePolicy, *, peer_eof: bool, fin_deferred: bool) -> Course:
@@ -1152,7 +1155,17 @@ class Course:
             bound = policy.timeout
         else:
             bound = 0.0
-        return cls(policy, peer_eof, fin_deferred, tuple(steps), plan.done, bound, result, passive)
+        return cls(
+            policy,
+            peer_eof,
+            fin_deferred,
+            tuple(steps),
+            plan.done,
+            bound,
+            result,
+            passive,
+            tuple(step.kind for step in steps),
+        )
 
 
 class FastPlan:
@@ -1435,6 +1448,16 @@ class _Courses:
 
 
 _COURSES: Final = _Courses()
+
+
+def course_of(policy: ClosePolicy, peer_eof: bool = False, fin_deferred: bool = False) -> Course:
+    """The course of ``policy`` (derived once, then shared)."""
+    courses = _COURSES
+    if policy is courses.last_policy:
+        course = courses.last[2 * peer_eof + fin_deferred]
+        if course is not None:
+            return course
+    return courses.get(policy, peer_eof, fin_deferred)
 
 
 def start_plan(
