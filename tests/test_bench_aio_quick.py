@@ -1,12 +1,13 @@
 """The asyncio benchmark in quick mode (issues 6 and 16): ``benchmarks/bench_aio.py --quick``.
 
 500 connections per run against plain asyncio, the floors written by hand, the busy-wait
-calibration rows, the graceful close by hand through a bare wrapper protocol and ``tcpclose.aio.start_server`` with each policy, reports on and off.
-Throughput ratios are not asserted here (that is the benchmark's business, on a quiet
-machine); what is: the script runs, every response arrives whole, every report is
-delivered, every ratio target of issue 16 has its verdict in the JSON next to the floor
-it is measured against, and ``peer-first`` leaves no TIME_WAIT on the server's side where
-the graceful close by hand leaves one per connection.
+calibration rows, the graceful close by hand through a bare wrapper protocol and
+``tcpclose.aio.start_server`` with each policy, reports on and off. Throughput ratios are
+not asserted here (that is the benchmark's business, on a quiet machine); what is: the
+script runs, every response arrives whole, every report is delivered, every ratio target
+of issue 16 has its verdict in the JSON next to the floor it is measured against, and
+``peer-first`` leaves no TIME_WAIT on the server's side where the graceful close by hand
+leaves one per connection.
 """
 
 from __future__ import annotations
