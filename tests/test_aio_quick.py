@@ -82,7 +82,7 @@ async def _serve_once(policy: str, peer: Peer, *, read_request: bool = True) -> 
             # The request stays in the kernel: reading paused until it is all there.
             # (The real transport's socket: the application's would make the close
             # check SO_LINGER, which takes it off the quick course.)
-            writer.transport.pause_reading()
+            writer.transport.pause_reading()  # type: ignore[attr-defined]
             paused.set()
             fd = conn.real.get_extra_info("socket").fileno()
             await wait_for(lambda: _unread(fd) >= len(REQUEST), what="the request queued")
