@@ -46,6 +46,7 @@ from ._errors import PolicyError
 from ._kernel._sockopt import read_outgoing, read_unread
 from ._kernel._types import KernelState, TcpState
 from ._linger import LINGER_OFF
+from ._observe import read_acked
 from ._plan import (
     Close,
     Course,
@@ -57,8 +58,11 @@ from ._plan import (
     Receive,
     SetLingerZero,
     ShutdownWrite,
+    acked_event,
     course_of,
+    drain_until,
     error_event,
+    grace_until,
     start_plan,
 )
 from ._policy import CloseMode, ClosePolicy
@@ -1087,7 +1091,8 @@ class _Closer:
 _GRACEFUL_COURSE: Final = (Flush, ShutdownWrite, Receive, Close)
 _DEFAULT_COURSE: Final = (Close,)
 _ABORT_COURSE: Final = (SetLingerZero, Close)
-_QUICK_COURSES: Final = (_GRACEFUL_COURSE, _DEFAULT_COURSE, _ABORT_COURSE)
+_PEER_FIRST_COURSE: Final = (Flush, MeasureAcked, Receive, Close)
+_QUICK_COURSES: Final = (_GRACEFUL_COURSE, _PEER_FIRST_COURSE, _DEFAULT_COURSE, _ABORT_COURSE)
 
 #: Where a quick close is: before its first wait, draining (our FIN sent, waiting for
 #: the peer's), closing (the transport closed, waiting for ``connection_lost``), done.
@@ -1108,7 +1113,7 @@ def quick_course(policy: ClosePolicy, conn: ClosingConnection) -> Course | None:
         return None
     if kinds != _DEFAULT_COURSE and conn.real.get_write_buffer_size():
         return None  # (a flush to wait for, or bytes an abort would drop: the closer's)
-    if kinds == _GRACEFUL_COURSE and policy.max_drain_bytes < _LARGEST_READ:
+    if Receive in kinds and policy.max_drain_bytes < _LARGEST_READ:
         return None  # (a drain that must read through the sink)
     return course
 
@@ -1130,6 +1135,7 @@ class _QuickClose:
     """
 
     __slots__ = (
+        "_acked",
         "_allow_data_loss",
         "_conn",
         "_course",
@@ -1175,6 +1181,8 @@ class _QuickClose:
         self._full: _Closer | None = None
         self._unread: int | None = None
         self._discarded = 0
+        #: The kernel's answer to the peer-first course's MeasureAcked, and its time.
+        self._acked = (0.0, 0.0, 0.0, 0.0)
         self._report: CloseReport | None = None
         self.background = True
         self.closed_transport = False
@@ -1187,6 +1195,8 @@ class _QuickClose:
         kinds = self._course.kinds
         if kinds == _GRACEFUL_COURSE:
             self._start_graceful()
+        elif kinds == _PEER_FIRST_COURSE:
+            self._start_peer_first()
         elif kinds == _DEFAULT_COURSE:
             self._close(self._started)
         else:
@@ -1207,15 +1217,49 @@ class _QuickClose:
             self._taken = 3
             self._close(self._started)
             return
-        with contextlib.suppress(Exception):  # (closing: nothing more to read)
-            real.resume_reading()
         started = self._started
-        policy = self._course.policy
         # The drain's bound, as the plan's Receive says (FastPlan.next_action).
-        until = started + policy.idle_timeout
-        deadline = started + self._course.bound_s
+        self._wait_for_peer(
+            drain_until(started + self._course.bound_s, started, self._course.policy.idle_timeout)
+        )
+
+    def _start_peer_first(self) -> None:
+        conn = self._conn
+        now = self._started
+        self._taken = 1  # (the flush: nothing was buffered)
+        acked = read_acked(conn.optsock)
+        course = self._course
+        deadline = now + course.bound_s
+        grace = course.policy.grace
+        if acked is not None:
+            unacked, rtt, since_sent, since_recv = acked
+            if not unacked and (
+                acked_event(now, deadline, conn.peer_eof, grace, rtt, since_sent, since_recv)
+                is _EVENT_ACKED
+            ):
+                self._acked = (now, rtt, since_sent, since_recv)
+                self._taken = 2
+                if conn.peer_eof:
+                    self._eof_at = now
+                    self._taken = 3
+                    self._close(now)
+                else:
+                    self._wait_for_peer(
+                        grace_until(now, deadline, grace, rtt, since_sent, since_recv)
+                    )
+                return
+        # (bytes unacknowledged, a peer already idle, no answer: the closer's, which
+        # asks the kernel again and lets the plan decide)
+        self._hand_over()._advance(now)
+
+    def _wait_for_peer(self, until: float) -> None:
+        """The course's Receive step: read (and wait) for the peer's FIN until ``until``."""
+        try:
+            self._conn.real.resume_reading()
+        except Exception:  # (closing: nothing more to read)
+            pass
         self._state = _Q_DRAIN
-        self._slot = self._deadlines.add(self, until if until < deadline else deadline)
+        self._slot = self._deadlines.add(self, until)
 
     def _start_abort(self) -> None:
         conn = self._conn
@@ -1377,12 +1421,14 @@ class _QuickClose:
         for step in course.steps[: self._taken]:
             kind = step.kind
             if kind is Receive:
-                when = self._eof_at
+                plan.feed(step.event, self._eof_at)
             elif kind is Close:
-                when = self._done_at
+                plan.feed(step.event, self._done_at)
+            elif kind is MeasureAcked:
+                when, rtt, since_sent, since_recv = self._acked
+                plan.feed(step.event, when, rtt=rtt, since_sent=since_sent, since_recv=since_recv)
             else:
-                when = self._started
-            plan.feed(step.event, when)
+                plan.feed(step.event, self._started)
         return plan
 
     def _hand_over(self, *, wait: bool = True) -> _Closer:

@@ -137,25 +137,8 @@ class Watch:
             return None
 
     def acked(self) -> tuple[int, float, float, float] | None:
-        """For ``peer-first``: our bytes not yet acknowledged (SIOCOUTQ), the round
-        trip (TCP_INFO's lowest RTT seen, which a peer's delayed ACKs do not inflate;
-        the smoothed RTT on kernels without it), the seconds since our last data
-        segment left and since the peer's last data arrived; None when the kernel
-        cannot tell."""
-        sock = self._sock
-        try:
-            outgoing = read_outgoing(sock.fileno())
-            raw = read_tcp_info_bytes(sock)
-        except (OSError, ValueError, TypeError):
-            return None
-        if raw is None:
-            return None
-        since_sent_ms, since_recv_ms, rtt_us = _SENT_VIEW.unpack_from(raw, _SENT_VIEW_OFFSET)
-        if len(raw) >= _MIN_RTT_OFFSET + _MIN_RTT.size:
-            (min_rtt_us,) = _MIN_RTT.unpack_from(raw, _MIN_RTT_OFFSET)
-            if 0 < min_rtt_us < 0xFFFFFFFF:  # (~0U: no sample yet)
-                rtt_us = min_rtt_us
-        return outgoing, rtt_us / 1e6, since_sent_ms / 1e3, since_recv_ms / 1e3
+        """See :func:`read_acked`."""
+        return read_acked(self._sock)
 
     def unread(self) -> int:
         """Bytes received and not yet read (SIOCINQ); 0 when that cannot be asked."""
@@ -225,6 +208,27 @@ class Watch:
             self.error,
             trigger,
         )
+
+
+def read_acked(sock: SocketLike) -> tuple[int, float, float, float] | None:
+    """For ``peer-first``: our bytes not yet acknowledged (SIOCOUTQ), the round
+    trip (TCP_INFO's lowest RTT seen, which a peer's delayed ACKs do not inflate;
+    the smoothed RTT on kernels without it), the seconds since our last data
+    segment left and since the peer's last data arrived; None when the kernel
+    cannot tell."""
+    try:
+        outgoing = read_outgoing(sock.fileno())
+        raw = read_tcp_info_bytes(sock)
+    except (OSError, ValueError, TypeError):
+        return None
+    if raw is None:
+        return None
+    since_sent_ms, since_recv_ms, rtt_us = _SENT_VIEW.unpack_from(raw, _SENT_VIEW_OFFSET)
+    if len(raw) >= _MIN_RTT_OFFSET + _MIN_RTT.size:
+        (min_rtt_us,) = _MIN_RTT.unpack_from(raw, _MIN_RTT_OFFSET)
+        if 0 < min_rtt_us < 0xFFFFFFFF:  # (~0U: no sample yet)
+            rtt_us = min_rtt_us
+    return outgoing, rtt_us / 1e6, since_sent_ms / 1e3, since_recv_ms / 1e3
 
 
 def emit_findings(findings: list[_findings.Finding], *, stacklevel: int) -> None:

@@ -119,8 +119,11 @@ __all__ = (
     "Receive",
     "SetLingerZero",
     "ShutdownWrite",
+    "acked_event",
     "course_of",
+    "drain_until",
     "error_event",
+    "grace_until",
     "start_plan",
 )
 
@@ -683,7 +686,7 @@ def _quiet(rtt: float, since_sent: float, since_recv: float) -> float:
     return min(since_sent - rtt, since_recv)
 
 
-def _acked_event(
+def acked_event(
     now: float,
     deadline: float,
     peer_eof: bool,
@@ -704,7 +707,7 @@ def _acked_event(
     return _EVENT_ACKED
 
 
-def _grace_until(
+def grace_until(
     now: float, deadline: float, grace: float, rtt: float, since_sent: float, since_recv: float
 ) -> float:
     """The end of the peer's grace, once our bytes are acknowledged: ``grace`` after
@@ -713,7 +716,7 @@ def _grace_until(
     return min(now - _quiet(rtt, since_sent, since_recv) + grace, now + grace, deadline)
 
 
-def _drain_until(deadline: float, idle_from: float, idle_timeout: float) -> float:
+def drain_until(deadline: float, idle_from: float, idle_timeout: float) -> float:
     """The end of a wait in the drain: the deadline, or ``idle_timeout`` after the
     last thing that happened (our FIN, or the peer's last data)."""
     return min(deadline, idle_from + idle_timeout)
@@ -844,7 +847,7 @@ class ClosePlan:
         if action is None:
             if phase is _PHASE_DRAIN:
                 deadline = self._deadline
-                until = _drain_until(deadline, self._finished, self.policy.idle_timeout)
+                until = drain_until(deadline, self._finished, self.policy.idle_timeout)
                 action = _new_receive(until, deadline, self._budget)
             elif phase is _PHASE_AWAIT_PEER or phase is _PHASE_AWAIT_ACK:
                 action = _new_receive(self._wait_until, self._wait_until, self._budget)
@@ -987,7 +990,7 @@ class ClosePlan:
         if event is _EVENT_ACKED:
             if phase is not _PHASE_CHECK_ACKED:
                 return event  # (not expected: the table says so)
-            return _acked_event(
+            return acked_event(
                 now,
                 self._deadline,
                 self._peer_eof,
@@ -1037,7 +1040,7 @@ class ClosePlan:
             poll = min(max(self._rtt, ACK_POLL_MIN), ACK_POLL_MAX)
             return min(now + poll, self._deadline)
         if event is _EVENT_ACKED and not self._peer_eof:
-            return _grace_until(
+            return grace_until(
                 now,
                 self._deadline,
                 self.policy.grace,
@@ -1135,7 +1138,7 @@ class Course:
             # The expected answer of the kernel at the start: acknowledged just now.
             if (
                 event is _EVENT_ACKED
-                and _acked_event(0.0, plan._deadline, peer_eof, policy.grace, 0.0, 0.0, math.inf)
+                and acked_event(0.0, plan._deadline, peer_eof, policy.grace, 0.0, 0.0, math.inf)
                 is not _EVENT_ACKED
             ):
                 break  # idle at once (grace 0): the fallback is not the fast path's
@@ -1265,7 +1268,7 @@ class FastPlan:
             step = steps[index]
             action = step.action
             if action is None:
-                # (The arithmetic of _drain_until and the interpreter's actions, inline:
+                # (The arithmetic of drain_until and the interpreter's actions, inline:
                 # this runs for every step of every close.)
                 if step.kind is Flush:
                     action = _new_flush(self._deadline)
@@ -1306,7 +1309,7 @@ class FastPlan:
                     deadline = self._deadline
                     grace = self.policy.grace
                     if (
-                        _acked_event(
+                        acked_event(
                             now, deadline, course.peer_eof, grace, rtt, since_sent, since_recv
                         )
                         is _EVENT_ACKED
@@ -1315,7 +1318,7 @@ class FastPlan:
                         self._wait_until = (
                             deadline
                             if course.peer_eof
-                            else _grace_until(now, deadline, grace, rtt, since_sent, since_recv)
+                            else grace_until(now, deadline, grace, rtt, since_sent, since_recv)
                         )
                         self._took(index, now)
                         return

@@ -268,3 +268,35 @@ def test_abort_course_is_quick(loop_name: str) -> None:
     assert quick.report.rst_sent
     assert not quick.report.fin_sent
     assert ss_lookup(quick.local, quick.peer) is None
+
+
+def closes_first(sock: socket.socket, reported: threading.Event) -> None:
+    """Reads the whole response and closes at once (a browser, curl): its FIN first."""
+    recv_exactly(sock, len(RESPONSE))
+
+
+def waits_for_our_fin(sock: socket.socket, reported: threading.Event) -> None:
+    """Reads the whole response, then waits for the server's FIN (ab, a close-delimited
+    body): peer-first's grace runs out and the fallback sends our FIN."""
+    cooperating(sock, reported)
+
+
+def test_peer_first_course_is_quick(loop_name: str) -> None:
+    """The peer closes first, within its grace: our side keeps no TIME_WAIT."""
+    quick, interpreted = _both(loop_name, "peer-first timeout=5s", closes_first)
+    assert quick.path == "quick"
+    _same(quick.report, interpreted.report)
+    assert quick.report.peer_closed_first
+    assert quick.report.outcome == "peer-eof"
+    entry = ss_lookup(quick.local, quick.peer)
+    assert entry is None or entry.state != "TIME-WAIT", entry
+
+
+def test_peer_first_grace_over_hands_over(loop_name: str) -> None:
+    """A peer that waits for our FIN: the grace ends (a deadline), the closer takes
+    over and the plan's fallback sends our FIN."""
+    quick, interpreted = _both(loop_name, "peer-first timeout=5s grace=100ms", waits_for_our_fin)
+    assert quick.path == "handed over"
+    _same(quick.report, interpreted.report)
+    assert quick.report.fallback is not None
+    assert quick.report.fin_sent
