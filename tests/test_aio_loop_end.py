@@ -24,9 +24,12 @@ from tests._aio_support import loop_factory, wait_for
 pytestmark = pytest.mark.timeout(30)
 
 
-def _serve_then_return(loop_name: str, policy: str, reports: list[CloseReport]) -> None:
+def _serve_then_return(
+    loop_name: str, policy: str, reports: list[CloseReport], report: bool = True
+) -> None:
     """Run a loop whose server answers one silent client and returns while the
-    policy's close of that connection still waits for the client."""
+    policy's close of that connection still waits for the client. ``report=False``:
+    reports off, so that the close is a quick one (it hands over when cut short)."""
     client_done = threading.Event()
 
     def silent_client(port: int) -> None:
@@ -41,7 +44,7 @@ def _serve_then_return(loop_name: str, policy: str, reports: list[CloseReport]) 
 
     async def main() -> None:
         server = await tcpclose.aio.start_server(
-            handle, "127.0.0.1", 0, close_policy=policy, on_close=reports.append
+            handle, "127.0.0.1", 0, close_policy=policy, on_close=reports.append, report=report
         )
         port = int(server.sockets[0].getsockname()[1])
         client = threading.Thread(target=silent_client, args=(port,))
@@ -58,12 +61,13 @@ def _serve_then_return(loop_name: str, policy: str, reports: list[CloseReport]) 
         client_done.set()
 
 
+@pytest.mark.parametrize("report", [True, False], ids=["reports", "quick"])
 @pytest.mark.parametrize("policy", ["graceful", "peer-first timeout=5s"])
-def test_loop_end_cuts_pending_closes_short(loop_name: str, policy: str) -> None:
+def test_loop_end_cuts_pending_closes_short(loop_name: str, policy: str, report: bool) -> None:
     reports: list[CloseReport] = []
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        _serve_then_return(loop_name, policy, reports)
+        _serve_then_return(loop_name, policy, reports, report)
         gc.collect()
     unclosed = [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)]
     assert unclosed == []

@@ -300,3 +300,58 @@ def test_peer_first_grace_over_hands_over(loop_name: str) -> None:
     _same(quick.report, interpreted.report)
     assert quick.report.fallback is not None
     assert quick.report.fin_sent
+
+
+def test_server_shutdown_waits_for_a_quick_close(loop_name: str) -> None:
+    """``server.close()`` and ``wait_closed()`` while a quick close drains: the shutdown
+    waits for it (the close hands over to the closer, whose report it awaits), and the
+    close ends when the peer's FIN comes."""
+
+    async def main() -> None:
+        reports: list[CloseReport] = []
+        conns: list[PolicyProtocol] = []
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            conns.append(writer.transport.connection)  # type: ignore[attr-defined]
+            await reader.readexactly(len(REQUEST))
+            writer.write(RESPONSE)
+
+        server = await tcpclose.aio.start_server(
+            handler,
+            "127.0.0.1",
+            0,
+            close_policy="graceful idle_timeout=10s",
+            on_close=reports.append,
+            report=False,
+        )
+        port = server.sockets[0].getsockname()[1]
+        release = threading.Event()
+
+        def client() -> None:
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(REQUEST)
+                cooperating(sock, release)
+                assert release.wait(10)  # then our FIN
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        try:
+
+            def draining() -> bool:
+                closer = conns[0].closer if conns else None
+                return isinstance(closer, _QuickClose) and closer._state == "drain"
+
+            await wait_for(draining, what="the quick close draining")
+            server.close()
+            closing = asyncio.ensure_future(server.wait_closed())
+            await wait_for(lambda: _path(conns[0]) == "handed over", what="the hand-over")
+            assert not closing.done()
+        finally:
+            release.set()
+            await asyncio.to_thread(thread.join, 10)
+        await asyncio.wait_for(closing, 10)
+        assert len(reports) == 1
+        assert reports[0].outcome == "peer-eof"
+        assert reports[0].trigger == "handler-return"
+
+    run(loop_name, main)
