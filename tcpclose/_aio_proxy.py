@@ -123,7 +123,7 @@ class PolicyProtocol(asyncio.Protocol):
         "_shutdown_timer",
         "eof_read",
         "lost",
-        "optsock",
+        "_optsock",
         "peer_eof",
         "real",
         "registry",
@@ -165,7 +165,7 @@ class PolicyProtocol(asyncio.Protocol):
         #: What socket options and ioctls go through: the ``socket.socket`` inside
         #: asyncio's ``TransportSocket`` (its methods are Python wrappers around it),
         #: else the transport's socket itself.
-        self.optsock: Any = None
+        self._optsock: Any = None
         #: The peer's FIN (or close_notify) arrived through ``eof_received``.
         self.peer_eof = False
         #: ``eof_received`` was called: the transport read everything up to the EOF.
@@ -191,7 +191,7 @@ class PolicyProtocol(asyncio.Protocol):
     def _attach(self, transport: _TransportLike) -> None:
         self.real = transport
         self.ssl = transport.get_extra_info("sslcontext") is not None
-        self.socket()
+        # (The socket is looked up when first needed: see socket() and optsock.)
 
     @classmethod
     def adopt(
@@ -225,8 +225,18 @@ class PolicyProtocol(asyncio.Protocol):
         sock = self.sock
         if sock is None:
             sock = self.sock = self.real.get_extra_info("socket")
-            self.optsock = socket_view(sock)
+            self._optsock = socket_view(sock)
         return sock
+
+    @property
+    def optsock(self) -> Any:
+        """What socket options and ioctls go through (made on first use: a close on
+        its course may need none)."""
+        view = self._optsock
+        if view is None:
+            self.socket()
+            view = self._optsock
+        return view
 
     def raw_under_tls(self) -> _TransportLike | None:
         """The TCP transport under a TLS transport, or None (found once, then kept)."""
