@@ -252,7 +252,7 @@ class _Deadlines:
         #: The closes under way on this loop.
         self.active: set[_Closer | _QuickClose] = set()
         #: The closes to complete on the next loop turn (:meth:`complete_soon`).
-        self._completing: list[_Closer] = []
+        self._completing: list[_Closer | _QuickClose] = []
         self._loop_end = _at_loop_end(self)
         _start_async_generator(self._loop_end)
 
@@ -288,7 +288,7 @@ class _Deadlines:
                         {"message": "tcpclose: a close failed at its deadline", "exception": exc}
                     )
 
-    def complete_soon(self, closer: _Closer) -> None:
+    def complete_soon(self, closer: _Closer | _QuickClose) -> None:
         """Complete ``closer`` on the next loop turn, with every close that ends in
         this one: one loop callback for all of them, not one each."""
         completing = self._completing
@@ -388,6 +388,44 @@ class ClosingConnection(Protocol):
 
     def linger_seen(self, lingers: bool) -> None:
         """What a check found: ``SO_LINGER`` on with a time (``lingers``) or not."""
+
+
+def _kernel_timing(
+    conn: ClosingConnection, report: bool, kernel_state: KernelStateChoice
+) -> tuple[str, str]:
+    """When a close's kernel state is looked up ("eager": once the fd is closed,
+    "lazy": when the report's kernel_state is first read, "skip"), and what the report
+    says of it."""
+    how = kernel_state.how
+    if not report:
+        return "skip", "off"
+    if how == "eager" or (how == "lazy" and conn.ssl):
+        return "eager", "eager"  # (over TLS the state after the close tells who closed first)
+    if how == "lazy":
+        return "lazy", "lazy"
+    return ("eager" if kernel_state.sample() else "skip"), kernel_state.text
+
+
+def _watch(conn: ClosingConnection, report: bool) -> _observe.Watch:
+    """The measurements of one close. With a report, the kernel is asked whether the
+    peer's FIN is already queued, unread by the loop (CLOSE_WAIT): then the peer closed
+    first, whatever order the plan sees the FIN in (it is told after the close,
+    PEER_FIN_FIRST)."""
+    sock = conn.optsock
+    if not report:
+        return _observe.Watch(sock, report=False)
+    return _observe.Watch(
+        _Addressed(conn.real, sock), report=True, peer_fin=True if conn.peer_eof else None
+    )
+
+
+def _lazy_lookup(watch: _observe.Watch) -> Callable[[], KernelState | None] | None:
+    """What a ``lazy`` report's kernel state is looked up by. (The lookup's own
+    parameters, not the watch: it refers to the transport. The cookie makes sure a
+    later connection on the 4-tuple is not taken for ours.)"""
+    if watch.local is None or watch.peer is None:
+        return None
+    return functools.partial(_kernel.lookup, watch.local, watch.peer, cookie=watch._cookie)
 
 
 class _Detached:
@@ -504,28 +542,8 @@ class _Closer:
         #: When the kernel state is looked up: "eager" (once the fd is closed), "lazy"
         #: (when the report's kernel_state is first read) or "skip"; and what the
         #: report says of it.
-        how = kernel_state.how
-        if not report:
-            self._kernel_when, self._kernel_mode = "skip", "off"
-        elif how == "eager" or (how == "lazy" and conn.ssl):
-            # (Over TLS the state after the close tells who closed first.)
-            self._kernel_when = self._kernel_mode = "eager"
-        elif how == "lazy":
-            self._kernel_when = self._kernel_mode = "lazy"
-        else:
-            self._kernel_when = "eager" if kernel_state.sample() else "skip"
-            self._kernel_mode = kernel_state.text
-        sock = conn.optsock
-        # (With a report, the kernel is asked whether the peer's FIN is already queued,
-        # unread by the loop: CLOSE_WAIT. Then the peer closed first, whatever order the
-        # plan sees the FIN in: it is told after the close, PEER_FIN_FIRST.)
-        self._watch = (
-            _observe.Watch(
-                _Addressed(conn.real, sock), report=True, peer_fin=True if conn.peer_eof else None
-            )
-            if report
-            else _observe.Watch(sock, report=False)
-        )
+        self._kernel_when, self._kernel_mode = _kernel_timing(conn, report, kernel_state)
+        self._watch = _watch(conn, report)
         self._fin_queued = report and not conn.peer_eof and self._watch.peer_fin_first
         deadlines = self._deadlines = _Deadlines.of(loop)
         clock = self._clock = deadlines.clock
@@ -571,20 +589,12 @@ class _Closer:
         if self._report is None and self.done:
             watch = self._watch
             observed = watch.observed(trigger=self._trigger, kernel_state=self._kernel_state)
-            lookup = None
-            if self._kernel_when == "lazy" and watch.local is not None and watch.peer is not None:
-                # (The lookup's own parameters, not the watch: it refers to the transport.
-                # The cookie makes sure a later connection on the 4-tuple is not taken
-                # for ours.)
-                lookup = functools.partial(
-                    _kernel.lookup, watch.local, watch.peer, cookie=watch._cookie
-                )
             self._report = build_report(
                 self._plan.policy,
                 self._plan.result(),
                 observed,
                 kernel_state_mode=self._kernel_mode,
-                lookup=lookup,
+                lookup=_lazy_lookup(watch) if self._kernel_when == "lazy" else None,
             )
         return self._report
 
@@ -1120,11 +1130,12 @@ def quick_course(policy: ClosePolicy, conn: ClosingConnection) -> Course | None:
 
 class _QuickClose:
     """A close that follows its policy's course, for the usual case on a busy server:
-    no report asked for, a TCP (not TLS) transport, nothing left in its buffer,
-    ``SO_LINGER`` known to be off (see :func:`quick_course`).
+    a TCP (not TLS) transport, nothing left in its buffer, ``SO_LINGER`` known to be
+    off (see :func:`quick_course`).
 
     It does what the course's steps say with the transport's own calls and keeps only
-    the times of the steps: no plan object, no measurement the course does not need.
+    the times of the steps and what the report measures (with reports on, the same
+    :class:`~tcpclose._observe.Watch` as the closer's): no plan object.
     At the first event off the course (data during the drain, a deadline, a reset, the
     loop's end, anyone waiting for the report) it hands over to a :class:`_Closer`,
     which replays the steps taken through the plan and goes on from there; a finished
@@ -1143,8 +1154,14 @@ class _QuickClose:
         "_discarded",
         "_done_at",
         "_eof_at",
+        "_fin_queued",
         "_full",
+        "_kernel_mode",
+        "_kernel_state",
+        "_kernel_when",
         "_loop",
+        "_measured",
+        "_passive",
         "_report",
         "_slot",
         "_started",
@@ -1152,6 +1169,8 @@ class _QuickClose:
         "_taken",
         "_trigger",
         "_unread",
+        "_waiters",
+        "_watch",
         "background",
         "closed_transport",
         "deliver",
@@ -1166,10 +1185,22 @@ class _QuickClose:
         course: Course,
         trigger: str,
         allow_data_loss: bool,
+        report: bool = False,
+        kernel_state: KernelStateChoice = EAGER,
     ) -> None:
         self._conn = conn
         self._loop = loop
         self._course = course
+        # (As the closer's: see _Closer.__init__.)
+        self._kernel_when, self._kernel_mode = _kernel_timing(conn, report, kernel_state)
+        watch = self._watch = _watch(conn, True) if report else None
+        self._fin_queued = watch is not None and not conn.peer_eof and watch.peer_fin_first
+        self._kernel_state: KernelState | None = None
+        #: The kernel says the socket closed second (PASSIVE_END, told to the plan).
+        self._passive = False
+        #: The measurements before the fd's close are made.
+        self._measured = False
+        self._waiters: list[asyncio.Future[CloseReport]] | None = None
         self._trigger = trigger
         self._allow_data_loss = allow_data_loss
         deadlines = self._deadlines = _Deadlines.of(loop)
@@ -1276,6 +1307,8 @@ class _QuickClose:
             self._hand_over()._advance(self._started)
             return
         self._discarded = discarded
+        if self._watch is not None:
+            self._watch.discarded_bytes = discarded
         self._taken = 1
         self._close(self._started)
 
@@ -1283,8 +1316,16 @@ class _QuickClose:
         """The course's Close step."""
         conn = self._conn
         real = conn.real
-        if conn.eof_read:
-            unread: int | None = 0
+        watch = self._watch
+        unread: int | None
+        if watch is not None:
+            # (The closer's measurement: TCP_INFO for the report, the unread bytes;
+            # passed on at a hand-over.)
+            watch.before_close(self._course.policy.mode, unread=0 if conn.eof_read else None)
+            self._measured = True
+            unread = watch.unread_bytes
+        elif conn.eof_read:
+            unread = 0
         else:
             try:
                 unread = read_unread(conn.optsock.fileno())
@@ -1332,17 +1373,21 @@ class _QuickClose:
 
     def on_lost(self, exc: BaseException | None) -> None:
         full = self._full
-        if full is None and self._state is _Q_CLOSE:
+        state = self._state
+        if full is None and state is _Q_CLOSE:
             self._done_at = self._deadlines.clock()
             self._taken += 1
             self._finish()
             return
         if full is None:
+            if state is _Q_DONE:
+                return
             full = self._hand_over()
         full.on_lost(exc)
 
     def on_data(self, nbytes: int) -> None:
-        (self._full or self._hand_over()).on_data(nbytes)
+        if self._full is not None or self._state is not _Q_DONE:
+            (self._full or self._hand_over()).on_data(nbytes)
 
     def on_activity(self) -> None:
         if self._full is not None:
@@ -1363,7 +1408,7 @@ class _QuickClose:
             full._on_timer()
 
     def cut_short(self) -> None:
-        if not self.done:
+        if self._state is not _Q_DONE:  # (once the fd is closed nothing is left to cut)
             (self._full or self._hand_over()).cut_short()
 
     def budget_left(self) -> int:
@@ -1372,11 +1417,17 @@ class _QuickClose:
 
     def wait(self) -> asyncio.Future[CloseReport]:
         full = self._full
-        if full is None and self.done:
+        if full is None and self._state is _Q_DONE:
+            # Done, or the fd closed and the report's lookup due on the next loop turn.
             fut: asyncio.Future[CloseReport] = self._loop.create_future()
-            report = self.report
-            assert report is not None
-            fut.set_result(report)
+            if self.done:
+                report = self.report
+                assert report is not None
+                fut.set_result(report)
+            elif self._waiters is None:
+                self._waiters = [fut]
+            else:
+                self._waiters.append(fut)
             return fut
         return (full or self._hand_over()).wait()
 
@@ -1390,21 +1441,73 @@ class _QuickClose:
         if self._report is None:
             course = self._course
             plan = self._replayed()
-            seen = Observed(
-                unread_bytes=self._unread, discarded_bytes=self._discarded, trigger=self._trigger
+            # (What the closer's _complete tells its plan after the close.)
+            if self._passive:
+                plan.feed(_EVENT_PASSIVE_END, self._done_at)
+            if self._fin_queued:
+                plan.feed(_EVENT_PEER_FIN_FIRST, self._done_at)
+            watch = self._watch
+            if watch is None:
+                seen = Observed(
+                    unread_bytes=self._unread,
+                    discarded_bytes=self._discarded,
+                    trigger=self._trigger,
+                )
+                lookup = None
+            else:
+                seen = watch.observed(trigger=self._trigger, kernel_state=self._kernel_state)
+                lookup = _lazy_lookup(watch) if self._kernel_when == "lazy" else None
+            self._report = build_report(
+                course.policy,
+                plan.result(),
+                seen,
+                kernel_state_mode=self._kernel_mode,
+                lookup=lookup,
             )
-            self._report = build_report(course.policy, plan.result(), seen, kernel_state_mode="off")
         return self._report
 
     # -- the end, and the hand-over -----------------------------------------------------
 
     def _finish(self) -> None:
+        """The fd's close is done (or under way, in mode default)."""
         self._state = _Q_DONE
-        self.done = True
+        watch = self._watch
+        if watch is not None and watch.local is not None and self._kernel_when != "skip":
+            # As the closer: we may be inside connection_lost, before the transport
+            # closes the fd: the lookup runs on the next loop turn.
+            self._deadlines.complete_soon(self)
+        else:
+            self._complete()
+
+    def _complete(self) -> None:
+        """As :meth:`_Closer._complete`."""
         self._deadlines.active.discard(self)
+        watch = self._watch
+        if watch is not None:
+            if self._kernel_when == "eager":
+                try:
+                    kernel_state = self._kernel_state = watch.after_close()
+                except Exception:  # the report must not fail the close
+                    logger.exception("close: kernel lookup after close failed")
+                else:
+                    if kernel_state is not None and kernel_state.state in _PASSIVE_END_STATES:
+                        self._passive = True
+            if watch.findings:
+                self.findings = tuple(watch.findings)
+                if self.background:
+                    _emit_in_loop(self.findings, self._loop)
+        self.done = True
         conn = self._conn
         self._conn = _DETACHED  # (no cycle outlives the close)
         conn.close_finished(self)
+        waiters = self._waiters
+        if waiters:
+            self._waiters = None
+            report = self.report
+            assert report is not None
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(report)
 
     def _stop_waiting(self) -> None:
         slot = self._slot
@@ -1446,7 +1549,7 @@ class _QuickClose:
             self._loop,
             course.policy,
             self._trigger,
-            False,
+            False,  # (its watch and report timing are this close's: set below)
             self._allow_data_loss,
             False,
             self.background,
@@ -1455,6 +1558,12 @@ class _QuickClose:
         )
         full._plan = self._replayed()
         full.closed_transport = self.closed_transport
+        watch = self._watch
+        if watch is not None:
+            full._watch = watch
+            full._measured = self._measured
+            full._kernel_when, full._kernel_mode = self._kernel_when, self._kernel_mode
+            full._fin_queued = self._fin_queued
         full._watch.discarded_bytes = self._discarded
         state = self._state
         if state is _Q_DRAIN:
@@ -1467,7 +1576,8 @@ class _QuickClose:
                 full._wait = _Wait.RECEIVE
         elif state is _Q_CLOSE:
             full._measured = True
-            full._watch.unread_bytes = self._unread
+            if watch is None:
+                full._watch.unread_bytes = self._unread
             full._wait = _Wait.CLOSE
         deadlines.active.add(full)
         return full

@@ -116,6 +116,7 @@ class PolicyProtocol(asyncio.Protocol):
         "_listener",
         "_lost_reason",
         "_on_close",
+        "_optsock",
         "_policy",
         "_raw_tls",
         "_report",
@@ -123,7 +124,6 @@ class PolicyProtocol(asyncio.Protocol):
         "_shutdown_timer",
         "eof_read",
         "lost",
-        "_optsock",
         "peer_eof",
         "real",
         "registry",
@@ -326,12 +326,16 @@ class PolicyProtocol(asyncio.Protocol):
         loop = registry.loop if registry is not None else None
         if report is None:
             report = self._report
-        if not report and not deliver and background:
+        if kernel_state is None:
+            kernel_state = self._kernel_state
+        if not deliver and background:
             if loop is None:
                 loop = asyncio.get_running_loop()
             course = quick_course(policy, self)
             if course is not None:
-                quick = self._closer = _QuickClose(self, loop, course, trigger, allow_data_loss)
+                quick = self._closer = _QuickClose(
+                    self, loop, course, trigger, allow_data_loss, report, kernel_state
+                )
                 quick.start()
                 return quick
         closer = _Closer(
@@ -343,7 +347,7 @@ class PolicyProtocol(asyncio.Protocol):
             allow_data_loss,
             deliver,
             background,
-            self._kernel_state if kernel_state is None else kernel_state,
+            kernel_state,
         )
         self._closer = closer
         closer.start()

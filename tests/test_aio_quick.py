@@ -66,9 +66,11 @@ def _path(conn: PolicyProtocol) -> str:
     return "closer"
 
 
-async def _serve_once(policy: str, peer: Peer, *, read_request: bool = True) -> Served:
-    """One connection to ``tcpclose.aio.start_server`` with ``policy``, reports off
-    (``on_close`` still gets the report); ``peer`` is the client's script."""
+async def _serve_once(
+    policy: str, peer: Peer, *, read_request: bool = True, report: bool = False
+) -> Served:
+    """One connection to ``tcpclose.aio.start_server`` with ``policy``, reports on or
+    off (``on_close`` gets the report either way); ``peer`` is the client's script."""
     loop = asyncio.get_running_loop()
     reports: asyncio.Queue[CloseReport] = asyncio.Queue()
     conns: list[PolicyProtocol] = []
@@ -89,7 +91,7 @@ async def _serve_once(policy: str, peer: Peer, *, read_request: bool = True) -> 
         writer.write(RESPONSE)
 
     server = await tcpclose.aio.start_server(
-        handler, "127.0.0.1", 0, close_policy=policy, on_close=reports.put_nowait, report=False
+        handler, "127.0.0.1", 0, close_policy=policy, on_close=reports.put_nowait, report=report
     )
     port = server.sockets[0].getsockname()[1]
 
@@ -101,8 +103,8 @@ async def _serve_once(policy: str, peer: Peer, *, read_request: bool = True) -> 
         try:
             if not read_request:
                 assert paused.wait(10)
+            names = sock.getpeername(), sock.getsockname()  # (before an abort resets it)
             sock.sendall(REQUEST)
-            names = sock.getpeername(), sock.getsockname()
             peer(sock, reported)
             return names
         finally:
@@ -112,14 +114,21 @@ async def _serve_once(policy: str, peer: Peer, *, read_request: bool = True) -> 
         warnings.simplefilter("always")
         running = loop.run_in_executor(None, client)
         try:
-            report = await asyncio.wait_for(reports.get(), 10)
+            got = await asyncio.wait_for(reports.get(), 10)
         finally:
             reported.set()
         local, peer_address = await running
     server.close()
     await server.wait_closed()
     codes = tuple(str(getattr(w.message, "code", w.category.__name__)) for w in caught)
-    return Served(report, _path(conns[0]), codes, local, peer_address)
+    return Served(got, _path(conns[0]), codes, local, peer_address)
+
+
+@pytest.fixture(params=[False, True], ids=["reports-off", "reports-on"])
+def report(request: pytest.FixtureRequest) -> bool:
+    """Reports off (the quick close measures only what its course needs) or on (it
+    measures what the closer does, with the same watch)."""
+    return bool(request.param)
 
 
 def _both(loop_name: str, policy: str, peer: Peer, **kwargs: Any) -> tuple[Served, Served]:
@@ -160,8 +169,11 @@ def _same(quick: CloseReport, interpreted: CloseReport) -> None:
         "kernel_state_mode",
     ):
         assert getattr(quick, name) == getattr(interpreted, name), (name, quick, interpreted)
-    assert quick.kernel_state is None
-    assert quick.local is None
+    if quick.kernel_state_mode == "off":
+        assert quick.kernel_state is None
+        assert quick.local is None
+    else:
+        assert quick.local is not None
 
 
 # -- the peers ----------------------------------------------------------------------------------
@@ -204,9 +216,9 @@ def reads_to_reset_or_eof(sock: socket.socket, reported: threading.Event) -> Non
 # -- the behaviours -----------------------------------------------------------------------------
 
 
-def test_graceful_course_is_quick_and_as_the_plan_says(loop_name: str) -> None:
+def test_graceful_course_is_quick_and_as_the_plan_says(loop_name: str, report: bool) -> None:
     """The usual close: our FIN, the peer's, the fd closed; TIME_WAIT on our side."""
-    quick, interpreted = _both(loop_name, "graceful", cooperating)
+    quick, interpreted = _both(loop_name, "graceful", cooperating, report=report)
     assert quick.path == "quick"
     _same(quick.report, interpreted.report)
     assert quick.report.outcome == "peer-eof"
@@ -216,42 +228,46 @@ def test_graceful_course_is_quick_and_as_the_plan_says(loop_name: str) -> None:
     assert entry.state == "TIME-WAIT", entry
 
 
-def test_data_during_the_drain_hands_over(loop_name: str) -> None:
+def test_data_during_the_drain_hands_over(loop_name: str, report: bool) -> None:
     """Bytes after our FIN are off the course: the closer drains and counts them."""
-    quick, interpreted = _both(loop_name, "graceful", talks_after_our_fin)
+    quick, interpreted = _both(loop_name, "graceful", talks_after_our_fin, report=report)
     assert quick.path == "handed over"
     _same(quick.report, interpreted.report)
     assert quick.report.drained_bytes == 10_000
 
 
-def test_silent_peer_hands_over_at_the_deadline(loop_name: str) -> None:
+def test_silent_peer_hands_over_at_the_deadline(loop_name: str, report: bool) -> None:
     """The drain's idle bound ends the wait: the closer takes it from the deadline."""
-    quick, interpreted = _both(loop_name, "graceful idle_timeout=0.2s linger_time=2s", silent)
+    quick, interpreted = _both(
+        loop_name, "graceful idle_timeout=0.2s linger_time=2s", silent, report=report
+    )
     assert quick.path == "handed over"
     _same(quick.report, interpreted.report)
     assert quick.report.outcome == "idle-timeout"
 
 
-def test_reset_during_the_drain_hands_over(loop_name: str) -> None:
+def test_reset_during_the_drain_hands_over(loop_name: str, report: bool) -> None:
     """The peer's RST while we wait for its FIN: the closer reports it."""
-    quick, interpreted = _both(loop_name, "graceful", resets)
+    quick, interpreted = _both(loop_name, "graceful", resets, report=report)
     assert quick.path == "handed over"
     _same(quick.report, interpreted.report)
     assert quick.report.error == "ECONNRESET"
 
 
-def test_default_close_is_quick(loop_name: str) -> None:
+def test_default_close_is_quick(loop_name: str, report: bool) -> None:
     """Mode default: the transport's own close, nothing unread."""
-    quick, interpreted = _both(loop_name, "default", cooperating)
+    quick, interpreted = _both(loop_name, "default", cooperating, report=report)
     assert quick.path == "quick"
     _same(quick.report, interpreted.report)
 
 
-def test_default_close_with_unread_bytes_hands_over_and_warns(loop_name: str) -> None:
+def test_default_close_with_unread_bytes_hands_over_and_warns(loop_name: str, report: bool) -> None:
     """The RST trap: the handler never read the request, so the close resets the peer.
     The quick close sees the unread bytes and leaves the close (and its warning) to the
     closer."""
-    quick, interpreted = _both(loop_name, "default", reads_to_reset_or_eof, read_request=False)
+    quick, interpreted = _both(
+        loop_name, "default", reads_to_reset_or_eof, read_request=False, report=report
+    )
     assert quick.path == "handed over"
     _same(quick.report, interpreted.report)
     assert quick.report.unread_bytes == len(REQUEST)
@@ -260,9 +276,9 @@ def test_default_close_with_unread_bytes_hands_over_and_warns(loop_name: str) ->
     assert quick.warnings == interpreted.warnings
 
 
-def test_abort_course_is_quick(loop_name: str) -> None:
+def test_abort_course_is_quick(loop_name: str, report: bool) -> None:
     """Mode abort with nothing unsent: SO_LINGER {1, 0} and the fd's close sends RST."""
-    quick, interpreted = _both(loop_name, "abort", reads_to_reset_or_eof)
+    quick, interpreted = _both(loop_name, "abort", reads_to_reset_or_eof, report=report)
     assert quick.path == "quick"
     _same(quick.report, interpreted.report)
     assert quick.report.rst_sent
@@ -281,9 +297,9 @@ def waits_for_our_fin(sock: socket.socket, reported: threading.Event) -> None:
     cooperating(sock, reported)
 
 
-def test_peer_first_course_is_quick(loop_name: str) -> None:
+def test_peer_first_course_is_quick(loop_name: str, report: bool) -> None:
     """The peer closes first, within its grace: our side keeps no TIME_WAIT."""
-    quick, interpreted = _both(loop_name, "peer-first timeout=5s", closes_first)
+    quick, interpreted = _both(loop_name, "peer-first timeout=5s", closes_first, report=report)
     assert quick.path == "quick"
     _same(quick.report, interpreted.report)
     assert quick.report.peer_closed_first
@@ -292,10 +308,12 @@ def test_peer_first_course_is_quick(loop_name: str) -> None:
     assert entry is None or entry.state != "TIME-WAIT", entry
 
 
-def test_peer_first_grace_over_hands_over(loop_name: str) -> None:
+def test_peer_first_grace_over_hands_over(loop_name: str, report: bool) -> None:
     """A peer that waits for our FIN: the grace ends (a deadline), the closer takes
     over and the plan's fallback sends our FIN."""
-    quick, interpreted = _both(loop_name, "peer-first timeout=5s grace=100ms", waits_for_our_fin)
+    quick, interpreted = _both(
+        loop_name, "peer-first timeout=5s grace=100ms", waits_for_our_fin, report=report
+    )
     assert quick.path == "handed over"
     _same(quick.report, interpreted.report)
     assert quick.report.fallback is not None
