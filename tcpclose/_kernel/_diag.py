@@ -42,6 +42,7 @@ from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from itertools import islice, starmap
+from types import MappingProxyType
 from typing import Final, TypeVar
 
 from tcpclose._errors import KernelViewError
@@ -1045,7 +1046,14 @@ class _Counts:
         by_state: Counter[TcpState] = Counter()
         for number, n in self.per_state.items():  # numbers the kernel does not define add up
             by_state[_STATE_OF[number]] += n
-        return Summary.from_counts("netlink", by_state, self.ports, self.destinations())
+        # Made here, not by Summary.from_counts: it would sort the mappings again.
+        return Summary(
+            "netlink",
+            by_state.total(),
+            MappingProxyType(dict(by_state.most_common())),
+            MappingProxyType(dict(self.ports.most_common())),
+            MappingProxyType(self.destinations()),
+        )
 
 
 def count_dump(streams: Iterable[Iterable[bytes | bytearray | memoryview]]) -> Summary:

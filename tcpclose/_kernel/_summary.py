@@ -6,7 +6,6 @@ import operator
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from itertools import islice
 from types import MappingProxyType
 
 from ._types import Address, KernelState, Source, TcpState
@@ -23,9 +22,6 @@ def _by_count(
 ) -> Mapping[object, int]:
     """Read-only, largest count first (ties in their first-seen order, as
     ``Counter.most_common``)."""
-    values = counts.values()
-    if all(map(operator.ge, values, islice(values, 1, None))):  # in order already
-        return MappingProxyType(dict(counts))  # type: ignore[arg-type]
     return MappingProxyType(dict(sorted(counts.items(), key=_count_of, reverse=True)))
 
 
