@@ -970,7 +970,8 @@ class _Counts:
         self.per_state[_TIME_WAIT] += messages
         self.add_ports(_keys(data, length, _LOCAL_PORT_KEY).decode(_UTF32, "surrogatepass"))
         if family == _AF_INET:
-            # One int per socket, not a struct row (a tuple and a bytes object).
+            # One int per socket, not a struct row (a tuple and a bytes object): 990
+            # instructions per socket, the ints made, against 1,970 (50,000 TIME_WAIT).
             self.v4_peers.update(memoryview(_keys(data, length, _V4_PEER_KEY)).cast("Q"))
         else:
             layout = _V6_PEER_RUNS.get(length)
@@ -986,10 +987,10 @@ class _Counts:
 
         A server's TIME_WAIT sit on its few listening ports: each port is counted with
         ``str.count`` and taken out with ``str.replace``, two loops in C over the
-        remaining characters, instead of an update of a ``Counter`` per socket (950
-        instructions per socket, 7 out of 8 of the port counting). Ports that are rarer
-        than a tenth of what remains (a client's ephemeral ports, each seen once) go to
-        the ``Counter``.
+        remaining characters, instead of an update of a ``Counter`` per socket (460
+        instructions per socket, the string made, against 1,000: callgrind, 50,000
+        TIME_WAIT on 8 ports). Ports rarer than a tenth of what remains (a client's
+        ephemeral ports, each seen once) go to the ``Counter``.
         """
         counts = self.ports
         while ports:
