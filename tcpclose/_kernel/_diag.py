@@ -996,8 +996,8 @@ class _Counts:
         while ports:
             port = ports[0]  # the first seen: the ports keep their first-seen order
             n = ports.count(port)
-            if n * 10 < len(ports):
-                counts.update(map(ord, ports))
+            if n * 10 < len(ports):  # the rest as ints (not one-character strings)
+                counts.update(memoryview(ports.encode(_UTF32, "surrogatepass")).cast("I"))
                 return
             counts[ord(port)] += n
             ports = ports.replace(port, "")
