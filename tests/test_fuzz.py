@@ -448,9 +448,84 @@ def test_counting_a_dump_equals_counting_its_decoded_states(
         sockets = [f for f in sockets if f.family == family]
     datagram = b"".join(diag_reply(f, attributes) for f in sockets)
     done = NLMSGHDR.pack(NLMSGHDR.size + 4, NLMSG_DONE, 2, 7, 0) + bytes(4)
-    decoded = Summary.from_states(decode_dump([datagram, datagram, done]), "netlink")
-    assert count_dump([[datagram, datagram, done]]) == decoded
-    assert count_dump([[datagram, done], [datagram, done]]) == decoded
+    decoded = in_order(Summary.from_states(decode_dump([datagram, datagram, done]), "netlink"))
+    assert in_order(count_dump([[datagram, datagram, done]])) == decoded
+    assert in_order(count_dump([[datagram, done], [datagram, done]])) == decoded
+
+
+def in_order(summary: Summary) -> tuple[Any, ...]:
+    """Everything a summary says, its mappings' order included (``==`` on the mappings
+    ignores order)."""
+    return (
+        summary.source,
+        summary.total,
+        list(summary.by_state.items()),
+        list(summary.time_wait_by_local_port.items()),
+        list(summary.time_wait_by_destination.items()),
+    )
+
+
+#: Ports whose character (the counting reads a port as one UTF-32 code unit) could trip
+#: it: UTF-16 surrogates, the byte-order marks, 0 and the largest; and any other.
+_PORTS = st.one_of(
+    st.sampled_from([0, 1, 80, 0xD800, 0xDBFF, 0xDC00, 0xDFFF, 0xFEFF, 0xFFFE, 0xFFFF]),
+    st.integers(0, 65535),
+)
+
+
+@st.composite
+def repeating_time_wait_streams(draw: st.DrawFn) -> list[list[bytes]]:
+    """One stream of datagrams per family (IPv4, IPv6 or both, in that order), mostly
+    TIME_WAIT whose local ports and peers repeat, so that counts and ties occur: runs of
+    TIME_WAIT (counted without a Python loop) and mixed datagrams (walked message by
+    message) in any order, sharing ports and peers."""
+    done = NLMSGHDR.pack(NLMSGHDR.size + 4, NLMSG_DONE, 2, 7, 0) + bytes(4)
+    streams = []
+    for family in draw(st.sampled_from([[socket.AF_INET], [socket.AF_INET6], list(_FAMILIES)])):
+        size = 4 if family == socket.AF_INET else 16
+        ports = draw(st.lists(_PORTS, min_size=1, max_size=3))
+        peers = draw(
+            st.lists(
+                st.tuples(_PORTS, st.binary(min_size=size, max_size=size)), min_size=1, max_size=4
+            )
+        )
+        datagrams = []
+        for _ in range(draw(st.integers(1, 4))):
+            src = draw(st.binary(min_size=size, max_size=size))
+            base = dataclasses.replace(draw(socket_facts()), family=int(family), src=src)
+            run = draw(st.booleans())
+            messages = []
+            for _ in range(draw(st.integers(1, 25))):
+                dport, dst = draw(st.sampled_from(peers))
+                facts = dataclasses.replace(
+                    base,
+                    state=draw(st.sampled_from([6, 6, 1] if not run else [6])),
+                    sport=draw(st.one_of(st.sampled_from(ports), _PORTS)),
+                    dport=dport,
+                    dst=dst,
+                )
+                messages.append(diag_reply(facts))
+            datagrams.append(b"".join(messages))
+        streams.append([*datagrams, done])
+    return streams
+
+
+_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
+@fuzz
+@given(repeating_time_wait_streams())
+def test_counting_repeated_ports_and_peers_equals_counting_decoded_states_in_order(
+    streams: list[list[bytes]],
+) -> None:
+    """Issue 17: TIME_WAIT runs are counted by local port as characters of a string and
+    by IPv4 peer as one int each, the other datagrams message by message; the counts
+    and their order (largest first, ties in first-seen order) are those of counting the
+    decoded states."""
+    decoded = Summary.from_states(
+        (state for stream in streams for state in decode_dump(stream)), "netlink"
+    )
+    assert in_order(count_dump(streams)) == in_order(decoded)
 
 
 @fuzz

@@ -3,6 +3,7 @@ summary() on live sockets, and the ``tcpclose.kernel`` module itself (issue 4)."
 
 from __future__ import annotations
 
+import errno
 import inspect
 import socket
 import struct
@@ -348,6 +349,79 @@ def test_summary_counts_what_dump_returns(scene: dict[str, Any]) -> None:
             if counted == decoded:
                 break
         assert counted == decoded, kwargs
+
+
+def ordered(summary: Summary) -> tuple[Any, ...]:
+    """Everything a summary says, its mappings' order included (``==`` on the mappings
+    ignores order)."""
+    return (
+        summary.source,
+        summary.total,
+        list(summary.by_state.items()),
+        list(summary.time_wait_by_local_port.items()),
+        list(summary.time_wait_by_destination.items()),
+    )
+
+
+def client_ports(count: int) -> range:
+    """``count`` port numbers just below the ephemeral range: TIME_WAIT left with these
+    as their peer port cannot share a number with a later test's listener (``dump(port=)``
+    matches either end)."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+        first_ephemeral = int(f.read().split()[0])
+    return range(first_ephemeral - count, first_ephemeral)
+
+
+def test_summary_of_many_time_wait_equals_counting_dump_in_order(family: int) -> None:
+    """Issue 17: the counting path counts datagrams full of TIME_WAIT without decoding a
+    socket (ports and peers read as one number each). On real sockets, with TIME_WAIT on
+    two listening ports (the servers close first) and peers from two hosts where the
+    family has them, half of the peers connected to both listeners, it gives exactly
+    what counting dump()'s states gives: the same counts, in the same order (largest
+    first, ties in first-seen order)."""
+    listeners = [listener(family), listener(family)]
+    client_hosts = ["127.0.0.1", "127.0.0.2"] if family == socket.AF_INET else ["::1"]
+    try:
+        for j, client_port in enumerate(client_ports(400)):
+            for lst in listeners[: 2 - j % 2]:  # even ports: to both listeners
+                client = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    client.bind((client_hosts[j % len(client_hosts)], client_port))
+                    client.connect(lst.getsockname()[:2])
+                    server, _ = lst.accept()
+                    server.close()  # closes first: its end goes to TIME_WAIT
+                except OSError as exc:  # the port is taken: one peer fewer
+                    if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                        raise
+                finally:
+                    client.close()
+        ports = {addr(lst)[1] for lst in listeners}
+        wait_until(
+            lambda: (
+                sum(
+                    n
+                    for port, n in tcpclose.kernel.summary(
+                        states="TIME_WAIT", family=family
+                    ).time_wait_by_local_port.items()
+                    if port in ports
+                )
+                >= 500  # of 600: a client port taken elsewhere is skipped
+            ),
+            message="500 TIME_WAIT",
+        )
+        for kwargs in ({"family": family}, {"states": "TIME_WAIT", "family": family}):
+            for _ in range(5):  # sockets come and go between the two dumps: retry
+                counted = ordered(tcpclose.kernel.summary(**kwargs))
+                decoded = ordered(Summary.from_states(tcpclose.kernel.dump(**kwargs), "netlink"))
+                if counted == decoded:
+                    break
+            assert counted == decoded, kwargs
+            assert sum(n for port, n in counted[3] if port in ports) >= 500
+            assert {n for _, n in counted[4]} >= {1, 2}  # ties to keep in order, both counts
+    finally:
+        for lst in listeners:
+            lst.close()
 
 
 def test_summary_from_states_counts_and_orders() -> None:
