@@ -49,7 +49,7 @@ from tcpclose._errors import KernelViewError
 
 from ._address import MAPPED_PREFIX, RawFourTuple, format_host
 from ._summary import Summary
-from ._types import Address, KernelState, TcpState, TimerKind
+from ._types import TCP_STATE_OF, Address, KernelState, TcpState, TimerKind
 
 __all__ = (
     "INET_DIAG_MSG",
@@ -158,10 +158,9 @@ _SRC_AT: Final = _HDR_LEN + 8
 _DST_AT: Final = _HDR_LEN + 24
 _AF_INET: Final = int(socket.AF_INET)
 _AF_INET6: Final = int(socket.AF_INET6)
-_STATES: Final = {int(s): s for s in TcpState if s > 0}
 _TIMERS: Final = {int(t): t for t in TimerKind}
 #: ``idiag_state`` and ``idiag_timer`` (one byte each) to our enums, by indexing.
-_STATE_OF: Final = tuple(_STATES.get(n, TcpState.UNKNOWN) for n in range(256))
+_STATE_OF: Final = TCP_STATE_OF
 _TIMER_OF: Final = tuple(_TIMERS.get(n) for n in range(256))
 #: ``idiag_sport``/``idiag_dport`` are big-endian and unpacked as native ``H``: on a
 #: little-endian host the two bytes are swapped back with arithmetic, a tenth of the

@@ -34,7 +34,7 @@ from typing import Final, Protocol, TypeAlias, runtime_checkable
 from tcpclose._errors import NotTcpSocketError
 
 from ._tcpinfo import TCP_INFO_MIN_SIZE, TCP_INFO_REQUEST_SIZE, TcpInfo, decode_tcp_info
-from ._types import Queues, TcpState
+from ._types import TCP_STATE_OF, Queues, TcpState
 
 __all__ = (
     "SocketLike",
@@ -339,10 +339,7 @@ def read_tcp_state(sock: _Options) -> TcpState:
         raw = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)
     except OSError:
         return TcpState.UNKNOWN
-    try:
-        return TcpState(raw[0])
-    except (IndexError, ValueError):
-        return TcpState.UNKNOWN
+    return TCP_STATE_OF[raw[0]] if raw else TcpState.UNKNOWN
 
 
 def _ioctl_int(fd: int, request: int) -> int:
