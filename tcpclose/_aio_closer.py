@@ -1060,23 +1060,14 @@ class _Closer:
     def _complete(self) -> None:
         self._deadlines.active.discard(self)
         watch = self._watch
-        kernel_state = None
-        if self._kernel_when == "eager":
-            try:
-                kernel_state = watch.after_close()
-            except Exception:  # the report must not fail the close
-                logger.exception("close: kernel lookup after close failed")
-        self._kernel_state = kernel_state
+        kernel_state = self._kernel_state = _state_after_close(watch, self._kernel_when)
         if kernel_state is not None and kernel_state.state in _PASSIVE_END_STATES:
             self._plan.feed(_EVENT_PASSIVE_END, self._clock())
         if self._fin_queued:
             self._plan.feed(_EVENT_PEER_FIN_FIRST, self._clock())
         self.done = True
-        findings = watch.findings
-        if findings:
-            self.findings = tuple(findings)
-            if self.background:
-                _emit_in_loop(self.findings, self._loop)
+        if watch.findings:
+            self.findings = _issued(watch.findings, self.background, self._loop)
         if self._plan.debug:
             logger.debug("closed: %s", self.report)
         conn = self._conn
@@ -1085,14 +1076,38 @@ class _Closer:
         # again once the plan is finished.
         self._conn = _DETACHED
         conn.close_finished(self)
-        waiters = self._waiters
+        waiters, self._waiters = self._waiters, None
         if waiters:
-            self._waiters = None
-            report = self.report
-            assert report is not None
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(report)
+            _resolve(waiters, self.report)
+
+
+def _state_after_close(watch: _observe.Watch, when: str) -> KernelState | None:
+    """The 4-tuple's kernel state once the fd is closed, when looked up ``"eager"``."""
+    if when != "eager":
+        return None
+    try:
+        return watch.after_close()
+    except Exception:  # the report must not fail the close
+        logger.exception("close: kernel lookup after close failed")
+        return None
+
+
+def _issued(
+    findings: Iterable[_findings.Finding], background: bool, loop: asyncio.AbstractEventLoop
+) -> tuple[_findings.Finding, ...]:
+    """A close's findings, issued as warnings now when nobody awaits its report."""
+    found = tuple(findings)
+    if background:
+        _emit_in_loop(found, loop)
+    return found
+
+
+def _resolve(waiters: list[asyncio.Future[CloseReport]], report: CloseReport | None) -> None:
+    """Hand the close's report to those awaiting it."""
+    assert report is not None
+    for fut in waiters:
+        if not fut.done():
+            fut.set_result(report)
 
 
 # -- the quick close ----------------------------------------------------------------------
@@ -1484,30 +1499,18 @@ class _QuickClose:
         self._deadlines.active.discard(self)
         watch = self._watch
         if watch is not None:
-            if self._kernel_when == "eager":
-                try:
-                    kernel_state = self._kernel_state = watch.after_close()
-                except Exception:  # the report must not fail the close
-                    logger.exception("close: kernel lookup after close failed")
-                else:
-                    if kernel_state is not None and kernel_state.state in _PASSIVE_END_STATES:
-                        self._passive = True
+            kernel_state = self._kernel_state = _state_after_close(watch, self._kernel_when)
+            if kernel_state is not None and kernel_state.state in _PASSIVE_END_STATES:
+                self._passive = True
             if watch.findings:
-                self.findings = tuple(watch.findings)
-                if self.background:
-                    _emit_in_loop(self.findings, self._loop)
+                self.findings = _issued(watch.findings, self.background, self._loop)
         self.done = True
         conn = self._conn
         self._conn = _DETACHED  # (no cycle outlives the close)
         conn.close_finished(self)
-        waiters = self._waiters
+        waiters, self._waiters = self._waiters, None
         if waiters:
-            self._waiters = None
-            report = self.report
-            assert report is not None
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(report)
+            _resolve(waiters, self.report)
 
     def _stop_waiting(self) -> None:
         slot = self._slot

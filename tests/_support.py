@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tcpclose.kernel import Summary
+
 T = TypeVar("T")
 
 LOOPBACK: dict[int, str] = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
@@ -257,3 +259,15 @@ def fill_send_queue(sock: socket.socket) -> int:
         except BlockingIOError:
             return sent
     raise AssertionError("the send queue never filled")
+
+
+def in_order(summary: Summary) -> tuple[Any, ...]:
+    """Everything a summary says, its mappings' order included (``==`` on the mappings
+    ignores order)."""
+    return (
+        summary.source,
+        summary.total,
+        list(summary.by_state.items()),
+        list(summary.time_wait_by_local_port.items()),
+        list(summary.time_wait_by_destination.items()),
+    )

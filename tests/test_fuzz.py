@@ -55,6 +55,7 @@ from tcpclose._kernel._tcpinfo import TCP_INFO_MIN_SIZE, TCP_INFO_SIZE, decode_t
 from tcpclose._plan import ClosePlan, Event, Finished, PlanStateError
 from tcpclose._policy import as_policy
 from tcpclose._units import MAX_DURATION, MAX_SIZE, UnitError, parse_duration, parse_size
+from tests._support import in_order
 
 fuzz = settings(max_examples=300, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
 
@@ -451,18 +452,6 @@ def test_counting_a_dump_equals_counting_its_decoded_states(
     decoded = in_order(Summary.from_states(decode_dump([datagram, datagram, done]), "netlink"))
     assert in_order(count_dump([[datagram, datagram, done]])) == decoded
     assert in_order(count_dump([[datagram, done], [datagram, done]])) == decoded
-
-
-def in_order(summary: Summary) -> tuple[Any, ...]:
-    """Everything a summary says, its mappings' order included (``==`` on the mappings
-    ignores order)."""
-    return (
-        summary.source,
-        summary.total,
-        list(summary.by_state.items()),
-        list(summary.time_wait_by_local_port.items()),
-        list(summary.time_wait_by_destination.items()),
-    )
 
 
 #: Ports whose character (the counting reads a port as one UTF-32 code unit) could trip

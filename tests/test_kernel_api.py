@@ -28,7 +28,7 @@ from tcpclose._kernel import (
 )
 from tcpclose._kernel._address import parse_four_tuple
 from tcpclose._kernel._diag import decode_lookup_state, decode_reply, encode_lookup_request
-from tests._support import addr, listener, tcp_pair, wait_until
+from tests._support import addr, in_order, listener, tcp_pair, wait_until
 
 DATA = Path(__file__).parent / "data"
 
@@ -351,18 +351,6 @@ def test_summary_counts_what_dump_returns(scene: dict[str, Any]) -> None:
         assert counted == decoded, kwargs
 
 
-def ordered(summary: Summary) -> tuple[Any, ...]:
-    """Everything a summary says, its mappings' order included (``==`` on the mappings
-    ignores order)."""
-    return (
-        summary.source,
-        summary.total,
-        list(summary.by_state.items()),
-        list(summary.time_wait_by_local_port.items()),
-        list(summary.time_wait_by_destination.items()),
-    )
-
-
 def client_ports(count: int) -> range:
     """``count`` port numbers just below the ephemeral range: TIME_WAIT left with these
     as their peer port cannot share a number with a later test's listener (``dump(port=)``
@@ -412,8 +400,8 @@ def test_summary_of_many_time_wait_equals_counting_dump_in_order(family: int) ->
         )
         for kwargs in ({"family": family}, {"states": "TIME_WAIT", "family": family}):
             for _ in range(5):  # sockets come and go between the two dumps: retry
-                counted = ordered(tcpclose.kernel.summary(**kwargs))
-                decoded = ordered(Summary.from_states(tcpclose.kernel.dump(**kwargs), "netlink"))
+                counted = in_order(tcpclose.kernel.summary(**kwargs))
+                decoded = in_order(Summary.from_states(tcpclose.kernel.dump(**kwargs), "netlink"))
                 if counted == decoded:
                     break
             assert counted == decoded, kwargs
