@@ -1119,8 +1119,9 @@ _ABORT_COURSE: Final = (SetLingerZero, Close)
 _PEER_FIRST_COURSE: Final = (Flush, MeasureAcked, Receive, Close)
 _QUICK_COURSES: Final = (_GRACEFUL_COURSE, _PEER_FIRST_COURSE, _DEFAULT_COURSE, _ABORT_COURSE)
 
-#: Where a quick close is: before its first wait, draining (our FIN sent, waiting for
-#: the peer's), closing (the transport closed, waiting for ``connection_lost``), done.
+#: Where a quick close is: not waiting (before its first wait, or from the peer's FIN to
+#: the fd's close), draining (our FIN sent, waiting for the peer's), closing (the
+#: transport closed, waiting for ``connection_lost``), done.
 _Q_START: Final = "start"
 _Q_DRAIN: Final = "drain"
 _Q_CLOSE: Final = "close"
@@ -1382,6 +1383,7 @@ class _QuickClose:
             full.on_eof()
         elif self._state is _Q_DRAIN:
             self._stop_waiting()
+            self._state = _Q_START  # (not waiting: a hand-over now waits for nothing)
             now = self._eof_at = self._deadlines.clock()
             self._taken += 1
             self._close(now)
