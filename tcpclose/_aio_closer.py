@@ -628,15 +628,7 @@ class _Closer:
 
     def wait(self) -> asyncio.Future[CloseReport]:
         """A future resolved with the report; cancelling it leaves the close running."""
-        fut: asyncio.Future[CloseReport] = self._loop.create_future()
-        report = self.report
-        if report is not None:
-            fut.set_result(report)
-        elif self._waiters is None:
-            self._waiters = [fut]
-        else:
-            self._waiters.append(fut)
-        return fut
+        return _awaiting(self)
 
     def on_data(self, nbytes: int) -> None:
         """``nbytes`` arrived and were discarded."""
@@ -1102,6 +1094,20 @@ def _issued(
     return found
 
 
+def _awaiting(closer: _Closer | _QuickClose) -> asyncio.Future[CloseReport]:
+    """A future resolved with ``closer``'s report: now when it is there, else by
+    :func:`_resolve` when the close completes."""
+    fut: asyncio.Future[CloseReport] = closer._loop.create_future()
+    report = closer.report
+    if report is not None:
+        fut.set_result(report)
+    elif closer._waiters is None:
+        closer._waiters = [fut]
+    else:
+        closer._waiters.append(fut)
+    return fut
+
+
 def _resolve(waiters: list[asyncio.Future[CloseReport]], report: CloseReport | None) -> None:
     """Hand the close's report to those awaiting it."""
     assert report is not None
@@ -1436,16 +1442,7 @@ class _QuickClose:
         full = self._full
         if full is None and self._state is _Q_DONE:
             # Done, or the fd closed and the report's lookup due on the next loop turn.
-            fut: asyncio.Future[CloseReport] = self._loop.create_future()
-            if self.done:
-                report = self.report
-                assert report is not None
-                fut.set_result(report)
-            elif self._waiters is None:
-                self._waiters = [fut]
-            else:
-                self._waiters.append(fut)
-            return fut
+            return _awaiting(self)
         return (full or self._hand_over()).wait()
 
     @property
