@@ -15,12 +15,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tcpclose.kernel import Summary
+import tcpclose.kernel
+from tcpclose.kernel import Summary, TcpState
 
 T = TypeVar("T")
 
@@ -271,3 +273,45 @@ def in_order(summary: Summary) -> tuple[Any, ...]:
         list(summary.time_wait_by_local_port.items()),
         list(summary.time_wait_by_destination.items()),
     )
+
+
+@contextmanager
+def quiet_listener() -> Iterator[socket.socket]:
+    """An IPv4 loopback listener on a port no other socket uses.
+
+    TIME_WAIT entries left by earlier tests may hold any ephemeral port (``SO_REUSEADDR``
+    lets ``bind`` pick one), and a count by port would include them.
+    """
+    rejected: list[socket.socket] = []
+    try:
+        for _ in range(50):
+            lst = listener(socket.AF_INET)
+            if sum(1 for _ in tcpclose.kernel.dump(port=addr(lst)[1])) == 1:
+                with lst:
+                    yield lst
+                return
+            rejected.append(lst)
+        raise AssertionError("no quiet loopback port in 50 tries")
+    finally:
+        for sock in rejected:
+            sock.close()
+
+
+@contextmanager
+def port_with_time_wait(server_first: int = 3, client_first: int = 2) -> Iterator[int]:
+    """A quiet listening port with ``server_first`` TIME_WAIT entries of its own (the
+    server closed first) and ``client_first`` of its clients'. Yields the port."""
+    with quiet_listener() as lst:
+        port = addr(lst)[1]
+        for i in range(server_first + client_first):
+            client, server = tcp_pair(socket.AF_INET, lst)
+            first, second = (server, client) if i < server_first else (client, server)
+            first.close()
+            wait_until(lambda s=second: s.recv(1) == b"", message="FIN")  # type: ignore[misc]
+            second.close()
+        total = server_first + client_first
+        wait_until(
+            lambda: sum(1 for _ in tcpclose.kernel.dump(TcpState.TIME_WAIT, port=port)) == total,
+            message=f"{total} TIME_WAIT",
+        )
+        yield port

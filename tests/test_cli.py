@@ -7,7 +7,6 @@ sockets, :func:`tcpclose.lookup` and ``ss``; the demo runs for real, small.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pty
@@ -29,7 +28,15 @@ import tcpclose.kernel
 from tcpclose import _cli, _demo
 from tcpclose._demo_client import Command
 from tcpclose._kernel._types import TcpState
-from tests._support import addr, listener, ss_lookup, tcp_pair, wait_until
+from tests._support import (
+    addr,
+    listener,
+    port_with_time_wait,
+    quiet_listener,
+    ss_lookup,
+    tcp_pair,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -238,50 +245,14 @@ def _ss_time_wait_count(port: int) -> int:
     return sum(1 for line in out.splitlines() if line.strip())
 
 
-@contextlib.contextmanager
-def quiet_listener() -> Iterator[socket.socket]:
-    """An IPv4 loopback listener on a port no other socket uses (TIME_WAIT entries left
-    by other tests may hold any ephemeral port, and ``--port`` would count them)."""
-    rejected: list[socket.socket] = []
-    try:
-        for _ in range(50):
-            lst = listener(socket.AF_INET)
-            if sum(1 for _ in tcpclose.kernel.dump(port=addr(lst)[1])) == 1:
-                with lst:
-                    yield lst
-                return
-            rejected.append(lst)
-        raise AssertionError("no quiet loopback port in 50 tries")
-    finally:
-        for sock in rejected:
-            sock.close()
-
-
-def _close_in_order(first: socket.socket, second: socket.socket) -> None:
-    """``first`` closes actively (TIME_WAIT), ``second`` once it has seen the FIN."""
-    first.close()
-    wait_until(lambda: second.recv(1) == b"", message="FIN")
-    second.close()
-
-
 @pytest.fixture
 def time_wait_on_port() -> Iterator[tuple[int, int, int]]:
     """A listening port with 3 server-side and 2 client-side TIME_WAIT entries.
 
     Yields ``(port, server_side, client_side)``.
     """
-    with quiet_listener() as lst:
-        port = addr(lst)[1]
-        server_first, client_first = 3, 2
-        for i in range(server_first + client_first):
-            client, server = tcp_pair(socket.AF_INET, lst)
-            first, second = (server, client) if i < server_first else (client, server)
-            _close_in_order(first, second)
-        wait_until(
-            lambda: sum(1 for _ in tcpclose.kernel.dump(TcpState.TIME_WAIT, port=port)) == 5,
-            message="5 TIME_WAIT",
-        )
-        yield port, server_first, client_first
+    with port_with_time_wait(3, 2) as port:
+        yield port, 3, 2
 
 
 @needs_kernel_view

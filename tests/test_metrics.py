@@ -29,7 +29,7 @@ from tcpclose.metrics import (
     tee,
 )
 from tests._aio_support import Client, payload, run, wait_for
-from tests._support import Peer, addr, listener, tcp_pair, wait_until
+from tests._support import Peer, addr, listener, port_with_time_wait, tcp_pair, wait_until
 
 prometheus_client = pytest.importorskip("prometheus_client")
 otel_sdk_metrics = pytest.importorskip("opentelemetry.sdk.metrics")
@@ -305,18 +305,7 @@ def test_server_on_close_feeds_both_engines(loop_name: str) -> None:
 def server_time_wait() -> Iterator[tuple[int, int, int]]:
     """A listener with 3 TIME_WAIT of its own (the server closed first) and 2 of its
     clients' (outgoing). Yields ``(port, server_side, client_side)``."""
-    with listener(socket.AF_INET) as lst:
-        port = addr(lst)[1]
-        for i in range(5):
-            client, server = tcp_pair(socket.AF_INET, lst)
-            first, second = (server, client) if i < 3 else (client, server)
-            first.close()
-            wait_until(lambda s=second: s.recv(1) == b"", message="FIN")  # type: ignore[misc]
-            second.close()
-        wait_until(
-            lambda: sum(1 for _ in tcpclose.kernel.dump(TcpState.TIME_WAIT, port=port)) == 5,
-            message="5 TIME_WAIT",
-        )
+    with port_with_time_wait(3, 2) as port:
         yield port, 3, 2
 
 
