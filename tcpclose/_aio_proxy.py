@@ -30,6 +30,7 @@ from ._aio_transport import (
     socket_view,
 )
 from ._kernel._types import TcpState
+from ._plan import Course
 from ._policy import CloseMode, ClosePolicy
 from ._report import CloseReport
 
@@ -329,15 +330,9 @@ class PolicyProtocol(asyncio.Protocol):
         if kernel_state is None:
             kernel_state = self._kernel_state
         if not deliver and background:
-            if loop is None:
-                loop = asyncio.get_running_loop()
             course = quick_course(policy, self)
             if course is not None:
-                quick = self._closer = _QuickClose(
-                    self, loop, course, trigger, allow_data_loss, report, kernel_state
-                )
-                quick.start()
-                return quick
+                return self._start_quick(course, trigger, allow_data_loss, report, kernel_state)
         closer = _Closer(
             self,
             loop,
@@ -353,6 +348,28 @@ class PolicyProtocol(asyncio.Protocol):
         closer.start()
         return closer
 
+    def _start_quick(
+        self,
+        course: Course,
+        trigger: str,
+        allow_data_loss: bool,
+        report: bool,
+        kernel_state: KernelStateChoice,
+    ) -> _QuickClose:
+        registry = self.registry
+        loop = registry.loop if registry is not None else None
+        quick = self._closer = _QuickClose(
+            self,
+            loop or asyncio.get_running_loop(),
+            course,
+            trigger,
+            allow_data_loss,
+            report,
+            kernel_state,
+        )
+        quick.start()
+        return quick
+
     def request_close(self, trigger: str = "close") -> _Closer | _QuickClose | None:
         """The application asked for the close (``close()``, handler returned, ...)."""
         if self._close_requested or self.lost:
@@ -362,7 +379,11 @@ class PolicyProtocol(asyncio.Protocol):
         if closer is not None:  # write_eof() under peer-first: the protocol is done now
             closer.stop_delivering()
             return closer
-        return self.start_close(self._policy, trigger=trigger)
+        policy = self._policy
+        course = quick_course(policy, self)
+        if course is not None:  # (start_close's usual case, without its keywords)
+            return self._start_quick(course, trigger, False, self._report, self._kernel_state)
+        return self.start_close(policy, trigger=trigger)
 
     def request_abort(self) -> None:
         if self.lost:

@@ -18,6 +18,7 @@ import ssl
 import struct
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
+from types import CoroutineType
 from typing import Any, Final, TypedDict
 
 from typing_extensions import Unpack
@@ -332,7 +333,8 @@ class _ClientConnected:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> Awaitable[None] | None:
         result = self.callback(reader, writer)
-        if asyncio.iscoroutine(result):
+        # (The isinstance first: asyncio.iscoroutine is a Python call.)
+        if isinstance(result, CoroutineType) or asyncio.iscoroutine(result):
             return _run_handler(result, writer)
         return result
 

@@ -1108,6 +1108,7 @@ class Course:
         steps: the steps in order.
         ends: the steps reach the end of the close (else the last one hands over).
         bound_s: the deadline of the first phases, from the start.
+        drain_s: the end of a drain begun at the start, from the start.
         result: the result at the end (``started``/``finished`` 0), when ``ends``.
         passive_result: the same after ``PASSIVE_END``.
     """
@@ -1122,6 +1123,9 @@ class Course:
     passive_result: PlanResult | None
     #: The action type of each step, in order (how drivers recognise a course).
     kinds: tuple[type, ...] = ()
+    #: A drain that starts with the close ends this long after it at the latest
+    #: (:func:`drain_until` from the start: ``bound_s``, or ``idle_timeout`` if sooner).
+    drain_s: float = 0.0
 
     @classmethod
     def derive(cls, policy: ClosePolicy, *, peer_eof: bool, fin_deferred: bool) -> Course:
@@ -1168,6 +1172,7 @@ class Course:
             result,
             passive,
             tuple(step.kind for step in steps),
+            drain_until(bound, 0.0, policy.idle_timeout),
         )
 
 
