@@ -60,8 +60,10 @@ from ._plan import (
     ShutdownWrite,
     acked_event,
     course_of,
+    course_result,
     error_event,
     grace_until,
+    start_course,
     start_plan,
 )
 from ._policy import CloseMode, ClosePolicy
@@ -1457,12 +1459,17 @@ class _QuickClose:
             return None
         if self._report is None:
             course = self._course
-            plan = self._replayed()
-            # (What the closer's _complete tells its plan after the close.)
-            if self._passive:
-                plan.feed(_EVENT_PASSIVE_END, self._done_at)
-            if self._fin_queued:
-                plan.feed(_EVENT_PEER_FIN_FIRST, self._done_at)
+            # Every step was taken (else the closer would have it): the plan's result
+            # for the course, with what the closer's _complete tells its plan after
+            # the close (PASSIVE_END, then PEER_FIN_FIRST), without a replay.
+            assert self._taken == len(course.steps)
+            result = course_result(
+                course,
+                self._started,
+                self._done_at,
+                passive=self._passive,
+                peer_fin_first=self._fin_queued,
+            )
             watch = self._watch
             if watch is None:
                 seen = Observed(
@@ -1476,7 +1483,7 @@ class _QuickClose:
                 lookup = _lazy_lookup(watch) if self._kernel_when == "lazy" else None
             self._report = build_report(
                 course.policy,
-                plan.result(),
+                result,
                 seen,
                 kernel_state_mode=self._kernel_mode,
                 lookup=lookup,
@@ -1525,7 +1532,7 @@ class _QuickClose:
     def _replayed(self) -> Plan:
         """The plan, told the steps taken (each at its time)."""
         course = self._course
-        plan = start_plan(course.policy, self._started, peer_eof=course.peer_eof)
+        plan = start_course(course, self._started)
         for step in course.steps[: self._taken]:
             kind = step.kind
             if kind is Receive:

@@ -121,9 +121,11 @@ __all__ = (
     "ShutdownWrite",
     "acked_event",
     "course_of",
+    "course_result",
     "drain_until",
     "error_event",
     "grace_until",
+    "start_course",
     "start_plan",
 )
 
@@ -1353,22 +1355,12 @@ class FastPlan:
     def result(self) -> PlanResult:
         """How the close went (see :meth:`ClosePlan.result`)."""
         if self._full is None and self.done:
-            course = self._course
-            template = course.passive_result if self._passive else course.result
-            assert template is not None
-            return _new_result(
-                template.mode_requested,
-                template.mode_applied,
-                template.outcome,
-                template.fallback,
-                0,
-                template.peer_eof,
-                template.peer_closed_first or self._peer_fin_first,
-                template.fin_sent,
-                template.linger_zero,
+            return course_result(
+                self._course,
                 self._started,
                 self._finished,
-                template.trace + _PEER_FIN_FIRST_TRACE if self._peer_fin_first else template.trace,
+                passive=self._passive,
+                peer_fin_first=self._peer_fin_first,
             )
         return self._take_over().result()
 
@@ -1466,6 +1458,50 @@ def course_of(policy: ClosePolicy, peer_eof: bool = False, fin_deferred: bool = 
         if course is not None:
             return course
     return courses.get(policy, peer_eof, fin_deferred)
+
+
+def course_result(
+    course: Course,
+    started: float,
+    finished: float,
+    *,
+    passive: bool = False,
+    peer_fin_first: bool = False,
+) -> PlanResult:
+    """The result of a close that took every step of ``course`` (which ``ends``), the
+    first at ``started`` and the last at ``finished``; then told ``PASSIVE_END`` if
+    ``passive``, and ``PEER_FIN_FIRST`` if ``peer_fin_first``, in that order. What a
+    :class:`FastPlan` fed those events gives, without the feeding."""
+    template = course.passive_result if passive else course.result
+    assert template is not None
+    return _new_result(
+        template.mode_requested,
+        template.mode_applied,
+        template.outcome,
+        template.fallback,
+        0,
+        template.peer_eof,
+        template.peer_closed_first or peer_fin_first,
+        template.fin_sent,
+        template.linger_zero,
+        started,
+        finished,
+        template.trace + _PEER_FIN_FIRST_TRACE if peer_fin_first else template.trace,
+    )
+
+
+def start_course(course: Course, now: float, label: str = "", half_close: bool = False) -> Plan:
+    """:func:`start_plan` for a course at hand (its policy is not looked up again)."""
+    if logger.isEnabledFor(logging.DEBUG):
+        return ClosePlan(
+            course.policy,
+            now,
+            peer_eof=course.peer_eof,
+            label=label,
+            half_close=half_close,
+            fin_deferred=course.fin_deferred,
+        )
+    return FastPlan(course, now, label, half_close)
 
 
 def start_plan(

@@ -28,6 +28,8 @@ from tcpclose._plan import (
     Receive,
     SetLingerZero,
     ShutdownWrite,
+    course_of,
+    course_result,
     start_plan,
 )
 
@@ -181,6 +183,54 @@ def test_the_common_path_stays_on_the_course(text: str, peer_eof: bool) -> None:
     assert fast.interpreted is not course.ends
     if policy.mode in ("graceful", "abort", "default") and policy.linger_time > 0:
         assert course.ends
+
+
+@pytest.mark.parametrize("text", POLICIES)
+@pytest.mark.parametrize("peer_eof", [False, True])
+@pytest.mark.parametrize("passive", [False, True])
+@pytest.mark.parametrize("peer_fin_first", [False, True])
+def test_a_course_run_by_a_driver_has_the_interpreters_result(
+    text: str, peer_eof: bool, passive: bool, peer_fin_first: bool
+) -> None:
+    """A driver that took a course's steps itself asks course_result (no replay): the
+    interpreter fed the same events, then PASSIVE_END and PEER_FIN_FIRST in that
+    order, gives the same result."""
+    policy = ClosePolicy.parse(text)
+    course = course_of(policy, peer_eof)
+    if not course.ends:
+        return  # (the interpreter's from some step on: nothing to compare)
+    full = ClosePlan(policy, 10.0, peer_eof=peer_eof)
+    now = 10.0
+    for step in course.steps:
+        now += 0.001
+        if step.event is Event.ACKED:
+            full.feed(Event.ACKED, now, rtt=0.0001, since_sent=0.0)
+        else:
+            full.feed(step.event, now)
+    if passive:
+        full.feed(Event.PASSIVE_END, now)
+    if peer_fin_first:
+        full.feed(Event.PEER_FIN_FIRST, now)
+    result = course_result(course, 10.0, now, passive=passive, peer_fin_first=peer_fin_first)
+    assert result == full.result()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(POLICIES), st.floats(0.0, 1e6))
+def test_a_drain_begun_with_the_close_ends_at_drain_s(text: str, start: float) -> None:
+    """Course.drain_s is where the interpreter's Receive ends when every step before
+    it is taken at the start (the quick close waits until ``start + drain_s``)."""
+    policy = ClosePolicy.parse(text)
+    course = course_of(policy)
+    full = ClosePlan(policy, start)
+    for step in course.steps:
+        action = full.next_action()
+        if isinstance(action, Receive):
+            assert action.until == start + course.drain_s
+            return
+        if step.event is Event.ACKED:
+            return  # (peer-first waits for the grace, not the drain's bound)
+        full.feed(step.event, start)
 
 
 def test_a_course_is_derived_once_per_policy() -> None:
