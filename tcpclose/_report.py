@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from ._kernel._address import format_address as format_address  # (tests import it here)
 from ._kernel._tcpinfo import decode_tcp_info
 from ._kernel._types import Address, KernelState, TcpState
-from ._plan import Outcome, PlanResult
+from ._plan import Outcome, PlanResult, _setters
 from ._policy import CloseMode, ClosePolicy, Fallback
 
 if TYPE_CHECKING:
@@ -211,9 +211,7 @@ def build_report(
         from ._audit import time_wait_table_overflowed
 
         skipped = time_wait_table_overflowed()
-    # (positionally, in field order)
-    make = CloseReport if lookup is None else _LazyKernelStateReport.make(lookup)
-    return make(
+    values = (  # (in field order)
         policy,
         result.mode_applied,
         result.fallback,
@@ -236,6 +234,25 @@ def build_report(
         skipped,
         kernel_state_mode,
     )
+    if lookup is None:
+        return _new_report(CloseReport, values)
+    report = _new_report(_LazyKernelStateReport, values)
+    _set_lookup(report, lookup)
+    return report
+
+
+_SET_FIELDS: Final = _setters(CloseReport)
+
+
+def _new_report(cls: type[CloseReport], values: tuple[Any, ...]) -> CloseReport:
+    """``cls(*values)`` with the slots set directly: the frozen ``__init__`` calls
+    ``object.__setattr__`` once per field (21), and a lazy report's went through the
+    ``kernel_state`` property. (bench_aio.py, uvloop, graceful: 6,400 instructions
+    less per report, 13,900 less per lazy one.)"""
+    report: CloseReport = object.__new__(cls)
+    for set_field, value in zip(_SET_FIELDS, values, strict=True):
+        set_field(report, value)
+    return report
 
 
 _log = logging.getLogger("tcpclose")
@@ -257,18 +274,6 @@ class _LazyKernelStateReport(CloseReport):
     __slots__ = ("_lookup",)
 
     _lookup: Callable[[], KernelState | None] | None
-
-    @classmethod
-    def make(cls, lookup: Callable[[], KernelState | None]) -> Callable[..., CloseReport]:
-        """A positional constructor (as ``CloseReport``'s) of reports using ``lookup``.
-        (The frozen ``__init__`` sets ``kernel_state`` through the property's setter.)"""
-
-        def make(*values: Any) -> CloseReport:
-            obj = cls(*values)
-            _set_lookup(obj, lookup)
-            return obj
-
-        return make
 
     @property
     def kernel_state(self) -> KernelState | None:
