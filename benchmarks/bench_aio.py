@@ -274,7 +274,8 @@ async def _policy_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWr
 class _BareTransport:
     """The least a library standing between a transport and the application's
     protocol can be: ``close()`` becomes the graceful close (FIN now, the fd's close
-    once the peer's FIN came); everything else is the real transport's."""
+    once the peer's FIN came), or stays the transport's own; everything else is the
+    real transport's."""
 
     __slots__ = ("_conn", "_real")
 
@@ -286,9 +287,13 @@ class _BareTransport:
         self._real.write(data)
 
     def close(self) -> None:
-        if not self._conn.closing:
-            self._conn.closing = True
-            self._real.write_eof()
+        conn = self._conn
+        if not conn.closing:
+            conn.closing = True
+            if conn.graceful:
+                self._real.write_eof()
+            else:
+                self._real.close()
 
     def is_closing(self) -> bool:
         return self._conn.closing or self._real.is_closing()
@@ -302,13 +307,15 @@ class _BareTransport:
 
 class _BareWrapper(asyncio.Protocol):
     """A protocol that forwards every callback to the application's, and closes the
-    transport once the peer's FIN arrives after ``close()``: the calibration row
-    ``BARE_WRAPPER`` (no policy, no plan, no report, no bookkeeping)."""
+    transport once the peer's FIN arrives after a graceful ``close()``: the calibration
+    rows ``BARE_WRAPPER`` and ``BARE_WRAPPER_PLAIN`` (no policy, no plan, no report, no
+    bookkeeping)."""
 
-    __slots__ = ("closing", "inner", "real")
+    __slots__ = ("closing", "graceful", "inner", "real")
 
-    def __init__(self, inner: asyncio.Protocol) -> None:
+    def __init__(self, inner: asyncio.Protocol, graceful: bool) -> None:
         self.inner = inner
+        self.graceful = graceful
         self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -346,8 +353,10 @@ ABORT_BY_HAND = "by hand: abort"
 CLOSE_READS = "by hand: close + report reads"
 GRACEFUL_READS = "by hand: graceful + report reads"
 ABORT_READS = "by hand: abort + report reads"
-#: Calibration: the graceful close through the thinnest possible wrapper protocol.
+#: Calibration: the graceful close, and the plain one, through the thinnest possible
+#: wrapper protocol (what standing between transport and protocol costs at the least).
 BARE_WRAPPER = "by hand: graceful through a bare wrapper"
+BARE_WRAPPER_PLAIN = "by hand: plain close through a bare wrapper"
 
 #: The floors' handlers, by row name.
 _FLOOR_HANDLERS: dict[str, Callable[..., Any]] = {
@@ -480,6 +489,7 @@ def make_rows(kernel_state: bool, sampled: str) -> list[Row]:
         for us in BUSY_WAIT_US
     )
     rows.append(Row(BARE_WRAPPER, CALIBRATION, floor=GRACEFUL_BY_HAND))
+    rows.append(Row(BARE_WRAPPER_PLAIN, CALIBRATION, floor=PLAIN))
     return rows
 
 
@@ -553,8 +563,8 @@ async def _start(row: Row) -> tuple[Any, Callable[[], int], Callable[[], int]]:
     and the reports it delivered."""
     import tcpclose.aio
 
-    if row.name == BARE_WRAPPER:
-        return await _start_bare_wrapper()
+    if row.name in (BARE_WRAPPER, BARE_WRAPPER_PLAIN):
+        return await _start_bare_wrapper(graceful=row.name == BARE_WRAPPER)
     if row.policy is None:
         handler = row.handler()
         open_conns = 0
@@ -590,9 +600,11 @@ async def _start(row: Row) -> tuple[Any, Callable[[], int], Callable[[], int]]:
     return server, lambda: server.open_connections, lambda: reports
 
 
-async def _start_bare_wrapper() -> tuple[Any, Callable[[], int], Callable[[], int]]:
-    """The ``BARE_WRAPPER`` row's server: ``asyncio.start_server``'s protocol behind
-    :class:`_BareWrapper`."""
+async def _start_bare_wrapper(
+    *, graceful: bool
+) -> tuple[Any, Callable[[], int], Callable[[], int]]:
+    """The ``BARE_WRAPPER`` (``graceful``) or ``BARE_WRAPPER_PLAIN`` row's server:
+    ``asyncio.start_server``'s protocol behind :class:`_BareWrapper`."""
     loop = asyncio.get_running_loop()
     open_conns = 0
 
@@ -606,7 +618,7 @@ async def _start_bare_wrapper() -> tuple[Any, Callable[[], int], Callable[[], in
 
     def factory() -> asyncio.Protocol:
         reader = asyncio.StreamReader(loop=loop)
-        return _BareWrapper(asyncio.StreamReaderProtocol(reader, handler, loop=loop))
+        return _BareWrapper(asyncio.StreamReaderProtocol(reader, handler, loop=loop), graceful)
 
     server = await loop.create_server(factory, "127.0.0.1", 0, backlog=1024)
     return server, lambda: open_conns, lambda: 0
