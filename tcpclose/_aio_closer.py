@@ -261,12 +261,13 @@ class _Deadlines:
     def of(cls, loop: asyncio.AbstractEventLoop) -> _Deadlines:
         """The loop's slots, made on first use. (On a loop that takes no attributes
         every close gets slots of its own: correct, only not shared.)"""
-        deadlines = getattr(loop, _DEADLINES_ATTR, None)
+        # (Typed by annotation, not cast(): that is a Python call, on every close.)
+        deadlines: _Deadlines | None = getattr(loop, _DEADLINES_ATTR, None)
         if deadlines is None:
             deadlines = cls(loop)
             with contextlib.suppress(AttributeError, TypeError):
                 setattr(loop, _DEADLINES_ATTR, deadlines)
-        return cast(_Deadlines, deadlines)
+        return deadlines
 
     def add(self, closer: _Closer | _QuickClose, when: float) -> int:
         """Wake ``closer.on_deadline(slot)`` at the end of the slot holding ``when``."""
@@ -1352,8 +1353,10 @@ class _QuickClose:
         default = self._course.kinds == _DEFAULT_COURSE
         action = self._course.steps[-1].action
         assert isinstance(action, Close)
-        buffered = real.get_write_buffer_size()
-        if unread is None or (unread and default) or (buffered and not default):
+        # (Only the default course may have bytes buffered: the others started with
+        # none, and PolicyTransport takes no more writes once a close is under way.)
+        buffered = real.get_write_buffer_size() if default else 0
+        if unread is None or (unread and default):
             # (a close that will reset the peer, or whose bytes would wait: the
             # closer measures, warns and bounds the wait)
             self._hand_over()._advance(now)
