@@ -42,6 +42,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tcpclose import _plan
 from tcpclose._plan import Event
@@ -59,9 +60,10 @@ _ANSWERS: dict[type, Event] = {
 }
 
 
-def _start() -> Callable[..., object]:
+def _start() -> Callable[..., Any]:
     """The plan a driver starts: the fast path where the plan has one."""
-    return getattr(_plan, "start_plan", _plan.ClosePlan)  # type: ignore[no-any-return]
+    start: Callable[..., Any] = getattr(_plan, "start_plan", _plan.ClosePlan)
+    return start
 
 
 def run(policy_text: str, closes: int, *, result: bool = True) -> float:
@@ -76,14 +78,14 @@ def run(policy_text: str, closes: int, *, result: bool = True) -> float:
     for i in range(closes):
         now = float(i)
         plan = start(policy, now)
-        while not plan.done:  # type: ignore[attr-defined]
-            action = plan.next_action()  # type: ignore[attr-defined]
+        while not plan.done:
+            action = plan.next_action()
             if type(action) is measure_acked:
-                plan.feed(acked, now, rtt=0.0001, since_sent=0.0)  # type: ignore[attr-defined]
+                plan.feed(acked, now, rtt=0.0001, since_sent=0.0)
             else:
-                plan.feed(answers[type(action)], now)  # type: ignore[attr-defined]
+                plan.feed(answers[type(action)], now)
         if result:
-            plan.result()  # type: ignore[attr-defined]  (built once, for the report)
+            plan.result()  # (built once, for the report)
     return time.perf_counter() - t0
 
 

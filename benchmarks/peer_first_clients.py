@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +77,10 @@ def _run_client(kind: str, port: int, n: int) -> tuple[int, float]:
         path = "/cl" if kind == "curl-cl" else "/close"
         errors = 0
         for _ in range(n):
-            done = subprocess.run(
+            fetched = subprocess.run(
                 ["curl", "-s", "-o", "/dev/null", "--max-time", "20", url + path], check=False
             )
-            errors += done.returncode != 0
+            errors += fetched.returncode != 0
     elif kind == "h2load":
         done = subprocess.run(
             ["h2load", "--h1", "-n", str(n), "-c", "1", "-m", "1", url + "/cl"],
@@ -131,6 +132,7 @@ def measure(kind: str, policy: str, n: int, loop_name: str) -> dict[str, Any]:
             await asyncio.Event().wait()
 
     def thread() -> None:
+        runner: Callable[[Coroutine[Any, Any, None]], None]
         if loop_name == "uvloop":
             import uvloop
 
