@@ -41,7 +41,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any, Final, Protocol, cast
 
 from . import _findings, _kernel, _observe
-from ._aio_transport import _Addressed, _TransportLike
+from ._aio_transport import _TransportLike
 from ._errors import PolicyError
 from ._kernel._sockopt import read_outgoing, read_unread
 from ._kernel._types import KernelState, TcpState
@@ -415,8 +415,12 @@ def _watch(conn: ClosingConnection, report: bool) -> _observe.Watch:
     sock = conn.optsock
     if not report:
         return _observe.Watch(sock, report=False)
+    real = conn.real  # (its addresses as recorded: two system calls fewer)
     return _observe.Watch(
-        _Addressed(conn.real, sock), report=True, peer_fin=True if conn.peer_eof else None
+        sock,
+        report=True,
+        peer_fin=True if conn.peer_eof else None,
+        addresses=(real.get_extra_info("sockname"), real.get_extra_info("peername")),
     )
 
 

@@ -20,6 +20,7 @@ import logging
 import socket
 import ssl
 import struct
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from . import _checks, _findings, _kernel
@@ -81,7 +82,17 @@ class Watch:
         "unread_bytes",
     )
 
-    def __init__(self, sock: SocketLike, *, report: bool, peer_fin: bool | None = None) -> None:
+    def __init__(
+        self,
+        sock: SocketLike,
+        *,
+        report: bool,
+        peer_fin: bool | None = None,
+        addresses: tuple[object, object] = (None, None),
+    ) -> None:
+        """``addresses``: the local and the peer address as an event loop's transport
+        recorded them (``get_extra_info("sockname")``, ``"peername"``), which saves
+        asking the socket; the socket is asked for either that is missing."""
         self._sock = sock
         self._report = report
         self.local: Address | None = None
@@ -98,8 +109,8 @@ class Watch:
         #: CLOSE_WAIT): we are the passive closer. Only measured with reports on.
         self.peer_fin_first = False
         if report:
-            self.local = _address(sock, peer=False)
-            self.peer = _address(sock, peer=True)
+            self.local = _address(addresses[0], sock.getsockname)
+            self.peer = _address(addresses[1], sock.getpeername)
             self._cookie = read_cookie(sock)
             # An event loop's protocol knows whether the peer's FIN has arrived
             # (``peer_fin``); otherwise the kernel says: CLOSE_WAIT.
@@ -247,11 +258,15 @@ def errno_name(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, str(exc))
 
 
-def _address(sock: SocketLike, *, peer: bool) -> Address | None:
-    try:
-        raw = sock.getpeername() if peer else sock.getsockname()
-    except OSError:
-        return None
+def _address(recorded: object, ask: Callable[[], object]) -> Address | None:
+    """``(host, port)`` from an address as recorded, else as ``ask`` answers it now
+    (None when it cannot)."""
+    raw = recorded
+    if not raw:
+        try:
+            raw = ask()
+        except OSError:
+            return None
     if isinstance(raw, tuple) and len(raw) >= 2:
         return str(raw[0]), int(raw[1])
     return None
