@@ -35,7 +35,7 @@ from ._kernel._sockopt import (
 )
 from ._kernel._types import Address, KernelState, TcpState
 from ._policy import CloseMode
-from ._report import Observed
+from ._report import Observed, new_observed
 
 __all__ = ("SocketLike", "Watch", "emit_findings")
 
@@ -208,7 +208,7 @@ class Watch:
         return _kernel.lookup(self.local, self.peer, cookie=self._cookie)
 
     def observed(self, *, trigger: str, kernel_state: KernelState | None) -> Observed:
-        return Observed(
+        return new_observed(
             self.local,
             self.peer,
             self.tcp_info_bytes,
