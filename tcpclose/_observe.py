@@ -20,7 +20,6 @@ import logging
 import socket
 import ssl
 import struct
-from collections.abc import Callable
 from typing import Final, Protocol
 
 from . import _checks, _findings, _kernel
@@ -74,7 +73,6 @@ class Watch:
         "discarded_bytes",
         "error",
         "findings",
-        "label",
         "local",
         "peer",
         "peer_fin_first",
@@ -104,22 +102,26 @@ class Watch:
         self.discarded_bytes = 0
         self.error: str | None = None
         self.findings: list[_findings.Finding] = []
-        self.label = ""
         #: The peer's FIN had arrived before the close began (the socket was in
         #: CLOSE_WAIT): we are the passive closer. Only measured with reports on.
         self.peer_fin_first = False
         if report:
-            self.local = _address(addresses[0], sock.getsockname)
-            self.peer = _address(addresses[1], sock.getpeername)
+            self.local, self.peer = _addresses(addresses, sock)
             self._cookie = read_cookie(sock)
             # An event loop's protocol knows whether the peer's FIN has arrived
             # (``peer_fin``); otherwise the kernel says: CLOSE_WAIT.
             if peer_fin is None:
                 peer_fin = read_tcp_state(sock) is TcpState.CLOSE_WAIT
             self.peer_fin_first = peer_fin
-            # (Only the debug log shows it: not formatted on every close otherwise.)
-            if self.local and self.peer and _log.isEnabledFor(logging.DEBUG):
-                self.label = f"{format_address(self.local)}->{format_address(self.peer)}"
+
+    @property
+    def label(self) -> str:
+        """``local->peer`` for the debug log; empty when the log does not show it (not
+        formatted on every close otherwise) or the addresses are unknown. Made when
+        read: a close that keeps to its expected course never reads it."""
+        if self.local and self.peer and _log.isEnabledFor(logging.DEBUG):
+            return f"{format_address(self.local)}->{format_address(self.peer)}"
+        return ""
 
     def check_linger(self, *, nonblocking: bool, event_loop: bool = False) -> bool:
         """Whether ``SO_LINGER`` is on with a non-zero time (``close()`` may then wait up
@@ -258,15 +260,24 @@ def errno_name(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, str(exc))
 
 
-def _address(recorded: object, ask: Callable[[], object]) -> Address | None:
-    """``(host, port)`` from an address as recorded, else as ``ask`` answers it now
-    (None when it cannot)."""
-    raw = recorded
-    if not raw:
+def _addresses(
+    recorded: tuple[object, object], sock: SocketLike
+) -> tuple[Address | None, Address | None]:
+    """Our address and the peer's as ``(host, port)``: as recorded, else as the socket
+    answers now (None when it cannot)."""
+    local, peer = recorded
+    if not local:
         try:
-            raw = ask()
+            local = sock.getsockname()
         except OSError:
-            return None
-    if isinstance(raw, tuple) and len(raw) >= 2:
-        return str(raw[0]), int(raw[1])
-    return None
+            local = None
+    if not peer:
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            peer = None
+    # (host, port) of an IPv4 pair or an IPv6 quadruple; written out twice rather than
+    # called twice: a Python call costs about 850 instructions (Python 3.11).
+    ours = (str(local[0]), int(local[1])) if isinstance(local, tuple) and len(local) >= 2 else None
+    theirs = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) and len(peer) >= 2 else None
+    return ours, theirs
