@@ -415,12 +415,11 @@ def _watch(conn: ClosingConnection, report: bool) -> _observe.Watch:
     sock = conn.optsock
     if not report:
         return _observe.Watch(sock, report=False)
-    real = conn.real  # (its addresses as recorded: two system calls fewer)
     return _observe.Watch(
         sock,
         report=True,
         peer_fin=True if conn.peer_eof else None,
-        addresses=(real.get_extra_info("sockname"), real.get_extra_info("peername")),
+        extra_info=conn.real.get_extra_info,  # (the addresses as recorded)
     )
 
 

@@ -20,6 +20,7 @@ import logging
 import socket
 import ssl
 import struct
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from . import _checks, _findings, _kernel
@@ -86,11 +87,11 @@ class Watch:
         *,
         report: bool,
         peer_fin: bool | None = None,
-        addresses: tuple[object, object] = (None, None),
+        extra_info: Callable[[str], object] | None = None,
     ) -> None:
-        """``addresses``: the local and the peer address as an event loop's transport
-        recorded them (``get_extra_info("sockname")``, ``"peername"``), which saves
-        asking the socket; the socket is asked for either that is missing."""
+        """``extra_info``: an event loop transport's ``get_extra_info``, asked for the
+        two addresses first (asyncio's transport recorded them: no system call); the
+        socket is asked for either it has not."""
         self._sock = sock
         self._report = report
         self.local: Address | None = None
@@ -106,7 +107,7 @@ class Watch:
         #: CLOSE_WAIT): we are the passive closer. Only measured with reports on.
         self.peer_fin_first = False
         if report:
-            self.local, self.peer = _addresses(addresses, sock)
+            self.local, self.peer = _addresses(sock, extra_info)
             self._cookie = read_cookie(sock)
             # An event loop's protocol knows whether the peer's FIN has arrived
             # (``peer_fin``); otherwise the kernel says: CLOSE_WAIT.
@@ -261,21 +262,18 @@ def errno_name(exc: OSError) -> str:
 
 
 def _addresses(
-    recorded: tuple[object, object], sock: SocketLike
+    sock: SocketLike, extra_info: Callable[[str], object] | None
 ) -> tuple[Address | None, Address | None]:
-    """Our address and the peer's as ``(host, port)``: as recorded, else as the socket
-    answers now (None when it cannot)."""
-    local, peer = recorded
-    if not local:
-        try:
-            local = sock.getsockname()
-        except OSError:
-            local = None
-    if not peer:
-        try:
-            peer = sock.getpeername()
-        except OSError:
-            peer = None
+    """Our address and the peer's as ``(host, port)``: from ``extra_info`` when it has
+    them, else as the socket answers now (None when it cannot)."""
+    try:
+        local = (extra_info and extra_info("sockname")) or sock.getsockname()
+    except OSError:
+        local = None
+    try:
+        peer = (extra_info and extra_info("peername")) or sock.getpeername()
+    except OSError:
+        peer = None
     # (host, port) of an IPv4 pair or an IPv6 quadruple; written out twice rather than
     # called twice: a Python call costs about 850 instructions (Python 3.11).
     ours = (str(local[0]), int(local[1])) if isinstance(local, tuple) and len(local) >= 2 else None
