@@ -41,7 +41,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any, Final, Protocol, cast
 
 from . import _findings, _kernel, _observe
-from ._aio_transport import _Addressed, _TransportLike
+from ._aio_transport import _TransportLike
 from ._errors import PolicyError
 from ._kernel._sockopt import read_outgoing, read_unread
 from ._kernel._types import KernelState, TcpState
@@ -417,7 +417,10 @@ def _watch(conn: ClosingConnection, report: bool) -> _observe.Watch:
     if not report:
         return _observe.Watch(sock, report=False)
     return _observe.Watch(
-        _Addressed(conn.real, sock), report=True, peer_fin=True if conn.peer_eof else None
+        sock,
+        report=True,
+        peer_fin=True if conn.peer_eof else None,
+        extra_info=conn.real.get_extra_info,  # (the addresses as recorded)
     )
 
 

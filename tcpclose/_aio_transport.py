@@ -3,8 +3,6 @@ them that neither documents.
 
 * :class:`_TransportLike`: the transport surface the driver uses (uvloop's transports
   do not subclass ``asyncio.Transport``).
-* :class:`_Addressed`: a transport's socket answering ``getsockname``/``getpeername``
-  from what the transport recorded.
 * :func:`socket_view`: what socket options go through, one per connection (a view
   of uvloop's pseudo-socket, which makes a socket object per call).
 * The TCP transport under a TLS transport (:func:`_tcp_transport_under`) and under TLS
@@ -42,29 +40,6 @@ class _TransportLike(Protocol):
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     def is_reading(self) -> bool: ...
-
-
-class _Addressed:
-    """The transport's socket, answering getsockname/getpeername from what the
-    transport recorded when it was made (saves two syscalls per reported close)."""
-
-    __slots__ = ("_sock", "_transport")
-
-    def __init__(self, transport: _TransportLike, sock: Any) -> None:
-        self._transport = transport
-        self._sock = sock
-
-    def fileno(self) -> int:
-        return int(self._sock.fileno())
-
-    def getsockopt(self, level: int, option: int, buflen: int, /) -> bytes:
-        return cast(bytes, self._sock.getsockopt(level, option, buflen))
-
-    def getsockname(self) -> object:
-        return self._transport.get_extra_info("sockname") or self._sock.getsockname()
-
-    def getpeername(self) -> object:
-        return self._transport.get_extra_info("peername") or self._sock.getpeername()
 
 
 def _tcp_transport_under(tls: _TransportLike) -> _TransportLike | None:
@@ -160,6 +135,8 @@ class _SocketView:
         self._sock: _DetachingSocket | None = None
 
     def _live(self) -> _DetachingSocket:
+        """The socket object over the pseudo-socket's descriptor (made now if there is
+        none, or if the descriptor changed); ``ValueError`` once it is closed."""
         fd = self._pseudo.fileno()
         sock = self._sock
         if sock is not None and sock.fileno() == fd:
@@ -178,11 +155,21 @@ class _SocketView:
     def fileno(self) -> int:
         return int(self._pseudo.fileno())
 
+    # (getsockopt and setsockopt make _live's check themselves, calling it only when
+    # the socket object is missing or stale: a Python call less per option, about 850
+    # instructions on Python 3.11.)
+
     def getsockopt(self, level: int, option: int, buflen: int, /) -> bytes:
-        return self._live().getsockopt(level, option, buflen)
+        sock = self._sock
+        if sock is None or sock.fileno() != self._pseudo.fileno():
+            sock = self._live()
+        return sock.getsockopt(level, option, buflen)
 
     def setsockopt(self, level: int, option: int, value: bytes, /) -> None:
-        self._live().setsockopt(level, option, value)
+        sock = self._sock
+        if sock is None or sock.fileno() != self._pseudo.fileno():
+            sock = self._live()
+        sock.setsockopt(level, option, value)
 
     def getsockname(self) -> object:
         return self._pseudo.getsockname()

@@ -33,6 +33,7 @@ from tcpclose._kernel._diag import (
     INET_DIAG_MSG,
     INET_DIAG_REQUEST,
     KernelErrorReply,
+    _header,
     count_dump,
     decode_attributes,
     decode_dump,
@@ -41,6 +42,8 @@ from tcpclose._kernel._diag import (
     decode_reply,
     encode_dump_request,
     encode_lookup_request,
+    lookup_answer,
+    lookup_request,
     port_filter_bytecode,
     reply_attributes,
     reply_matches,
@@ -195,6 +198,18 @@ def test_a_miss_is_enoent(name: str) -> None:
     assert decode_lookup_state(captured(name), len(captured(name)), case_four(name)).state is (
         TcpState.CLOSED
     )
+
+
+@pytest.mark.parametrize("name", MISS_CASES)
+def test_a_miss_answers_closed_to_its_own_request_only(name: str) -> None:
+    """lookup_answer's shortcut for ENOENT (issue 16) answers CLOSED to the request
+    whose seq the reply carries, and None (a stale reply) to any other."""
+    raw = bytearray(captured(name))
+    four = case_four(name)
+    seq = struct.unpack_from("=I", raw, 8)[0]
+    sockid = lookup_request(four, None, seq)[1]
+    assert lookup_answer(raw, len(raw), four, seq, sockid).state is TcpState.CLOSED  # type: ignore[union-attr]
+    assert lookup_answer(raw, len(raw), four, seq + 1, sockid) is None
 
 
 def test_listener_trap_reply_is_closed() -> None:
@@ -473,6 +488,33 @@ def _only_kernel_view_errors(fn: Any, *args: Any) -> None:
         fn(*args)
     except KernelViewError:
         pass
+
+
+def _answer_slowly(data: bytes, four: FourTuple, seq: int) -> KernelState | None:
+    """What lookup_answer gives, without its shortcuts: the header checked, then the
+    full walk."""
+    if _header(data, 0, len(data))[2] != seq:
+        return None
+    return decode_lookup_state(data, len(data), four)
+
+
+def _outcome(fn: Any, *args: Any) -> object:
+    try:
+        return fn(*args)
+    except KernelViewError as exc:
+        return type(exc)
+
+
+@fuzz
+@given(st.one_of(st.binary(max_size=400), mutated()), st.booleans())
+def test_fuzz_lookup_answer_agrees_with_the_full_walk(data: bytes, stale: bool) -> None:
+    """lookup_answer's shortcuts (a socket message about the 4-tuple asked for, a miss)
+    give what the full walk gives, or the same kind of error."""
+    seq = (struct.unpack_from("=I", data, 8)[0] if len(data) >= 12 else 0) + stale
+    for four in (FOUR, *(case_four(name) for name in (*SOCKET_CASES, *MISS_CASES))):
+        sockid = lookup_request(four, None, seq & 0xFFFFFFFF)[1]
+        fast = _outcome(lookup_answer, bytearray(data), len(data), four, seq, sockid)
+        assert fast == _outcome(_answer_slowly, data, four, seq)
 
 
 @fuzz
