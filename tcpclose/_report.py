@@ -284,7 +284,8 @@ def build_report(
     else:
         report.kernel_state = lookup  # (looked up on first read: see _LazyKernelStateReport)
         report.__class__ = _LazyKernelStateReport
-    return cast(CloseReport, report)
+    built: CloseReport = report  # (typed by annotation: cast() would be a call per report)
+    return built
 
 
 _object_new: Final = object.__new__
