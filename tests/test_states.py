@@ -158,9 +158,11 @@ def test_time_wait_table_full_shows_the_overflow(
 
     The limit is set 2 above the namespace's TIME_WAIT count; other tests' entries may
     expire meanwhile and make room, so the figures are checked against what ss and the
-    kernel's counter say, not against a fixed 2 kept."""
+    kernel's counter say, not against a fixed 2 kept. When so many expired that all ten
+    closes found room (seen once in CI), it tries again on a fresh port (at most 3 times)."""
     closes = 10
-    with listener(socket.AF_INET) as lst:
+    for _ in range(3):
+        lst = listener(socket.AF_INET)
         port = addr(lst)[1]
         before = json.loads(states(capsys, "--port", str(port), "--json"))["time_wait_table"]
         counted_before = overflows()
@@ -169,13 +171,17 @@ def test_time_wait_table_full_shows_the_overflow(
         for _ in range(closes):
             close_first(lst, server_first=True)
 
-        def kept_once_settled() -> int | None:
+        def kept_once_settled(port: int = port, counted_before: int = counted_before) -> int | None:
             """Our TIME_WAIT count once each close is either kept or counted skipped."""
             kept = ss_time_wait("sport", port)
             return kept if kept and kept + overflows() - counted_before == closes else None
 
         kept = wait_until(kept_once_settled, message="each close kept or counted skipped")
         skipped = overflows() - counted_before
+        if skipped:
+            break
+        lst.close()
+    with lst:
         assert skipped >= 1
         assert kept == closes - skipped
 
