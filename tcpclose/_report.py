@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from ._kernel._address import format_address as format_address  # (tests import it here)
 from ._kernel._tcpinfo import decode_tcp_info
 from ._kernel._types import Address, KernelState, TcpState
-from ._plan import Outcome, PlanResult
+from ._plan import Outcome, PlanResult, _twin
 from ._policy import CloseMode, ClosePolicy, Fallback
 
 if TYPE_CHECKING:
@@ -291,15 +291,13 @@ def build_report(
 _object_new: Final = object.__new__
 
 
-class _UnfrozenReport:
-    """:class:`CloseReport`'s slots without its frozen ``__setattr__``: a report is
-    built as one and then takes its class (allowed between classes of identical slots),
-    as ``_kernel._types._Unfrozen`` builds a ``KernelState``. The frozen ``__init__``
-    calls ``object.__setattr__`` once per field (21), and setting each slot through its
-    descriptor costs about as much; plain slot stores cost a fifth (callgrind, Python
-    3.11: 4,400 instructions per report against 23,200 through the descriptors)."""
-
-    __slots__ = CloseReport.__slots__
+#: :class:`CloseReport`'s slots without its frozen ``__setattr__`` (``_plan._twin``, as
+#: the plan's results are made): a report is built as one and then takes its class
+#: (allowed between classes of identical slots). The frozen ``__init__`` calls
+#: ``object.__setattr__`` once per field (21), and setting each slot through its
+#: descriptor costs about as much; plain slot stores cost a fifth (callgrind, Python
+#: 3.11: 4,400 instructions per report against 23,200 through the descriptors).
+_UnfrozenReport: Final = _twin(CloseReport)
 
 
 _log = logging.getLogger("tcpclose")
