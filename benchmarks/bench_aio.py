@@ -292,6 +292,8 @@ class _BareTransport:
             conn.closing = True
             if conn.graceful:
                 self._real.write_eof()
+                if conn.tracked is not None:
+                    conn.timer = conn.loop.call_later(DRAIN_BOUND_S, self._real.abort)
             else:
                 self._real.close()
 
@@ -309,17 +311,29 @@ class _BareWrapper(asyncio.Protocol):
     """A protocol that forwards every callback to the application's, and closes the
     transport once the peer's FIN arrives after a graceful ``close()``: the calibration
     rows ``BARE_WRAPPER`` and ``BARE_WRAPPER_PLAIN`` (no policy, no plan, no report, no
-    bookkeeping)."""
+    bookkeeping), and ``BARE_WRAPPER_BOUNDED`` (``tracked``: a set of open connections,
+    and a timer bounding each drain)."""
 
-    __slots__ = ("closing", "graceful", "inner", "real")
+    __slots__ = ("closing", "graceful", "inner", "loop", "real", "timer", "tracked")
 
-    def __init__(self, inner: asyncio.Protocol, graceful: bool) -> None:
+    def __init__(
+        self,
+        inner: asyncio.Protocol,
+        graceful: bool,
+        loop: asyncio.AbstractEventLoop,
+        tracked: set[_BareWrapper] | None = None,
+    ) -> None:
         self.inner = inner
         self.graceful = graceful
         self.closing = False
+        self.loop = loop
+        self.tracked = tracked
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.real = cast(asyncio.Transport, transport)
+        if self.tracked is not None:
+            self.tracked.add(self)
         self.inner.connection_made(_BareTransport(self, self.real))  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
@@ -327,11 +341,15 @@ class _BareWrapper(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self.closing:
+            if self.timer is not None:
+                self.timer.cancel()
             self.real.close()
             return True
         return self.inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.tracked is not None:
+            self.tracked.discard(self)
         self.inner.connection_lost(None if self.closing else exc)
 
 
@@ -357,6 +375,13 @@ ABORT_READS = "by hand: abort + report reads"
 #: wrapper protocol (what standing between transport and protocol costs at the least).
 BARE_WRAPPER = "by hand: graceful through a bare wrapper"
 BARE_WRAPPER_PLAIN = "by hand: plain close through a bare wrapper"
+#: Calibration: the bare wrapper's graceful close with what the project asks of every
+#: close besides (a bounded wait: a timer per drain; the server's set of open
+#: connections, for its shutdown), and nothing else.
+BARE_WRAPPER_BOUNDED = "by hand: graceful through a bare wrapper, drain bounded, tracked"
+#: The drain's bound in that row (the policies' default ``linger_time``).
+DRAIN_BOUND_S = 5.0
+_BARE_WRAPPERS = (BARE_WRAPPER, BARE_WRAPPER_PLAIN, BARE_WRAPPER_BOUNDED)
 
 #: The floors' handlers, by row name.
 _FLOOR_HANDLERS: dict[str, Callable[..., Any]] = {
@@ -490,6 +515,7 @@ def make_rows(kernel_state: bool, sampled: str) -> list[Row]:
     )
     rows.append(Row(BARE_WRAPPER, CALIBRATION, floor=GRACEFUL_BY_HAND))
     rows.append(Row(BARE_WRAPPER_PLAIN, CALIBRATION, floor=PLAIN))
+    rows.append(Row(BARE_WRAPPER_BOUNDED, CALIBRATION, floor=GRACEFUL_BY_HAND))
     return rows
 
 
@@ -563,8 +589,10 @@ async def _start(row: Row) -> tuple[Any, Callable[[], int], Callable[[], int]]:
     and the reports it delivered."""
     import tcpclose.aio
 
-    if row.name in (BARE_WRAPPER, BARE_WRAPPER_PLAIN):
-        return await _start_bare_wrapper(graceful=row.name == BARE_WRAPPER)
+    if row.name in _BARE_WRAPPERS:
+        return await _start_bare_wrapper(
+            graceful=row.name != BARE_WRAPPER_PLAIN, bounded=row.name == BARE_WRAPPER_BOUNDED
+        )
     if row.policy is None:
         handler = row.handler()
         open_conns = 0
@@ -601,12 +629,13 @@ async def _start(row: Row) -> tuple[Any, Callable[[], int], Callable[[], int]]:
 
 
 async def _start_bare_wrapper(
-    *, graceful: bool
+    *, graceful: bool, bounded: bool = False
 ) -> tuple[Any, Callable[[], int], Callable[[], int]]:
-    """The ``BARE_WRAPPER`` (``graceful``) or ``BARE_WRAPPER_PLAIN`` row's server:
-    ``asyncio.start_server``'s protocol behind :class:`_BareWrapper`."""
+    """A bare wrapper row's server: ``asyncio.start_server``'s protocol behind
+    :class:`_BareWrapper` (``bounded``: with its drain timer and connection set)."""
     loop = asyncio.get_running_loop()
     open_conns = 0
+    tracked: set[_BareWrapper] | None = set() if bounded else None
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal open_conns
@@ -618,7 +647,8 @@ async def _start_bare_wrapper(
 
     def factory() -> asyncio.Protocol:
         reader = asyncio.StreamReader(loop=loop)
-        return _BareWrapper(asyncio.StreamReaderProtocol(reader, handler, loop=loop), graceful)
+        inner = asyncio.StreamReaderProtocol(reader, handler, loop=loop)
+        return _BareWrapper(inner, graceful, loop, tracked)
 
     server = await loop.create_server(factory, "127.0.0.1", 0, backlog=1024)
     return server, lambda: open_conns, lambda: 0

@@ -1,7 +1,8 @@
 """The asyncio benchmark in quick mode (issues 6 and 16): ``benchmarks/bench_aio.py --quick``.
 
 500 connections per run against plain asyncio, the floors written by hand, the busy-wait
-calibration rows, the graceful and the plain close by hand through a bare wrapper protocol, and
+calibration rows, the graceful and the plain close by hand through a bare wrapper protocol (and
+the graceful one with a bounded drain and a set of open connections), and
 ``tcpclose.aio.start_server`` with each policy, reports on and off. Throughput ratios are
 not asserted here (that is the benchmark's business, on a quiet machine); what is: the
 script runs, every response arrives whole, every report is delivered, every ratio target
@@ -45,6 +46,10 @@ def test_bench_aio_quick(tmp_path: Path) -> None:
     # library standing between transport and protocol costs at the least.
     assert calibration["by hand: graceful through a bare wrapper"]["floor"] == "by hand: graceful"
     assert calibration["by hand: plain close through a bare wrapper"]["floor"] == "plain asyncio"
+    # ... and with what the project asks of every close besides: a bounded drain, the
+    # server's set of open connections.
+    bounded = calibration["by hand: graceful through a bare wrapper, drain bounded, tracked"]
+    assert bounded["floor"] == "by hand: graceful"
     for run in runs.values():
         assert run["errors"] == 0, run["name"]
         assert run["samples"][0]["ok"] == total, run["name"]
