@@ -50,6 +50,11 @@ def test_bench_aio_quick(tmp_path: Path) -> None:
     # server's set of open connections.
     bounded = calibration["by hand: graceful through a bare wrapper, drain bounded, tracked"]
     assert bounded["floor"] == "by hand: graceful"
+    # The A/A row: plain asyncio under another name, the run's own resolution.
+    again = calibration["plain asyncio, again"]
+    assert again["floor"] == "plain asyncio"
+    assert document["checks"]["same_code_ratio"] == again["ratio_to_plain"]
+    assert all(isinstance(t["within_noise"], bool) for t in document["targets"])
     for run in runs.values():
         assert run["errors"] == 0, run["name"]
         assert run["samples"][0]["ok"] == total, run["name"]
