@@ -375,17 +375,17 @@ ABORT_BY_HAND = "by hand: abort"
 CLOSE_READS = "by hand: close + report reads"
 GRACEFUL_READS = "by hand: graceful + report reads"
 ABORT_READS = "by hand: abort + report reads"
+#: Calibration: ``plain asyncio`` again (A/A): the run's own resolution.
+PLAIN_AGAIN = "plain asyncio, again"
 #: Calibration: the graceful close, and the plain one, through the thinnest possible
 #: wrapper protocol (what standing between transport and protocol costs at the least).
 BARE_WRAPPER = "by hand: graceful through a bare wrapper"
-#: Calibration: ``plain asyncio`` again (A/A): the run's own resolution.
-PLAIN_AGAIN = "plain asyncio, again"
 BARE_WRAPPER_PLAIN = "by hand: plain close through a bare wrapper"
 #: Calibration: the bare wrapper's graceful close with what the project asks of every
 #: close besides (a bounded wait: a timer per drain; the server's set of open
 #: connections, for its shutdown), and nothing else.
 BARE_WRAPPER_BOUNDED = "by hand: graceful through a bare wrapper, drain bounded, tracked"
-#: The drain's bound in that row (the policies' default ``linger_time``).
+#: The drain's bound in that row (its value does not change what the timer costs).
 DRAIN_BOUND_S = 5.0
 _BARE_WRAPPERS = (BARE_WRAPPER, BARE_WRAPPER_PLAIN, BARE_WRAPPER_BOUNDED)
 
